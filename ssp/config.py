@@ -1,0 +1,258 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+Configuration: one TOML file read into one immutable attrs tree.
+
+Every section is a frozen attrs class whose fields, types and defaults are
+the reference documentation (C{docs/configuration.md} mirrors them).  Errors
+name the file and the dotted key, so an operator never has to guess.
+Relative paths are resolved against the directory holding the file.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import attrs
+from attrs.validators import ge, gt, in_
+
+DEFAULT_CIPHERS = "ECDHE+AESGCM:DHE+AESGCM"
+
+
+class ConfigError(Exception):
+    """
+    The configuration is unusable; the message names the file and key.
+    """
+
+
+@attrs.frozen
+class ListenConfig:
+    endpoint: str = "tcp:8443:interface=127.0.0.1"
+    proxy_protocol: bool = False
+
+
+@attrs.frozen
+class ServerTLSConfig:
+    certificate: Path
+    private_key: Path
+    client_ca: Path
+    crls: tuple[Path, ...] = ()
+    ciphers: str = DEFAULT_CIPHERS
+    hsts: str = "max-age=31536000; includeSubDomains"
+
+
+@attrs.frozen
+class UpstreamConfig:
+    certificate: Path
+    private_key: Path
+    ca: Path
+    connect_timeout: float = attrs.field(default=10.0, validator=gt(0))
+    response_timeout: float = attrs.field(default=60.0, validator=gt(0))
+    idle_timeout: float = attrs.field(default=60.0, validator=gt(0))
+    max_persistent_per_host: int = attrs.field(default=64, validator=ge(1))
+    cached_connection_timeout: float = attrs.field(default=240.0, validator=gt(0))
+    resolve: dict[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class DirectoryConfig:
+    kind: str = attrs.field(default="ldif", validator=in_(["ldif", "ldap"]))
+    ldif: Path | None = None
+    urls: tuple[str, ...] = ()
+    base: str = "ou=services,o=nhs"
+    bind_dn: str | None = None
+    password_file: Path | None = None
+    ca: Path | None = None
+    start_tls: bool = False
+    pool_strategy: str = attrs.field(default="first", validator=in_(["first", "round_robin"]))
+    connections: int = attrs.field(default=4, validator=ge(1))
+    connect_timeout: float = attrs.field(default=3.0, validator=gt(0))
+    receive_timeout: float = attrs.field(default=5.0, validator=gt(0))
+    time_limit: int = attrs.field(default=5, validator=ge(1))
+    cache_ttl: float = attrs.field(default=300.0, validator=ge(0))
+    negative_ttl: float = attrs.field(default=60.0, validator=ge(0))
+    stale_limit: float = attrs.field(default=3600.0, validator=ge(0))
+
+
+@attrs.frozen
+class TokenConfig:
+    validate: bool = True
+    clock_skew: float = attrs.field(default=60.0, validator=ge(0))
+
+
+@attrs.frozen
+class AuditConfig:
+    directory: Path = Path("var/audit")
+    durability: str = attrs.field(default="always", validator=in_(["always", "batch", "never"]))
+    rotate_bytes: int = attrs.field(default=256 * 1024 * 1024, validator=ge(4096))
+    rotate_daily: bool = True
+
+
+@attrs.frozen
+class RateLimit:
+    """
+    C{rate} requests per C{period} seconds, with bursts of up to C{burst}.
+    """
+
+    rate: int = attrs.field(validator=ge(1))
+    period: float = attrs.field(default=1.0, validator=gt(0))
+    burst: int = attrs.field(default=1, validator=ge(1))
+
+
+@attrs.frozen
+class LimitSet:
+    default: RateLimit | None = None
+    overrides: dict[str, RateLimit] = attrs.field(factory=dict)
+
+    def for_asid(self, asid: str) -> RateLimit | None:
+        return self.overrides.get(asid, self.default)
+
+
+@attrs.frozen
+class ThrottleConfig:
+    store: str = attrs.field(default="memory", validator=in_(["memory", "redis"]))
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    on_store_failure: str = attrs.field(default="local", validator=in_(["local", "closed"]))
+    consumer: LimitSet = attrs.field(factory=LimitSet)
+    provider: LimitSet = attrs.field(factory=LimitSet)
+
+
+@attrs.frozen
+class Agreement:
+    """
+    A data-sharing agreement: C{sender} may call C{receiver}, for the
+    listed interactions or, when none are listed, for any.
+    """
+
+    sender: str
+    receiver: str
+    interactions: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class CORSConfig:
+    origins: tuple[str, ...] = ()
+    max_age: int = attrs.field(default=600, validator=ge(0))
+
+
+@attrs.frozen
+class AdminConfig:
+    endpoint: str | None = "tcp:8081:interface=127.0.0.1"
+
+
+@attrs.frozen
+class LogConfig:
+    access_log: bool = True
+    json: bool = False
+
+
+@attrs.frozen
+class Config:
+    tls: ServerTLSConfig
+    upstream: UpstreamConfig
+    listen: ListenConfig = attrs.field(factory=ListenConfig)
+    directory: DirectoryConfig = attrs.field(factory=DirectoryConfig)
+    token: TokenConfig = attrs.field(factory=TokenConfig)
+    audit: AuditConfig = attrs.field(factory=AuditConfig)
+    throttle: ThrottleConfig = attrs.field(factory=ThrottleConfig)
+    agreements: tuple[Agreement, ...] = ()
+    cors: CORSConfig = attrs.field(factory=CORSConfig)
+    admin: AdminConfig = attrs.field(factory=AdminConfig)
+    log: LogConfig = attrs.field(factory=LogConfig)
+
+
+def load(path: Path | str) -> Config:
+    """
+    Read and validate a configuration file.
+
+    @raise ConfigError: naming the file and the offending key.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            table = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from e
+    return parse(table, path)
+
+
+def parse(table: dict[str, Any], source: Path) -> Config:
+    """
+    Build a L{Config} from an already-parsed TOML table read from C{source}.
+    """
+    return _Builder(source).build(Config, table, "")
+
+
+@attrs.frozen
+class _Builder:
+    source: Path
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {key or '(top level)'}: {message}")
+
+    def build(self, cls: type, table: Any, prefix: str) -> Any:
+        if not isinstance(table, dict):
+            return self._raise(prefix, "expected a table")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in attrs.fields(cls)}
+        for key in table:
+            if key not in fields:
+                raise self.fail(_join(prefix, key), "unknown key")
+        values = {}
+        for name, field in fields.items():
+            key = _join(prefix, name)
+            if name in table:
+                values[name] = self.convert(hints[name], table[name], key)
+            elif field.default is attrs.NOTHING:
+                raise self.fail(key, "is required")
+        try:
+            return cls(**values)
+        except ValueError as e:
+            message = str(e.args[0])
+            named = re.match(r"'(\w+)' (.*)", message)
+            if named:
+                raise self.fail(_join(prefix, named[1]), named[2]) from e
+            raise self.fail(prefix, message) from e
+
+    def convert(self, hint: Any, value: Any, key: str) -> Any:
+        origin = typing.get_origin(hint)
+        args = typing.get_args(hint)
+        if origin in (typing.Union, types.UnionType):
+            (inner,) = [a for a in args if a is not type(None)]
+            return self.convert(inner, value, key)
+        if origin is tuple:
+            if not isinstance(value, list):
+                return self._raise(key, "expected an array")
+            return tuple(
+                self.convert(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)
+            )
+        if origin is dict:
+            if not isinstance(value, dict):
+                return self._raise(key, "expected a table")
+            return {
+                str(k): self.convert(args[1], v, _join(key, str(k))) for k, v in value.items()
+            }
+        if attrs.has(hint):
+            return self.build(hint, value, key)
+        if hint is Path:
+            if not isinstance(value, str):
+                return self._raise(key, "expected a path string")
+            return (self.source.parent / value).resolve()
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if hint in (str, int, float, bool) and type(value) is hint:
+            return value
+        return self._raise(key, f"expected {hint.__name__}, got {type(value).__name__}")
+
+    def _raise(self, key: str, message: str) -> typing.NoReturn:
+        raise self.fail(key, message)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name

@@ -1,0 +1,262 @@
+# -*- test-case-name: tests.test_forward -*-
+"""
+Forwarding: a pooled C{Agent} speaking mutual TLS to providers, a body
+producer that streams the consumer's upload as it arrives, and a relay
+that streams the provider's response back with back-pressure both ways.
+
+C{twisted.web.client.Agent} is used directly rather than through treq's
+C{HTTPClient}: treq always adds a gzip C{ContentDecoderAgent} (which
+rewrites C{Accept-Encoding} and decodes bodies) and a C{CookieAgent}
+(which would carry one consumer's provider cookies into another's
+requests).  A proxy must do neither.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import attrs
+from twisted.internet import error as net_error
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from ssp.config import UpstreamConfig
+from ssp.errors import UpstreamFailed, UpstreamTimeout
+from ssp.interfaces import IUpstream
+from ssp.tls import UpstreamTLS
+
+log = Logger()
+
+_BUFFER_BEFORE_PAUSE = 64 * 1024
+
+
+@implementer(IAgentEndpointFactory)
+@attrs.frozen
+class ProviderEndpoints:
+    """
+    Endpoints to providers: TLS over TCP, with C{[upstream.resolve]}
+    mapping C{host:port} to another C{address:port} (like curl
+    C{--resolve}) while TLS still verifies the original host name.
+    """
+
+    reactor: Any
+    tls: UpstreamTLS
+    resolve: dict[str, str]
+    connect_timeout: float
+
+    def endpointForURI(self, uri: Any) -> Any:
+        host = uri.host.decode("ascii")
+        address, port = host.strip("[]"), uri.port
+        mapped = self.resolve.get(f"{host}:{port}")
+        if mapped is not None:
+            address, _, port_text = mapped.rpartition(":")
+            address, port = address.strip("[]"), int(port_text)
+        tcp = HostnameEndpoint(self.reactor, address, port, timeout=self.connect_timeout)
+        return wrapClientTLS(self.tls.creator_for(host.strip("[]")), tcp)
+
+
+@implementer(IUpstream)
+class Upstream:
+    """
+    The forwarding agent: one connection pool for every provider.
+    """
+
+    def __init__(self, reactor: Any, config: UpstreamConfig, tls: UpstreamTLS) -> None:
+        self._clock: IReactorTime = reactor
+        self._timeout = config.response_timeout
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = config.max_persistent_per_host
+        self.pool.cachedConnectionTimeout = config.cached_connection_timeout
+        self.pool.retryAutomatically = False
+        endpoints = ProviderEndpoints(reactor, tls, dict(config.resolve), config.connect_timeout)
+        self._agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
+
+    def request(
+        self, method: bytes, url: bytes, headers: Headers, body: IBodyProducer | None
+    ) -> Deferred[IResponse]:
+        """
+        Send the request; the Deferred fails with L{UpstreamTimeout} when
+        the response headers do not arrive within C{response_timeout}
+        (which covers connecting too), or L{UpstreamFailed}.
+        """
+        target = url.decode("ascii")
+        d = self._agent.request(method, url, headers, body)
+        d.addTimeout(self._timeout, self._clock)
+        return d.addErrback(_classify, target)
+
+
+def _classify(failure: Failure, target: str) -> Failure:
+    if failure.check(CancelledError):
+        return failure
+    reasons = [failure] + list(getattr(failure.value, "reasons", ()))
+    timeouts = (DeferredTimeout, net_error.TimeoutError, net_error.ConnectingCancelledError)
+    if any(r.check(*timeouts) for r in reasons):
+        return Failure(UpstreamTimeout(target))
+    log.info("Upstream {target} failed: {reasons}", target=target,
+             reasons=[r.getErrorMessage() for r in reasons])
+    return Failure(UpstreamFailed(target))
+
+
+@implementer(IBodyProducer, IPushProducer)
+class RequestBody:
+    """
+    Streams the consumer's request body to the provider as it arrives.
+
+    Until the agent starts producing, up to 64 KiB is buffered; beyond
+    that, or whenever the provider's connection pushes back, reading from
+    the consumer is paused.
+
+    @ivar length: the consumer's C{Content-Length}, or L{UNKNOWN_LENGTH}
+        (the upstream request is then chunked).
+    """
+
+    def __init__(self, length: int | None, pause: Callable[[], None],
+                 resume: Callable[[], None]) -> None:
+        self.length = UNKNOWN_LENGTH if length is None else length
+        self.received = 0
+        self.complete = False
+        self._pause, self._resume = pause, resume
+        self._buffer: list[bytes] = []
+        self._consumer: IConsumer | None = None
+        self._done: Deferred[None] | None = None
+        self._paused = False
+        self._stopped = False
+        self._failure: Failure | None = None
+
+    def feed(self, data: bytes) -> None:
+        self.received += len(data)
+        if self._stopped:
+            return
+        if self._consumer is not None:
+            self._consumer.write(data)
+            return
+        self._buffer.append(data)
+        if sum(map(len, self._buffer)) > _BUFFER_BEFORE_PAUSE:
+            self._set_paused(True)
+
+    def finish(self) -> None:
+        self.complete = True
+        if self._consumer is not None and self._done is not None:
+            done, self._done = self._done, None
+            done.callback(None)
+
+    def fail(self, reason: Failure) -> None:
+        """
+        The consumer went away before the body was complete.
+        """
+        self._failure = reason
+        if self._done is not None:
+            done, self._done = self._done, None
+            done.errback(reason)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        self._consumer = consumer
+        for chunk in self._buffer:
+            consumer.write(chunk)
+        self._buffer = []
+        self._set_paused(False)
+        if self._failure is not None:
+            return Deferred.fromFailure(self._failure)
+        if self.complete:
+            return succeed(None)
+        self._done = Deferred()
+        return self._done
+
+    def pauseProducing(self) -> None:
+        self._set_paused(True)
+
+    def resumeProducing(self) -> None:
+        self._set_paused(False)
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        self._done = None
+        self._set_paused(False)
+
+    def _set_paused(self, paused: bool) -> None:
+        if paused != self._paused:
+            self._paused = paused
+            (self._pause if paused else self._resume)()
+
+
+class _Relay(Protocol):
+    """
+    Writes the provider's body to the consumer as it arrives, pausing the
+    provider when the consumer's connection is full, and giving up when
+    the provider stays silent for C{idle_timeout}.
+    """
+
+    def __init__(self, request: Any, clock: IReactorTime, idle_timeout: float,
+                 target: str, done: Deferred[int]) -> None:
+        self._request = request
+        self._target = target
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._done = done
+        self._idle: IDelayedCall | None = None
+        self._timed_out = False
+        self.sent = 0
+
+    def connectionMade(self) -> None:
+        self._request.registerProducer(self.transport, True)
+        self._idle = self._clock.callLater(self._idle_timeout, self._idle_expired)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.sent += len(data)
+        if self._idle is not None:
+            self._idle.reset(self._idle_timeout)
+        self._request.write(data)
+
+    def _idle_expired(self) -> None:
+        self._idle = None
+        self._timed_out = True
+        self.transport.stopProducing()
+
+    def stop(self) -> None:
+        """
+        The consumer went away: close the provider's connection.
+        """
+        if self._idle is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        self._request.unregisterProducer()
+        if self._timed_out:
+            self._done.errback(UpstreamTimeout(self._target))
+        elif reason.check(ResponseDone, PotentialDataLoss):
+            self._done.callback(self.sent)
+        else:
+            log.info("Upstream {target} broke off: {reason}", target=self._target,
+                     reason=reason.getErrorMessage())
+            self._done.errback(UpstreamFailed(self._target))
+
+
+def relay(response: IResponse, request: Any, clock: IReactorTime,
+          idle_timeout: float, target: str) -> tuple[Deferred[int], Callable[[], None]]:
+    """
+    Stream C{response}'s body into C{request}, whose status and headers the
+    caller has already set.
+
+    @return: a Deferred firing with the body bytes relayed when the
+        provider finishes (failing with L{UpstreamFailed} if it breaks off
+        or L{UpstreamTimeout} if it goes idle: the caller must then abort
+        the consumer's connection, the status line having gone), and a
+        function that stops the relay.
+    """
+    done: Deferred[int] = Deferred()
+    protocol = _Relay(request, clock, idle_timeout, target, done)
+    response.deliverBody(protocol)
+    return done, protocol.stop

@@ -1,0 +1,89 @@
+# -*- test-case-name: tests.test_interfaces -*-
+"""
+The pluggable concerns of the proxy, as zope Interfaces.
+
+Each has a real implementation in the module named after its concern and an
+in-memory fake in L{ssp.testing}; the request pipeline only ever sees these
+interfaces, so every check can be unit-tested without sockets.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IDirectory(Interface):
+    """
+    The Spine Directory Service (SDS): accredited systems (C{nhsAs}) and
+    message handling service endpoints (C{nhsMhs}) under C{ou=services,o=nhs}.
+
+    Matching follows SDS rules: C{uniqueIdentifier} and C{nhsMhsSvcIA}
+    compare case-exactly, C{nhsMhsPartyKey} ignores case.  Every method
+    returns a L{Deferred}; implementations that block (LDAP) must do so off
+    the reactor thread.  A directory that cannot answer fails the Deferred
+    with L{ssp.errors.DirectoryUnavailable}.
+    """
+
+    def accredited_system(asid: str) -> "Deferred[AccreditedSystem | None]":
+        """
+        The C{nhsAs} entry whose C{uniqueIdentifier} is C{asid}, or L{None}.
+        """
+
+    def message_handlers(
+        party_key: str, interaction: "str | None"
+    ) -> "Deferred[tuple[MessageHandler, ...]]":
+        """
+        The C{nhsMhs} entries for C{party_key} (case-ignore) that serve
+        C{interaction} (case-exact); all of the party key's entries when
+        C{interaction} is L{None}.
+        """
+
+
+class IThrottle(Interface):
+    """
+    Rate limits per consumer ASID (C{Ssp-From}) and per provider ASID
+    (C{Ssp-To}).  Each call consumes one unit when allowed.
+    """
+
+    def consume_consumer(asid: str) -> "Deferred[RateDecision]":
+        """
+        Spend one request from the consumer's allowance.
+        """
+
+    def consume_provider(asid: str) -> "Deferred[RateDecision]":
+        """
+        Spend one request from the provider's global allowance.
+        """
+
+
+class IAuditSink(Interface):
+    """
+    The durable, tamper-evident audit trail.
+    """
+
+    def append(record: "AuditRecord") -> "Deferred[None]":
+        """
+        Append a record.  The Deferred fires once the record is as durable
+        as the configured policy demands, and fails with
+        L{ssp.errors.AuditUnavailable} if it cannot be written: callers
+        must then refuse rather than forward unaudited.
+        """
+
+    writable = Attribute("True while the sink believes it can write durably.")
+
+
+class IUpstream(Interface):
+    """
+    The forwarding agent: sends an admitted request to the provider.
+    """
+
+    def request(
+        method: bytes,
+        url: bytes,
+        headers: "Headers",
+        body: "IBodyProducer | None",
+    ) -> "Deferred[IResponse]":
+        """
+        Issue the request over mutual TLS.  Fails with
+        L{ssp.errors.UpstreamFailed} or L{ssp.errors.UpstreamTimeout}.
+        """

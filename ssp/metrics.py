@@ -1,0 +1,113 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""
+Prometheus metrics and the admin listener's health endpoints.
+
+Metrics are fed from the same completed-exchange records the audit trail
+gets, so the two can never disagree about what happened.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.web.resource import Resource
+
+from ssp.model import AuditRecord
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """
+    Counters and histograms over completed exchanges, in a registry of
+    their own so several proxies can live in one test process.
+    """
+
+    def __init__(self, in_flight: Callable[[], float] = lambda: 0) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "ssp_requests", "Completed requests.",
+            ["status", "decision", "interaction"], registry=self.registry,
+        )
+        self.refusals = Counter(
+            "ssp_refusals", "Requests the proxy refused, by token kind.",
+            ["status", "reason"], registry=self.registry,
+        )
+        self.total_latency = Histogram(
+            "ssp_request_seconds", "Time from request start to completion.",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.upstream_latency = Histogram(
+            "ssp_upstream_seconds", "Time from forwarding to the provider's response headers.",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.tls_failures = Counter(
+            "ssp_tls_handshake_failures", "Failed inbound TLS handshakes.", registry=self.registry
+        )
+        gauge = Gauge("ssp_in_flight", "Requests in progress.", registry=self.registry)
+        gauge.set_function(in_flight)
+
+    def observe(self, record: AuditRecord) -> None:
+        if record.event == "tls-failed":
+            self.tls_failures.inc()
+            return
+        self.requests.labels(str(record.status), record.decision, record.interaction).inc()
+        if record.decision == "refused":
+            self.refusals.labels(str(record.status), _reason(record.token)).inc()
+        if record.total_latency is not None:
+            self.total_latency.observe(record.total_latency)
+        if record.upstream_latency is not None:
+            self.upstream_latency.observe(record.upstream_latency)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _reason(token: str) -> str:
+    """
+    The fixed part of a refusal token (without the ASIDs and URLs that
+    would make label values unbounded).
+    """
+    for prefix in ("ASID_CHECK_FAILED", "PARTYKEY_INTERACTION_CHECK_FAILED", "FOT_CHECK_FAILED",
+                   "ENDPOINT_", "ERROR_COMMUNICATING", "TIMEOUT_COMMUNICATING", "RATE_LIMIT"):
+        if token.startswith(prefix):
+            return prefix.rstrip("_")
+    return token.split(":")[0].split(" ")[0][:40]
+
+
+class _Text(Resource):
+    isLeaf = True
+
+    def __init__(self, render: Callable[[], tuple[int, bytes, bytes]]) -> None:
+        super().__init__()
+        self._render = render
+
+    def render_GET(self, request):  # type: ignore[no-untyped-def]
+        status, content_type, body = self._render()
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", content_type)
+        return body
+
+
+def admin_resource(metrics: Metrics, readiness: Callable[[], dict[str, bool]]) -> Resource:
+    """
+    C{/healthz} (the process answers), C{/readyz} (every dependency is
+    usable: 200 or 503 with the failing ones named) and C{/metrics}.
+    """
+
+    def ready() -> tuple[int, bytes, bytes]:
+        checks = readiness()
+        failing = sorted(name for name, ok in checks.items() if not ok)
+        body = ("not ready: " + ", ".join(failing) if failing else "ready").encode() + b"\n"
+        return (503 if failing else 200), b"text/plain", body
+
+    root = Resource()
+    root.putChild(b"healthz", _Text(lambda: (200, b"text/plain", b"ok\n")))
+    root.putChild(b"readyz", _Text(ready))
+    root.putChild(
+        b"metrics",
+        _Text(lambda: (200, CONTENT_TYPE_LATEST.encode(), metrics.exposition())),
+    )
+    return root

@@ -1,0 +1,294 @@
+# -*- test-case-name: tests.test_tls -*-
+"""
+Transport security on both legs.
+
+Inbound, the handshake asks for a client certificate but lets an absent or
+invalid one through, recording OpenSSL's verdict; the HTTP layer then
+answers 496 or 495 with an OperationOutcome (SPEC §9.3), so the consumer
+learns why and the attempt is audited.  Plain HTTP on the TLS port is
+answered with 497.  Outbound, one TLS client creator per provider host is
+built once and reused (Twisted #9138: building one per request halves
+throughput).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import weakref
+from pathlib import Path
+from typing import Callable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
+from twisted.internet import interfaces
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import (
+    Certificate,
+    PrivateCertificate,
+    TLSVersion,
+    optionsForClientTLS,
+    trustRootFromCertificates,
+)
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ssp.config import ServerTLSConfig, UpstreamConfig
+from ssp.errors import CertificateInvalid, CertificateRequired, PlainHTTP, operation_outcome
+from ssp.model import ClientIdentity
+
+log = Logger()
+
+_TLS_RECORD_HANDSHAKE = 0x16
+
+
+def read_certificates(path: Path) -> list[x509.Certificate]:
+    """
+    Every certificate in a PEM bundle.
+    """
+    certificates = x509.load_pem_x509_certificates(path.read_bytes())
+    if not certificates:
+        raise ValueError(f"{path}: no certificate found")
+    return certificates
+
+
+def _server_context(config: ServerTLSConfig, verify: Callable[..., bool]) -> SSL.Context:
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_options(
+        SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION
+    )
+    context.set_cipher_list(config.ciphers.encode("ascii"))
+    chain = read_certificates(config.certificate)
+    context.use_certificate(crypto.X509.from_cryptography(chain[0]))
+    for extra in chain[1:]:
+        context.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+    context.use_privatekey_file(str(config.private_key))
+    context.check_privatekey()
+    store = context.get_cert_store()
+    authorities = read_certificates(config.client_ca)
+    for authority in authorities:
+        store.add_cert(crypto.X509.from_cryptography(authority))
+    if config.crls:
+        for crl_path in config.crls:
+            for crl in _read_crls(crl_path):
+                store.add_crl(crl)
+        store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+    context.set_client_ca_list(
+        [crypto.X509.from_cryptography(a).get_subject() for a in authorities]
+    )
+    context.set_session_id(b"ssp")
+    context.set_verify(SSL.VERIFY_PEER, verify)
+    return context
+
+
+def _read_crls(path: Path) -> list[x509.CertificateRevocationList]:
+    data = path.read_bytes()
+    marker = b"-----END X509 CRL-----"
+    pieces = [p + marker for p in data.split(marker) if p.strip()]
+    if not pieces:
+        raise ValueError(f"{path}: no CRL found")
+    return [x509.load_pem_x509_crl(p) for p in pieces]
+
+
+@implementer(interfaces.IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """
+    Creates inbound TLS connections from the current server context, which
+    L{reload} replaces atomically: connections already open keep theirs.
+    """
+
+    def __init__(self, config: ServerTLSConfig) -> None:
+        self._verdicts: weakref.WeakKeyDictionary[SSL.Connection, int] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._identities: weakref.WeakKeyDictionary[SSL.Connection, ClientIdentity] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._context = _server_context(config, self._record_verdict)
+
+    def reload(self, config: ServerTLSConfig) -> None:
+        """
+        Load new certificates, CAs and CRLs; raises without changing anything
+        if they are unusable.
+        """
+        self._context = _server_context(config, self._record_verdict)
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        return connection
+
+    def _record_verdict(
+        self, connection: SSL.Connection, certificate: crypto.X509, error: int, depth: int, ok: int
+    ) -> bool:
+        if not ok and connection not in self._verdicts:
+            self._verdicts[connection] = error
+        return True
+
+    def client_identity(self, connection: SSL.Connection | None) -> ClientIdentity:
+        """
+        The verified client certificate of a connection.
+
+        @raise CertificateRequired: none was presented (496).
+        @raise CertificateInvalid: it failed verification (495).
+        """
+        if connection is None:
+            raise CertificateRequired("CLIENT_CERTIFICATE_REQUIRED")
+        known = self._identities.get(connection)
+        if known is not None:
+            return known
+        peer = connection.get_peer_certificate()
+        if peer is None:
+            raise CertificateRequired("CLIENT_CERTIFICATE_REQUIRED")
+        error = self._verdicts.get(connection)
+        if error is not None:
+            raise CertificateInvalid(f"CLIENT_CERTIFICATE_INVALID_{_verify_reason(error)}")
+        identity = identity_of(peer.to_cryptography())
+        self._identities[connection] = identity
+        return identity
+
+
+_VERIFY_REASONS = {
+    10: "EXPIRED",
+    9: "NOT_YET_VALID",
+    23: "REVOKED",
+    2: "UNTRUSTED",
+    20: "UNTRUSTED",
+    21: "UNTRUSTED",
+    18: "UNTRUSTED",
+    19: "UNTRUSTED",
+    7: "BAD_SIGNATURE",
+    3: "CRL_UNAVAILABLE",
+    12: "CRL_EXPIRED",
+}
+
+
+def _verify_reason(error: int) -> str:
+    return _VERIFY_REASONS.get(error, f"VERIFY_ERROR_{error}")
+
+
+def identity_of(certificate: x509.Certificate) -> ClientIdentity:
+    """
+    The subject, SHA-256 fingerprint and DNS names (SAN, or CN when there
+    is no SAN) of a certificate.
+    """
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        names = tuple(san.value.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        names = tuple(
+            str(a.value) for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        )
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    return ClientIdentity(
+        subject=certificate.subject.rfc4514_string(),
+        fingerprint=hashlib.sha256(der).hexdigest(),
+        dns_names=names,
+    )
+
+
+class _TLSOrPlain(Protocol):
+    """
+    Looks at the first byte of a connection: a TLS handshake record goes
+    on to TLS; anything else is answered with a plain-HTTP 497 and closed.
+    """
+
+    def __init__(self, factory: TLSOrPlainFactory) -> None:
+        self._factory = factory
+        self._tls: Protocol | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._tls is not None:
+            self._tls.dataReceived(data)
+            return
+        if data[0] != _TLS_RECORD_HANDSHAKE:
+            self._factory.refuse_plain(self.transport)
+            return
+        self._tls = self._factory.tls.buildProtocol(self.transport.getPeer())
+        if self._tls is None:
+            self.transport.loseConnection()
+            return
+        self._tls.makeConnection(self.transport)
+        self._tls.dataReceived(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._tls is None:
+            return
+        handle = self._tls.getHandle()
+        if handle.get_peer_finished() is None:
+            self._factory.on_handshake_failure(self.transport.getPeer(), reason)
+        self._tls.connectionLost(reason)
+
+
+class TLSOrPlainFactory(Factory):
+    """
+    The listening factory: TLS for the site, 497 for plain HTTP, and hooks
+    for handshakes that fail and plain requests (audited by the service).
+    """
+
+    def __init__(
+        self,
+        tls: TLSMemoryBIOFactory,
+        hsts: bytes,
+        on_handshake_failure: Callable[[object, Failure], None] = lambda peer, reason: None,
+        on_plain_http: Callable[[object], None] = lambda peer: None,
+    ) -> None:
+        self.tls = tls
+        self.hsts = hsts
+        self.on_handshake_failure = on_handshake_failure
+        self.on_plain_http = on_plain_http
+
+    def buildProtocol(self, addr: object) -> _TLSOrPlain:
+        return _TLSOrPlain(self)
+
+    def doStart(self) -> None:
+        self.tls.doStart()
+
+    def doStop(self) -> None:
+        self.tls.doStop()
+
+    def refuse_plain(self, transport: interfaces.ITransport) -> None:
+        content_type, body = operation_outcome(PlainHTTP("HTTP_REQUEST_SENT_TO_HTTPS_PORT"))
+        transport.write(
+            b"HTTP/1.1 497 HTTP Request Sent to HTTPS Port\r\n"
+            b"Content-Type: " + content_type + b"\r\n"
+            b"Content-Length: %d\r\n"
+            b"Strict-Transport-Security: %s\r\n"
+            b"Connection: close\r\n\r\n" % (len(body), self.hsts) + body
+        )
+        transport.loseConnection()
+        self.on_plain_http(transport.getPeer())
+
+
+class UpstreamTLS:
+    """
+    Mutual TLS towards providers: the proxy's client certificate, the
+    provider's chain verified against the configured CAs and its name
+    checked by service-identity.  One creator per host, built on first use.
+    """
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self._trust = trustRootFromCertificates(
+            [Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM))
+             for c in read_certificates(config.ca)]
+        )
+        self._client = PrivateCertificate.loadPEM(
+            config.certificate.read_bytes() + config.private_key.read_bytes()
+        )
+        self._creators: dict[str, interfaces.IOpenSSLClientConnectionCreator] = {}
+
+    def creator_for(self, hostname: str) -> interfaces.IOpenSSLClientConnectionCreator:
+        creator = self._creators.get(hostname)
+        if creator is None:
+            creator = optionsForClientTLS(
+                hostname,
+                trustRoot=self._trust,
+                clientCertificate=self._client,
+                extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
+            )
+            self._creators[hostname] = creator
+        return creator

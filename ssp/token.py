@@ -1,0 +1,297 @@
+# -*- test-case-name: tests.test_token -*-
+"""
+The GP Connect bearer token: an unsigned JWT carrying who is asking, for
+whom and why.  The proxy checks its profile and keeps the claims for the
+audit trail; it never changes the token (it only reads the header bytes).
+
+GP Connect defines no signed variant (no keys, no JWKS), so only
+C{alg: none} with an empty signature segment is accepted: a signed token
+cannot be verified by anyone on the path and is refused rather than
+trusted.  Decoding is PyJWT's; every time check uses the C{now} the caller
+passes, so the clock is injected.
+
+Every refusal is a L{BadRequest} whose token has one shape,
+C{BAD_REQUEST: JWT claim '<name>' <problem>} (or C{Authorization header}/
+C{JWT} for the envelope); C{docs/token.md} lists them all.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+import jwt
+
+from ssp.config import TokenConfig
+from ssp.errors import BadRequest
+from ssp.model import Claims
+
+LIFETIME = 300
+REASONS = ("directcare", "migration")
+ODS_SYSTEMS = (
+    "https://fhir.nhs.uk/Id/ods-organization-code",
+    # DSTU2-era system that providers were still required to accept.
+    "http://fhir.nhs.net/Id/ods-organization-code",
+)
+
+_BEARER = re.compile(rb"bearer +(\S+) *\Z", re.IGNORECASE)
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]+=*\Z")
+_SCOPE = re.compile(r"(patient|organization)/\*\.(read|write)( conf/[NR])?\Z")
+_ODS = re.compile(r"[A-Za-z0-9]{1,12}\Z")
+
+
+def validate(
+    authorization: bytes | None, target_url: str, now: float, config: TokenConfig
+) -> Claims:
+    """
+    Check the C{Authorization} header of a request against the GP Connect
+    token profile.
+
+    @param authorization: the raw header value, or L{None} when absent.
+    @param target_url: the decoded provider URL the request is for; the
+        token's C{aud} must cover it.
+    @param now: the current time (seconds since the epoch, from the
+        injected clock).
+    @param config: with C{validate} false only the header's presence is
+        required and the claims are extracted best-effort.
+    @return: the audit-relevant claims; C{validated} says whether they
+        were checked.
+    @raise BadRequest: naming the header or claim at fault.
+    """
+    if not authorization or not authorization.strip():
+        raise BadRequest("BAD_REQUEST: Authorization header is missing")
+    if not config.validate:
+        return extract(authorization)
+    token = _bearer(authorization)
+    payload = _decode(token)
+    for name, check in _CLAIM_CHECKS:
+        if name not in payload:
+            raise _claim(name, "is missing")
+        check(payload[name], name)
+    practitioner = payload["requesting_practitioner"]
+    if payload["sub"] != practitioner["id"]:
+        raise _claim("sub", "must equal requesting_practitioner.id")
+    exp, iat = payload["exp"], payload["iat"]
+    if exp - iat != LIFETIME:
+        raise _claim("exp", f"must be iat + {LIFETIME} seconds, is iat + {exp - iat}")
+    if now >= exp + config.clock_skew:
+        raise _claim("exp", "has passed: the token has expired")
+    if iat > now + config.clock_skew:
+        raise _claim("iat", "is in the future")
+    if not _within(target_url, payload["aud"]):
+        raise _claim("aud", "does not cover the target URL")
+    return _claims(payload, validated=True)
+
+
+def check_audience(claims: Claims, endpoint: str) -> None:
+    """
+    Check, once SDS has named the provider's registered endpoint, that the
+    token was addressed to it: C{aud} is the endpoint or a URL under it on
+    a path-segment boundary (older consumers send the full resource URL).
+
+    @raise BadRequest: naming C{aud}.  Nothing is checked for claims that
+        were not validated.
+    """
+    if claims.validated and not _within(claims.audience, endpoint):
+        raise _claim("aud", f"is not within the registered endpoint {endpoint}")
+
+
+def extract(authorization: bytes | None) -> Claims:
+    """
+    Read whatever audit-relevant claims a header carries, never raising:
+    used when validation is off, and to audit refused requests.
+    """
+    match = _BEARER.match(authorization or b"")
+    if match is None:
+        return Claims()
+    try:
+        payload = jwt.decode(match[1].decode("ascii"), options={"verify_signature": False})
+    except (jwt.PyJWTError, ValueError, TypeError):
+        return Claims()
+    return _claims(payload, validated=False)
+
+
+def _bearer(authorization: bytes) -> str:
+    match = _BEARER.match(authorization)
+    if match is None:
+        raise BadRequest("BAD_REQUEST: Authorization header is not 'Bearer <JWT>'")
+    try:
+        return match[1].decode("ascii")
+    except UnicodeDecodeError:
+        raise BadRequest("BAD_REQUEST: JWT is malformed: not ASCII") from None
+
+
+def _decode(token: str) -> dict[str, Any]:
+    segments = token.split(".")
+    if len(segments) != 3:
+        raise BadRequest("BAD_REQUEST: JWT is malformed: expected header.payload.signature")
+    if not (_SEGMENT.match(segments[0]) and _SEGMENT.match(segments[1])):
+        raise BadRequest("BAD_REQUEST: JWT is malformed: segments must be base64url")
+    try:
+        decoded = jwt.decode_complete(token, options={"verify_signature": False})
+    except jwt.PyJWTError as e:
+        raise BadRequest(f"BAD_REQUEST: JWT is malformed: {e}") from None
+    if decoded["header"].get("alg") != "none":
+        raise BadRequest("BAD_REQUEST: JWT header 'alg' must be 'none' (GP Connect tokens are unsigned)")
+    if segments[2]:
+        raise BadRequest("BAD_REQUEST: JWT signature must be empty for alg 'none'")
+    payload: dict[str, Any] = decoded["payload"]
+    return payload
+
+
+def _claim(name: str, problem: str) -> BadRequest:
+    return BadRequest(f"BAD_REQUEST: JWT claim '{name}' {problem}")
+
+
+def _string(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _claim(name, "must be a non-empty string")
+    return value
+
+
+def _check_url(value: Any, name: str, schemes: tuple[str, ...]) -> None:
+    parts = urlsplit(_string(value, name))
+    if parts.scheme not in schemes or not parts.netloc:
+        raise _claim(name, f"must be an absolute {' or '.join(schemes)} URL")
+
+
+def _check_iss(value: Any, name: str) -> None:
+    _check_url(value, name, ("https", "http"))
+
+
+def _check_aud(value: Any, name: str) -> None:
+    _check_url(value, name, ("https",))
+
+
+def _check_time(value: Any, name: str) -> None:
+    if type(value) is not int:
+        raise _claim(name, "must be an integer number of seconds since the epoch")
+
+
+def _check_reason(value: Any, name: str) -> None:
+    if value not in REASONS:
+        raise _claim(name, "must be one of " + ", ".join(REASONS))
+
+
+def _check_scope(value: Any, name: str) -> None:
+    if not isinstance(value, str) or not _SCOPE.match(value):
+        raise _claim(name, "must be (patient|organization)/*.(read|write) [conf/N|conf/R]")
+
+
+def _resource(value: Any, name: str, resource_type: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _claim(name, f"must be a FHIR {resource_type} object")
+    if value.get("resourceType") != resource_type:
+        raise _claim(f"{name}.resourceType", f"must be '{resource_type}'")
+    return value
+
+
+def _identifiers(resource: dict[str, Any], name: str) -> list[tuple[str, str]]:
+    """
+    The C{(system, value)} pairs of a resource's C{identifier} array, which
+    must hold at least one well-formed entry.
+    """
+    name = f"{name}.identifier"
+    entries = resource.get("identifier")
+    if not isinstance(entries, list) or not entries:
+        raise _claim(name, "must be a non-empty array")
+    pairs = []
+    for entry in entries:
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("system"), str)
+            and isinstance(entry.get("value"), str)
+            and entry["value"].strip()
+        ):
+            raise _claim(name, "entries must have a string system and a non-empty value")
+        pairs.append((entry["system"], entry["value"]))
+    return pairs
+
+
+def _check_device(value: Any, name: str) -> None:
+    _identifiers(_resource(value, name, "Device"), name)
+
+
+def _check_organisation(value: Any, name: str) -> None:
+    pairs = _identifiers(_resource(value, name, "Organization"), name)
+    codes = [v for s, v in pairs if s in ODS_SYSTEMS]
+    if not codes:
+        raise _claim(f"{name}.identifier", f"has no ODS code ({ODS_SYSTEMS[0]})")
+    if not _ODS.match(codes[0]):
+        raise _claim(f"{name}.identifier", "ODS code must be alphanumeric")
+
+
+def _check_practitioner(value: Any, name: str) -> None:
+    practitioner = _resource(value, name, "Practitioner")
+    _string(practitioner.get("id"), f"{name}.id")
+    _identifiers(practitioner, name)
+
+
+_CLAIM_CHECKS = (
+    ("iss", _check_iss),
+    ("sub", _string),
+    ("aud", _check_aud),
+    ("exp", _check_time),
+    ("iat", _check_time),
+    ("reason_for_request", _check_reason),
+    ("requested_scope", _check_scope),
+    ("requesting_device", _check_device),
+    ("requesting_organization", _check_organisation),
+    ("requesting_practitioner", _check_practitioner),
+)
+
+
+def _within(url: str, base: str) -> bool:
+    """
+    Whether C{url} is C{base} or lies under it on a path-segment boundary
+    (or differs from it only by a query).  Strings compare exactly: no
+    case folding, no default ports, as SDS endpoints are compared.
+    """
+    base = base.rstrip("/")
+    if not base:
+        return False
+    if url.rstrip("/") == base:
+        return True
+    return url.startswith(base) and url[len(base)] in "/?"
+
+
+def _claims(payload: dict[str, Any], validated: bool) -> Claims:
+    """
+    Pick the audit-relevant claims, keeping only well-typed values so that
+    best-effort extraction never raises.
+    """
+    practitioner = _dict(payload.get("requesting_practitioner"))
+    organisation = _dict(payload.get("requesting_organization"))
+    ids = [v for _, v in _pairs(practitioner)]
+    if isinstance(practitioner.get("id"), str):
+        ids.append(practitioner["id"])
+    ods = [v for s, v in _pairs(organisation) if s in ODS_SYSTEMS]
+    return Claims(
+        subject=_text(payload.get("sub")),
+        audience=_text(payload.get("aud")),
+        practitioner_ids=tuple(dict.fromkeys(ids)),
+        organisation_ods=ods[0] if ods else "",
+        reason_for_request=_text(payload.get("reason_for_request")),
+        requested_scope=_text(payload.get("requested_scope")),
+        validated=validated,
+    )
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _pairs(resource: dict[str, Any]) -> list[tuple[str, str]]:
+    entries = resource.get("identifier")
+    if not isinstance(entries, list):
+        return []
+    return [
+        (e["system"], e["value"])
+        for e in entries
+        if isinstance(e, dict) and isinstance(e.get("system"), str) and isinstance(e.get("value"), str)
+    ]

@@ -1,0 +1,444 @@
+"""
+Tests for L{ssp.token}: the GP Connect bearer-token profile.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import jwt
+from twisted.trial.unittest import SynchronousTestCase
+
+from ssp.config import TokenConfig
+from ssp.errors import BadRequest
+from ssp.model import Claims
+from ssp.token import check_audience, extract, validate
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "external-fixtures" / "jwt"
+ENDPOINT = "https://orange.testlab.nhs.uk/B82617/STU3/1/gpconnect/fhir"
+TARGET = ENDPOINT + "/Patient/$gpc.getstructuredrecord"
+NOW = 1_700_000_000.0
+CONFIG = TokenConfig(validate=True, clock_skew=60.0)
+DROP = object()
+
+
+def segment(value: Any) -> bytes:
+    raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+
+def payload(issued: float = NOW, **changes: Any) -> dict[str, Any]:
+    """
+    A valid claim set issued at C{issued}, with C{changes} applied (L{DROP}
+    removes a claim).
+    """
+    claims: dict[str, Any] = {
+        "iss": "https://consumer.example.nhs.uk/",
+        "sub": "10019",
+        "aud": ENDPOINT,
+        "exp": int(issued) + 300,
+        "iat": int(issued),
+        "reason_for_request": "directcare",
+        "requested_scope": "patient/*.read",
+        "requesting_device": {
+            "resourceType": "Device",
+            "identifier": [{"system": "https://consumer.example/device", "value": "dev-1"}],
+            "model": "Consumer",
+            "version": "1.0",
+        },
+        "requesting_organization": {
+            "resourceType": "Organization",
+            "name": "Practice",
+            "identifier": [
+                {"system": "https://fhir.nhs.uk/Id/ods-organization-code", "value": "GPC001"}
+            ],
+        },
+        "requesting_practitioner": {
+            "resourceType": "Practitioner",
+            "id": "10019",
+            "name": [{"family": "Jones", "given": ["Sam"], "prefix": ["Dr"]}],
+            "identifier": [
+                {"system": "https://fhir.nhs.uk/Id/sds-user-id", "value": "G13579135"},
+                {"system": "https://fhir.nhs.uk/Id/sds-role-profile-id", "value": "111111111"},
+            ],
+        },
+    }
+    for name, value in changes.items():
+        if value is DROP:
+            del claims[name]
+        else:
+            claims[name] = value
+    return claims
+
+
+def mint(claims: Any = None, header: Any = None, signature: bytes = b"") -> bytes:
+    """
+    An C{Authorization} header carrying an unsigned token.
+    """
+    header = {"alg": "none", "typ": "JWT"} if header is None else header
+    claims = payload() if claims is None else claims
+    return b"Bearer " + segment(header) + b"." + segment(claims) + b"." + signature
+
+
+class ValidateTests(SynchronousTestCase):
+    def refused(self, authorization: bytes | None, now: float = NOW, target: str = TARGET) -> str:
+        error = self.assertRaises(BadRequest, validate, authorization, target, now, CONFIG)
+        self.assertEqual(error.status, 400)
+        return error.token
+
+    def test_valid(self) -> None:
+        """
+        A well-formed token yields its audit-relevant claims, validated.
+        """
+        claims = validate(mint(), TARGET, NOW, CONFIG)
+        self.assertEqual(
+            claims,
+            Claims(
+                subject="10019",
+                audience=ENDPOINT,
+                practitioner_ids=("G13579135", "111111111", "10019"),
+                organisation_ods="GPC001",
+                reason_for_request="directcare",
+                requested_scope="patient/*.read",
+                validated=True,
+            ),
+        )
+
+    def test_header_untouched(self) -> None:
+        """
+        Validation only reads the header: the caller's bytes are unchanged,
+        so the token forwarded is the token received.
+        """
+        header = bytearray(mint())
+        before = bytes(header)
+        validate(bytes(header), TARGET, NOW, CONFIG)
+        self.assertEqual(bytes(header), before)
+
+    def test_missing_header(self) -> None:
+        for value in (None, b"", b"   "):
+            self.assertEqual(self.refused(value), "BAD_REQUEST: Authorization header is missing")
+
+    def test_not_bearer(self) -> None:
+        for value in (b"Basic dXNlcjpwdw==", b"Bearer", b"Bearer a b", mint()[7:]):
+            self.assertEqual(
+                self.refused(value), "BAD_REQUEST: Authorization header is not 'Bearer <JWT>'"
+            )
+
+    def test_scheme_case_insensitive(self) -> None:
+        """
+        RFC 7235 auth schemes are case-insensitive.
+        """
+        self.assertTrue(validate(b"bearer " + mint()[7:], TARGET, NOW, CONFIG).validated)
+
+    def test_each_claim_missing(self) -> None:
+        for name in payload():
+            token = self.refused(mint(payload(**{name: DROP})))
+            self.assertEqual(token, f"BAD_REQUEST: JWT claim '{name}' is missing")
+
+    def test_wrong_types(self) -> None:
+        cases = {
+            "iss": [None, 5, "", "not a url", "ftp://consumer.example/"],
+            "sub": [None, 10019, "", ["10019"]],
+            "aud": [None, [ENDPOINT], "http://orange.testlab.nhs.uk/B82617", "/relative"],
+            "exp": [str(int(NOW) + 300), float(int(NOW) + 300), True, None],
+            "iat": [str(int(NOW)), float(int(NOW)), None],
+            "reason_for_request": ["DirectCare", "", None, "secondary-use"],
+            "requested_scope": [
+                "patient/*.delete",
+                "patient/*.read conf/X",
+                "patient/*.readconf/N",
+                "user/*.read",
+                "Patient/*.read",
+                ["patient/*.read"],
+            ],
+            "requesting_device": [None, "device", []],
+            "requesting_organization": [None, "org"],
+            "requesting_practitioner": [None, []],
+        }
+        for name, values in cases.items():
+            for value in values:
+                token = self.refused(mint(payload(**{name: value})))
+                self.assertTrue(
+                    token.startswith(f"BAD_REQUEST: JWT claim '{name}"), (name, value, token)
+                )
+
+    def test_resource_shapes(self) -> None:
+        """
+        The FHIR resources in claims must have the right C{resourceType},
+        well-formed identifiers, an ODS code and a practitioner id.
+        """
+        base = payload()
+        device = dict(base["requesting_device"], resourceType="Practitioner")
+        self.assertEqual(
+            self.refused(mint(payload(requesting_device=device))),
+            "BAD_REQUEST: JWT claim 'requesting_device.resourceType' must be 'Device'",
+        )
+        device = dict(base["requesting_device"], identifier=[])
+        self.assertEqual(
+            self.refused(mint(payload(requesting_device=device))),
+            "BAD_REQUEST: JWT claim 'requesting_device.identifier' must be a non-empty array",
+        )
+        device = dict(base["requesting_device"], identifier=[{"system": "x"}])
+        self.assertIn(
+            "'requesting_device.identifier' entries", self.refused(mint(payload(requesting_device=device)))
+        )
+        org = dict(base["requesting_organization"], identifier=[{"system": "local", "value": "X"}])
+        self.assertEqual(
+            self.refused(mint(payload(requesting_organization=org))),
+            "BAD_REQUEST: JWT claim 'requesting_organization.identifier' has no ODS code"
+            " (https://fhir.nhs.uk/Id/ods-organization-code)",
+        )
+        org = dict(
+            base["requesting_organization"],
+            identifier=[{"system": "https://fhir.nhs.uk/Id/ods-organization-code", "value": "[ODSCode]"}],
+        )
+        self.assertEqual(
+            self.refused(mint(payload(requesting_organization=org))),
+            "BAD_REQUEST: JWT claim 'requesting_organization.identifier' ODS code must be alphanumeric",
+        )
+        practitioner = {k: v for k, v in base["requesting_practitioner"].items() if k != "id"}
+        self.assertEqual(
+            self.refused(mint(payload(requesting_practitioner=practitioner))),
+            "BAD_REQUEST: JWT claim 'requesting_practitioner.id' must be a non-empty string",
+        )
+        practitioner = dict(base["requesting_practitioner"], identifier="G13579135")
+        self.assertEqual(
+            self.refused(mint(payload(requesting_practitioner=practitioner))),
+            "BAD_REQUEST: JWT claim 'requesting_practitioner.identifier' must be a non-empty array",
+        )
+
+    def test_sub_is_practitioner(self) -> None:
+        self.assertEqual(
+            self.refused(mint(payload(sub="999"))),
+            "BAD_REQUEST: JWT claim 'sub' must equal requesting_practitioner.id",
+        )
+
+    def test_lifetime(self) -> None:
+        for exp in (int(NOW) + 299, int(NOW) + 301, int(NOW) + 3600):
+            self.assertEqual(
+                self.refused(mint(payload(exp=exp))),
+                f"BAD_REQUEST: JWT claim 'exp' must be iat + 300 seconds, is iat + {exp - int(NOW)}",
+            )
+
+    def test_expiry_with_skew(self) -> None:
+        """
+        A token is accepted until C{exp} plus the skew, refused from then on.
+        """
+        token = mint(payload(issued=NOW - 300))
+        self.assertTrue(validate(token, TARGET, NOW + 59, CONFIG).validated)
+        self.assertEqual(
+            self.refused(token, now=NOW + 60), "BAD_REQUEST: JWT claim 'exp' has passed: the token has expired"
+        )
+        strict = TokenConfig(clock_skew=0)
+        self.assertRaises(BadRequest, validate, token, TARGET, NOW, strict)
+        self.assertTrue(validate(token, TARGET, NOW - 1, strict).validated)
+
+    def test_future_iat_within_skew(self) -> None:
+        """
+        A consumer clock slightly ahead is tolerated up to the skew.
+        """
+        self.assertTrue(validate(mint(payload(issued=NOW + 60)), TARGET, NOW, CONFIG).validated)
+        self.assertEqual(
+            self.refused(mint(payload(issued=NOW + 61))), "BAD_REQUEST: JWT claim 'iat' is in the future"
+        )
+
+    def test_scope_suffixes(self) -> None:
+        for scope in (
+            "patient/*.read",
+            "patient/*.write",
+            "organization/*.read",
+            "organization/*.write",
+            "patient/*.read conf/N",
+            "patient/*.write conf/R",
+        ):
+            claims = validate(mint(payload(requested_scope=scope)), TARGET, NOW, CONFIG)
+            self.assertEqual(claims.requested_scope, scope)
+
+    def test_migration_reason(self) -> None:
+        claims = validate(mint(payload(reason_for_request="migration")), TARGET, NOW, CONFIG)
+        self.assertEqual(claims.reason_for_request, "migration")
+
+    def test_name_shapes(self) -> None:
+        """
+        Practitioner C{name} is an array in STU3 and an object in DSTU2-era
+        tokens; neither is checked.
+        """
+        base = payload()["requesting_practitioner"]
+        for name in (
+            [{"family": "Jones", "given": ["Sam"]}],
+            {"family": ["Jones"], "given": ["Sam"], "prefix": ["Dr"]},
+        ):
+            practitioner = dict(base, name=name)
+            claims = validate(mint(payload(requesting_practitioner=practitioner)), TARGET, NOW, CONFIG)
+            self.assertTrue(claims.validated)
+
+    def test_deprecated_ods_system(self) -> None:
+        org = dict(
+            payload()["requesting_organization"],
+            identifier=[{"system": "http://fhir.nhs.net/Id/ods-organization-code", "value": "B82617"}],
+        )
+        claims = validate(mint(payload(requesting_organization=org)), TARGET, NOW, CONFIG)
+        self.assertEqual(claims.organisation_ods, "B82617")
+
+    def test_signed_token_refused(self) -> None:
+        """
+        A signed token has no verification path in GP Connect: refused.
+        """
+        signed = jwt.encode(payload(), "secret", algorithm="HS256").encode()
+        self.assertEqual(
+            self.refused(b"Bearer " + signed),
+            "BAD_REQUEST: JWT header 'alg' must be 'none' (GP Connect tokens are unsigned)",
+        )
+        self.assertEqual(
+            self.refused(mint(header={"typ": "JWT"})),
+            "BAD_REQUEST: JWT header 'alg' must be 'none' (GP Connect tokens are unsigned)",
+        )
+
+    def test_none_with_signature_refused(self) -> None:
+        self.assertEqual(
+            self.refused(mint(signature=b"c2lnbmF0dXJl")),
+            "BAD_REQUEST: JWT signature must be empty for alg 'none'",
+        )
+
+    def test_malformed(self) -> None:
+        header = segment({"alg": "none"})
+        for value in (
+            b"Bearer " + header + b"." + segment(payload()),  # no signature segment
+            b"Bearer " + header + b".." + segment(payload()) + b".",
+            b"Bearer " + header + b".!!!!.",
+            b"Bearer " + header + b".e30x.",  # base64 of '{}' plus a stray character
+            b"Bearer " + header + b"." + segment(b"not json") + b".",
+            b"Bearer " + header + b"." + segment([1, 2]) + b".",
+            b"Bearer " + segment(b"{not json") + b"." + segment(payload()) + b".",
+            b"Bearer \xe2\x82\xac.e30.",
+        ):
+            self.assertTrue(self.refused(value).startswith("BAD_REQUEST: JWT is malformed: "), value)
+
+    def test_audience_covers_target(self) -> None:
+        """
+        C{aud} is the service root, or the full resource URL (older
+        consumers); the target must lie within it on a segment boundary.
+        """
+        metadata = ENDPOINT + "/metadata"
+        for aud, target in (
+            (ENDPOINT, metadata),
+            (ENDPOINT, ENDPOINT),
+            (ENDPOINT + "/", metadata),
+            (metadata, metadata + "?_format=json"),
+            (metadata, metadata),
+        ):
+            self.assertTrue(validate(mint(payload(aud=aud)), target, NOW, CONFIG).validated)
+        for aud, target in (
+            (ENDPOINT, ENDPOINT + "X/metadata"),
+            (ENDPOINT, "https://other.example/B82617/STU3/1/gpconnect/fhir/metadata"),
+            (ENDPOINT.upper().replace("HTTPS", "https"), metadata),
+            (metadata + "?_format=json", metadata + "?_format=xml"),
+        ):
+            self.assertEqual(
+                self.refused(mint(payload(aud=aud)), target=target),
+                "BAD_REQUEST: JWT claim 'aud' does not cover the target URL",
+            )
+
+    def test_fixture_expired(self) -> None:
+        """
+        The GP2GP adaptor's example token is well-formed but long expired.
+        """
+        token = (FIXTURES / "gp2gp_example_expired.jwt").read_bytes().strip()
+        self.assertEqual(
+            self.refused(b"Bearer " + token),
+            "BAD_REQUEST: JWT claim 'exp' has passed: the token has expired",
+        )
+        claims = validate(b"Bearer " + token, TARGET, 1610374884 + 10, CONFIG)
+        self.assertEqual(claims.organisation_ods, "GPC001")
+
+    def test_fixture_spec_example(self) -> None:
+        """
+        The DSTU2-era spec example has a template ODS code, lives 300000 s
+        and names an OAuth token endpoint as audience: each is refused,
+        even at its own issue time.
+        """
+        raw = (FIXTURES / "gpconnect_spec_example_0x.jwt").read_bytes().strip()
+        claims = jwt.decode(raw, options={"verify_signature": False})
+        now = claims["iat"]
+        self.assertEqual(
+            self.refused(b"Bearer " + raw, now=now),
+            "BAD_REQUEST: JWT claim 'requesting_organization.identifier' ODS code must be alphanumeric",
+        )
+        claims["requesting_organization"]["identifier"][0]["value"] = "B82617"
+        self.assertEqual(
+            self.refused(mint(claims), now=now),
+            "BAD_REQUEST: JWT claim 'exp' must be iat + 300 seconds, is iat + 300000",
+        )
+        claims["exp"] = claims["iat"] + 300
+        self.assertEqual(
+            self.refused(mint(claims), now=now),
+            "BAD_REQUEST: JWT claim 'aud' does not cover the target URL",
+        )
+
+
+class PresenceOnlyTests(SynchronousTestCase):
+    """
+    With validation switched off the token need only be present.
+    """
+
+    config = TokenConfig(validate=False)
+
+    def test_absent_refused(self) -> None:
+        for value in (None, b""):
+            error = self.assertRaises(BadRequest, validate, value, TARGET, NOW, self.config)
+            self.assertEqual(error.token, "BAD_REQUEST: Authorization header is missing")
+
+    def test_garbage_accepted(self) -> None:
+        for value in (b"Basic abc", b"Bearer not-a-jwt", b"Bearer a.b.c", mint(payload(issued=0, sub=5))):
+            claims = validate(value, TARGET, NOW, self.config)
+            self.assertFalse(claims.validated)
+
+    def test_claims_extracted(self) -> None:
+        """
+        Expired or otherwise invalid tokens are still logged with their
+        claims.
+        """
+        claims = validate(mint(payload(issued=0)), "https://elsewhere/", NOW, self.config)
+        self.assertEqual(claims.subject, "10019")
+        self.assertEqual(claims.organisation_ods, "GPC001")
+        self.assertEqual(claims.practitioner_ids, ("G13579135", "111111111", "10019"))
+
+    def test_wrong_types_ignored(self) -> None:
+        bad = payload(
+            sub=5,
+            aud=[ENDPOINT],
+            requesting_practitioner={"id": 7, "identifier": [{"value": 1}, "x"]},
+            requesting_organization=[],
+        )
+        self.assertEqual(extract(mint(bad)), Claims(reason_for_request="directcare", requested_scope="patient/*.read"))
+
+
+class CheckAudienceTests(SynchronousTestCase):
+    def claims(self, aud: str, validated: bool = True) -> Claims:
+        return Claims(audience=aud, validated=validated)
+
+    def test_equal_or_under(self) -> None:
+        for aud in (ENDPOINT, ENDPOINT + "/", ENDPOINT + "/metadata", ENDPOINT + "/Patient?identifier=x"):
+            check_audience(self.claims(aud), ENDPOINT)
+
+    def test_outside(self) -> None:
+        for aud in (
+            ENDPOINT + "X",
+            "https://orange.testlab.nhs.uk/B82617/STU3/1",
+            "https://orange.testlab.nhs.uk:443/B82617/STU3/1/gpconnect/fhir",
+            "https://authorize.fhir.nhs.net/token",
+        ):
+            error = self.assertRaises(BadRequest, check_audience, self.claims(aud), ENDPOINT)
+            self.assertEqual(
+                error.token,
+                f"BAD_REQUEST: JWT claim 'aud' is not within the registered endpoint {ENDPOINT}",
+            )
+
+    def test_not_validated(self) -> None:
+        """
+        Presence-only mode never refuses on C{aud}.
+        """
+        check_audience(self.claims("https://elsewhere.example/", validated=False), ENDPOINT)
