@@ -33,6 +33,8 @@ class ConfigError(Exception):
 class ListenConfig:
     endpoint: str = "tcp:8443:interface=127.0.0.1"
     proxy_protocol: bool = False
+    drain_timeout: float = attrs.field(default=30.0, validator=ge(0))
+    idle_timeout: float = attrs.field(default=60.0, validator=gt(0))
 
 
 @attrs.frozen

@@ -21,6 +21,7 @@ case.  A misconfigured LDAP schema can therefore widen nothing.
 from __future__ import annotations
 
 import base64
+import math
 import queue
 import ssl
 from pathlib import Path
@@ -323,7 +324,7 @@ class LDAPDirectory:
         # Availability probe and connect per server, then one search.
         self._deadline = (
             2 * config.connect_timeout * len(config.urls)
-            + config.receive_timeout
+            + math.ceil(config.receive_timeout)
             + config.time_limit
         )
         self.searches = 0
@@ -423,7 +424,8 @@ class LDAPDirectory:
             password=self._password,
             client_strategy=SAFE_SYNC,
             auto_bind=AUTO_BIND_TLS_BEFORE_BIND if config.start_tls else AUTO_BIND_NO_TLS,
-            receive_timeout=config.receive_timeout,
+            # ldap3 packs it into SO_RCVTIMEO as whole seconds.
+            receive_timeout=math.ceil(config.receive_timeout),
             read_only=True,
             raise_exceptions=False,
         )

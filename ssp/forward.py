@@ -18,7 +18,6 @@ from typing import Any, Callable
 import attrs
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -87,20 +86,37 @@ class Upstream:
         """
         Send the request; the Deferred fails with L{UpstreamTimeout} when
         the response headers do not arrive within C{response_timeout}
-        (which covers connecting too), or L{UpstreamFailed}.
+        (which covers connecting too), or L{UpstreamFailed}.  Cancelling
+        it cancels the upstream request and fails it with
+        L{CancelledError}.
         """
         target = url.decode("ascii")
         d = self._agent.request(method, url, headers, body)
-        d.addTimeout(self._timeout, self._clock)
-        return d.addErrback(_classify, target)
+        expired = []
+
+        def expire() -> None:
+            expired.append(True)
+            d.cancel()
+
+        timer = self._clock.callLater(self._timeout, expire)
+
+        def classify(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            if not isinstance(result, Failure):
+                return result
+            if expired:
+                return Failure(UpstreamTimeout(target))
+            return _classify(result, target)
+
+        return d.addBoth(classify)
 
 
 def _classify(failure: Failure, target: str) -> Failure:
-    if failure.check(CancelledError):
-        return failure
     reasons = [failure] + list(getattr(failure.value, "reasons", ()))
-    timeouts = (DeferredTimeout, net_error.TimeoutError, net_error.ConnectingCancelledError)
-    if any(r.check(*timeouts) for r in reasons):
+    if any(r.check(CancelledError) for r in reasons):
+        return Failure(CancelledError())
+    if any(r.check(net_error.TimeoutError) for r in reasons):
         return Failure(UpstreamTimeout(target))
     log.info("Upstream {target} failed: {reasons}", target=target,
              reasons=[r.getErrorMessage() for r in reasons])

@@ -103,6 +103,14 @@ class ProxyChannel(http.HTTPChannel):
         if self.length != 0 and self.requests:
             self.requests[-1].start(self._command, self._path, self._version)
 
+    def connectionLost(self, reason: Failure) -> None:
+        self.site.channels.discard(self)
+        super().connectionLost(reason)
+
+    @property
+    def idle(self) -> bool:
+        return not self.requests
+
     def allContentReceived(self) -> None:
         if not self.requests:
             # The response already went and the connection is closing.
@@ -121,6 +129,15 @@ class ProxySite(server.Site):
     requestFactory = ProxyRequest
     protocol = ProxyChannel
     displayTracebacks = False
+
+    def __init__(self, resource: Resource, reactor: Any, idle_timeout: float) -> None:
+        super().__init__(resource, reactor=reactor, timeout=idle_timeout)
+        self.channels: set[ProxyChannel] = set()
+
+    def buildProtocol(self, addr: Any) -> ProxyChannel:
+        channel = super().buildProtocol(addr)
+        self.channels.add(channel)
+        return channel
 
     def log(self, request: Any) -> None:
         pass

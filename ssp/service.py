@@ -15,6 +15,8 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import deferLater
+from twisted.internet.testing import waitUntilAllDisconnected
 from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -65,6 +67,7 @@ class SSPService(MultiService):
         self._lifecycle: list[Any] = []
         self.metrics: Metrics | None = None
         self.proxy: Proxy | None = None
+        self.site: ProxySite | None = None
         self._listener: StreamServerEndpointService | None = None
         self.port: Any = None
         self.admin_port: Any = None
@@ -82,12 +85,38 @@ class SSPService(MultiService):
         self.reactor.addSystemEventTrigger("during", "startup", self._install_sighup)
 
     def stopService(self) -> Deferred[None]:
-        stopping = maybeDeferred(super().stopService)
+        return Deferred.fromCoroutine(self._stop())
 
-        def stop_parts(_: object) -> Deferred[Any]:
-            return DeferredList([maybeDeferred(p.stop) for p in reversed(self._lifecycle)])
+    async def _stop(self) -> None:
+        """
+        Stop accepting, let in-flight requests finish for up to
+        C{drain_timeout} seconds while idle keep-alive connections are
+        closed, abort what remains, then stop the concerns.
+        """
+        if self._listener is not None and self._listener.parent is self:
+            await maybeDeferred(self._listener.disownServiceParent)
+        await self._drain(self.config.listen.drain_timeout)
+        await maybeDeferred(super().stopService)
+        await DeferredList([maybeDeferred(p.stop) for p in reversed(self._lifecycle)])
 
-        return stopping.addBoth(stop_parts).addCallback(lambda _: None)
+    async def _drain(self, timeout: float) -> None:
+        if self.site is None:
+            return
+        deadline = self.reactor.seconds() + timeout
+        while True:
+            for channel in list(self.site.channels):
+                if channel.idle:
+                    channel.transport.loseConnection()
+                else:
+                    channel.persistent = False
+            if not self.site.channels or self.reactor.seconds() >= deadline:
+                break
+            await deferLater(self.reactor, min(0.05, timeout), lambda: None)
+        remaining = list(self.site.channels)
+        for channel in remaining:
+            channel.transport.abortConnection()
+        if remaining:
+            await waitUntilAllDisconnected(self.reactor, remaining)
 
     def _build(self) -> None:
         config = self.config
@@ -118,7 +147,8 @@ class SSPService(MultiService):
             config.upstream.idle_timeout, hsts,
             observers=(self.metrics.observe,) + ((_access_log,) if config.log.access_log else ()),
         )
-        site = ProxySite(ProxyResource(self.proxy), reactor=self.reactor)
+        site = self.site = ProxySite(ProxyResource(self.proxy), self.reactor,
+                                     config.listen.idle_timeout)
         listener = TLSOrPlainFactory(
             TLSMemoryBIOFactory(self.server_tls, False, site), hsts,
             on_handshake_failure=self._handshake_failed,

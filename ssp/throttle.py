@@ -359,14 +359,16 @@ class RedisRateStore:
         return fail(ThrottleUnavailable())
 
     def _outage(self, failure: Failure) -> None:
-        if not self.available:
+        if not self.available or self._redis is None:
             return
         self.available = False
         log.warn(
             "Redis rate store {host}:{port} unavailable ({why}); {policy} until it answers",
             host=self.host,
             port=self.port,
-            why=failure.getErrorMessage() or failure.type.__name__,
+            why=f"no answer within {self.timeout} s"
+            if failure.check(defer.TimeoutError)
+            else failure.getErrorMessage(),
             policy="per-process limits"
             if self.on_failure == "local"
             else "refusing requests (503)",
@@ -384,14 +386,13 @@ class RedisRateStore:
 
     def _recovered(self, _: object) -> None:
         self._probing = None
-        self.available = False
+        self.available = True
         log.info("Redis rate store {host}:{port} answers again", host=self.host, port=self.port)
 
     def _still_down(self, failure: Failure) -> None:
         self._probing = None
         if failure.check(defer.CancelledError):
             return
-        failure.trap(RedisError, defer.TimeoutError)
         self._delay = min(self._delay * 2, self.backoff_max)
         self._probe_call = self.reactor.callLater(self._delay, self._probe)
 

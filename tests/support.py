@@ -51,7 +51,10 @@ def pki() -> DevelopmentPKI:
     """
     global _pki
     if _pki is None:
-        _pki = create_development_pki(Path(tempfile.mkdtemp(prefix="ssp-pki-")))
+        _pki = create_development_pki(
+            Path(tempfile.mkdtemp(prefix="ssp-pki-")),
+            providers=("orange.testlab.nhs.uk", "elsewhere.test"),
+        )
     return _pki
 
 
@@ -204,7 +207,7 @@ class ProviderResource(Resource):
     def do_reset(self, request: Any, args: dict, body: bytes) -> int:
         request.setHeader(b"Content-Length", b"100")
         request.write(b"x" * 10)
-        reactor.callLater(0, request.channel.transport.abortConnection)
+        reactor.callLater(0.05, request.channel.transport.abortConnection)
         return server.NOT_DONE_YET
 
 
