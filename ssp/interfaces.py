@@ -42,15 +42,16 @@ class IDirectory(Interface):
 class IThrottle(Interface):
     """
     Rate limits per consumer ASID (C{Ssp-From}) and per provider ASID
-    (C{Ssp-To}).  Each call consumes one unit when allowed.
+    (C{Ssp-To}).  Each call consumes one unit when allowed, and answers
+    L{None} when no limit applies to the ASID (no X-Rate-Limit headers).
     """
 
-    def consume_consumer(asid: str) -> "Deferred[RateDecision]":
+    def consume_consumer(asid: str) -> "Deferred[RateDecision | None]":
         """
         Spend one request from the consumer's allowance.
         """
 
-    def consume_provider(asid: str) -> "Deferred[RateDecision]":
+    def consume_provider(asid: str) -> "Deferred[RateDecision | None]":
         """
         Spend one request from the provider's global allowance.
         """

@@ -81,7 +81,8 @@ class RateDecision:
     """
     The outcome of spending one unit of a rate limit.
 
-    @ivar limit: requests allowed per period (the C{X-Rate-Limit-Limit}).
+    @ivar limit: the burst, the most requests allowed at once
+        (C{X-Rate-Limit-Limit}); C{remaining} never exceeds it.
     @ivar remaining: requests left now (C{X-Rate-Limit-Remaining}).
     @ivar reset_after: seconds until the allowance is full again
         (C{X-Rate-Limit-Reset}).

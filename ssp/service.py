@@ -137,7 +137,10 @@ class SSPService(MultiService):
         if audit is None:
             from ssp.audit import FileAuditSink
 
-            audit = FileAuditSink(config.audit, self.reactor)
+            audit = FileAuditSink(
+                config.audit.directory, self.reactor, durability=config.audit.durability,
+                rotate_bytes=config.audit.rotate_bytes, rotate_daily=config.audit.rotate_daily,
+            )
             self._lifecycle.append(audit)
         self.audit = audit
         hsts = config.tls.hsts.encode("ascii")

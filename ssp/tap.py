@@ -29,6 +29,7 @@ class Options(usage.Options):
         ["config", "c", None, "The TOML configuration file."],
         ["listen", "l", None, "Override [listen] endpoint, e.g. tcp:8443 or "
                               "systemd:domain=INET:name=ssp-https."],
+        ["admin", None, None, "Override [admin] endpoint (health and metrics)."],
     ]
     optFlags = [
         ["check-config", None, "Validate the configuration and exit."],
@@ -70,26 +71,33 @@ def makeService(options: Options) -> IService:
             loaded = ssp_config.load(path)
         except ssp_config.ConfigError as e:
             raise SystemExit(str(e))
-        if options["listen"]:
-            loaded = attrs.evolve(loaded, listen=attrs.evolve(loaded.listen, endpoint=options["listen"]))
-        return SSPService(loaded, reactor, path)
-    return _demo_service(reactor, options["listen"])
+        return SSPService(_overridden(loaded, options), reactor, path)
+    return _demo_service(reactor, options)
 
 
-def _demo_service(reactor: Any, listen: str | None) -> IService:
+def _overridden(loaded: ssp_config.Config, options: Options) -> ssp_config.Config:
+    if options["listen"]:
+        loaded = attrs.evolve(loaded, listen=attrs.evolve(loaded.listen, endpoint=options["listen"]))
+    if options["admin"]:
+        loaded = attrs.evolve(loaded, admin=attrs.evolve(loaded.admin, endpoint=options["admin"]))
+    return loaded
+
+
+def _demo_service(reactor: Any, options: Options) -> IService:
     from ssp import demo
     from ssp.service import SSPService
 
     root = Path.cwd()
     pki = demo.ensure_pki(root)
     provider = demo.listen_provider(reactor, pki)
-    config = demo.demo_config(root, pki, provider.getHost().port,
-                              **({"listen": listen} if listen else {}))
+    config = _overridden(demo.demo_config(root, pki, provider.getHost().port), options)
     service = SSPService(config, reactor)
 
     def announce(port: Any) -> None:
         line = demo.curl_line(pki, port.getHost().port)
-        print(f"\nSSP demo is listening. Try:\n\n{line}\n", flush=True)
+        # Straight to the terminal, not through twistd's log, so it can be pasted.
+        sys.__stdout__.write(f"\nSSP demo is listening. Try:\n\n{line}\n\n")
+        sys.__stdout__.flush()
 
     reactor.callWhenRunning(lambda: service.listening().addCallback(announce))
     return service
