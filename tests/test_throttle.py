@@ -14,16 +14,18 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
 import attrs
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from txredisapi import Connection
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from ssp.config import LimitSet, RateLimit, ThrottleConfig, parse
@@ -166,25 +168,18 @@ class GCRATests(SynchronousTestCase):
         self.assertEqual(allowed, 25)
 
 
-def run_memory(limit: RateLimit, steps: list[Step]) -> list[RateDecision]:
-    clock = Clock()
-    store = MemoryRateStore(clock)
-    decisions = []
-    for step in steps:
-        clock.advance(step.at - clock.seconds())
-        decisions.append(SynchronousTestCase().successResultOf(store.spend("k", limit)))
-    return decisions
-
-
 class MemoryRateStoreTests(SynchronousTestCase):
     def test_interface(self) -> None:
         self.assertTrue(verifyObject(IRateStore, MemoryRateStore(Clock())))
 
     def test_sequences(self) -> None:
         for name, (limit, steps) in SEQUENCES.items():
-            self.assertEqual(
-                run_memory(limit, steps), [expected(limit, s) for s in steps], name
-            )
+            clock = Clock()
+            store = MemoryRateStore(clock)
+            for i, step in enumerate(steps):
+                clock.advance(step.at - clock.seconds())
+                decision = self.successResultOf(store.spend("k", limit))
+                self.assertEqual(decision, expected(limit, step), f"{name} step {i}")
 
     def test_keys_independent(self) -> None:
         store = MemoryRateStore(Clock())
@@ -354,17 +349,14 @@ class HelperTests(SynchronousTestCase):
         not a throttling verdict.
         """
 
-        @attrs.define
-        class Down:
+        @implementer(IRateStore)
+        class Down(MemoryRateStore):
             available = False
 
             def spend(self, key: str, limit: RateLimit) -> Deferred[RateDecision]:
-                return Deferred.fromCoroutine(self._fail())
+                return fail(ThrottleUnavailable())
 
-            async def _fail(self) -> RateDecision:
-                raise ThrottleUnavailable()
-
-        throttle = Throttle(make_throttle(Clock()).config, Down())  # type: ignore[arg-type]
+        throttle = Throttle(make_throttle(Clock()).config, Down(Clock()))
         f = self.failureResultOf(
             Deferred.fromCoroutine(check_consumer(throttle, CONSUMER)), ThrottleUnavailable
         )
@@ -409,6 +401,17 @@ class FromConfigTests(SynchronousTestCase):
         )
         self.assertEqual(config.provider.for_asid("x"), RateLimit(rate=50, period=1.0, burst=50))
         self.assertTrue(verifyObject(IRateStore, store))
+
+    def test_doc_example(self) -> None:
+        """
+        The example in docs/throttling.md is a valid configuration.
+        """
+        doc = (REPO / "docs" / "throttling.md").read_text()
+        example = tomllib.loads(doc.split("```toml\n")[1].split("```")[0])
+        config = parse({**DOC_EXAMPLE, **example}, Path("/etc/ssp/ssp.toml")).throttle
+        self.assertEqual(config.on_store_failure, "local")
+        self.assertEqual(config.provider.for_asid("918999198738"), RateLimit(10, 1.0, 10))
+        self.assertIsInstance(throttle_from_config(config, reactor).store, RedisRateStore)
 
     def test_bad_url(self) -> None:
         self.assertRaises(ValueError, RedisRateStore.from_url, reactor, "http://x:6379")
@@ -488,6 +491,9 @@ class RedisRateStoreTests(TestCase):
                 decision = await store.spend(f"seq:{n}", limit)
                 self.assertEqual(decision, expected(limit, step), f"{name} step {i}")
             self.assertTrue(store.available)
+        # Fake time: the key's real TTL has a minute's slack.
+        client = await self.inspect()
+        self.assertGreater(await client.execute_command("PTTL", "ssp:rl:seq:0"), 60_000)
 
     async def test_key_and_expiry(self) -> None:
         """
@@ -598,3 +604,17 @@ class RedisRateStoreTests(TestCase):
         self.server.start()
         await self.until(lambda: store.available)
         self.assertEqual((await store.spend("k", HOURLY)).remaining, 9)
+
+    async def test_stop_during_outage(self) -> None:
+        """
+        Stopping while a probe is scheduled, or while one waits for Redis,
+        leaves nothing behind (trial fails a test that leaves a pending
+        call or connection).
+        """
+        scheduled, probing = self.store(), self.store()
+        self.server.stop()
+        await gatherResults([scheduled.spend("k", HOURLY), probing.spend("k", HOURLY)])
+        self.assertFalse(scheduled.available or probing.available)
+        await scheduled.stop()
+        await deferLater(reactor, 0.1)
+        await probing.stop()

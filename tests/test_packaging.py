@@ -1,0 +1,132 @@
+"""
+The README's commands work: the plugin is visible to twistd, the demo
+prints a curl line that succeeds, --check-config names file and key, and
+CI runs the README's test command verbatim.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from tests.support import ROOT
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+class ReadmeTests(unittest.TestCase):
+    def test_readme_opens_with_two_commands(self):
+        commands = readme_commands()
+        self.assertEqual(len(commands), 2)
+        self.assertIn("twistd -n --pidfile= ssp", commands[0])
+        self.assertIn("twisted.trial", commands[1])
+
+    def test_ci_runs_the_readme_test_command(self):
+        ci = (ROOT / ".ci" / "run").read_text()
+        self.assertIn(readme_commands()[1], ci)
+
+    def test_twistd_lists_the_plugin(self):
+        result = subprocess.run(TWISTD + ["--help"], env=_env(), capture_output=True,
+                                text=True, timeout=60, cwd=tempfile.gettempdir())
+        self.assertIn("ssp", [line.split()[0] for line in result.stdout.splitlines()
+                              if line.startswith("    ") and line.split()])
+
+
+class DemoTests(unittest.TestCase):
+    def test_demo_prints_a_curl_line_that_succeeds(self):
+        if shutil.which("curl") is None:
+            raise unittest.SkipTest("curl is not installed")
+        workdir = Path(tempfile.mkdtemp(prefix="ssp-demo-"))
+        (workdir / "etc").mkdir()
+        shutil.copy(ROOT / "etc" / "demo-sds.ldif", workdir / "etc")
+
+        def run_demo() -> tuple[str, int]:
+            process = subprocess.Popen(
+                TWISTD + ["-n", "--pidfile=", "ssp", "--listen", "tcp:0:interface=127.0.0.1",
+                          "--admin", "tcp:0:interface=127.0.0.1"],
+                cwd=workdir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True,
+            )
+            try:
+                line = ""
+                for line in process.stdout:
+                    if line.startswith("curl "):
+                        break
+                else:
+                    raise AssertionError("the demo printed no curl line")
+                result = subprocess.run(["bash", "-c", line], env=_env(), capture_output=True,
+                                        text=True, timeout=30)
+                return result.stdout, result.returncode
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=30)
+                process.stdout.close()
+
+        def check(outcome: tuple[str, int]) -> None:
+            output, code = outcome
+            self.assertEqual(code, 0)
+            self.assertIn('"resourceType": "CapabilityStatement"', output)
+            audit = list((workdir / "var" / "audit").glob("audit-*.jsonl"))
+            self.assertEqual(len(audit), 1)
+            self.assertIn('"decision":"forwarded"', audit[0].read_text())
+
+        return deferToThread(run_demo).addCallback(check)
+
+
+class CheckConfigTests(unittest.TestCase):
+    def check(self, text: str) -> subprocess.CompletedProcess:
+        path = Path(tempfile.mkdtemp()) / "ssp.toml"
+        path.write_text(text)
+        return subprocess.run(TWISTD + ["ssp", "--config", str(path), "--check-config"],
+                              env=_env(), capture_output=True, text=True, timeout=60), path
+
+    def test_valid_configuration(self):
+        from tests.support import pki
+
+        certs = pki().directory
+        result, path = self.check(f"""
+[tls]
+certificate = "{certs}/proxy.pem"
+private_key = "{certs}/proxy.key"
+client_ca = "{certs}/spine-ca.pem"
+[upstream]
+certificate = "{certs}/proxy-client.pem"
+private_key = "{certs}/proxy-client.key"
+ca = "{certs}/spine-ca.pem"
+[directory]
+ldif = "{ROOT}/etc/demo-sds.ldif"
+""")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("configuration OK", result.stdout)
+
+    def test_error_names_file_and_key(self):
+        result, path = self.check('[tls]\ncertificate = "a"\nprivate_key = "b"\nclient_ca = "c"\n'
+                                  '[upstream]\ncertificate = "a"\nprivate_key = "b"\nca = "c"\n'
+                                  'connect_timeout = -1\n')
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(f"{path}: upstream.connect_timeout: must be > 0", result.stderr)
+
+    def test_missing_certificate_file_is_reported(self):
+        result, path = self.check('[tls]\ncertificate = "nope.pem"\nprivate_key = "b"\n'
+                                  'client_ca = "c"\n[upstream]\ncertificate = "a"\n'
+                                  'private_key = "b"\nca = "c"\n')
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("nope.pem", result.stderr)
