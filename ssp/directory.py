@@ -42,6 +42,7 @@ from ldap3 import (
     Tls,
     set_config_parameter,
 )
+from ldap3.core.exceptions import LDAPException
 from ldap3.utils.conv import escape_filter_chars
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -270,9 +271,10 @@ class LDAPDirectory:
     fails over to the next server that accepts connections.
 
     Searches are bounded by C{connect_timeout}, C{receive_timeout} and the
-    server-side C{time_limit}; the caller's L{Deferred} is additionally
-    bounded by their sum, since a thread cannot be cancelled.  Any failure
-    becomes L{DirectoryUnavailable}.
+    server-side C{time_limit}; since a thread cannot be cancelled, the
+    caller's L{Deferred} also times out, after C{2 * connect_timeout *
+    len(urls) + receive_timeout + time_limit} seconds.  Any failure becomes
+    L{DirectoryUnavailable}.
 
     L{start} and L{stop} run and stop the thread pool (see
     L{directory_from_config} for the service that calls them).
@@ -295,13 +297,19 @@ class LDAPDirectory:
             raise ConfigError("directory.urls: required when kind = 'ldap'")
         self._config = config
         self._reactor = reactor
-        self._password = _read_password(config.password_file)
-        tls = Tls(
-            validate=ssl.CERT_REQUIRED,
-            ca_certs_file=str(config.ca) if config.ca else None,
-            local_certificate_file=str(client_certificate[0]) if client_certificate else None,
-            local_private_key_file=str(client_certificate[1]) if client_certificate else None,
-        )
+        try:
+            self._password = _read_password(config.password_file)
+        except OSError as e:
+            raise ConfigError(f"directory.password_file: cannot read: {e.strerror}") from e
+        try:
+            tls = Tls(
+                validate=ssl.CERT_REQUIRED,
+                ca_certs_file=str(config.ca) if config.ca else None,
+                local_certificate_file=str(client_certificate[0]) if client_certificate else None,
+                local_private_key_file=str(client_certificate[1]) if client_certificate else None,
+            )
+        except LDAPException as e:
+            raise ConfigError(f"directory.ca: {e}") from e
         # One pass over the servers, then give up at once: ldap3 otherwise
         # sleeps POOLING_LOOP_TIMEOUT (10 s) before raising.
         set_config_parameter("POOLING_LOOP_TIMEOUT", 0)

@@ -24,23 +24,23 @@ import argparse
 import inspect
 import re
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable, NoReturn, TextIO
-from urllib.parse import unquote
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import NameOID
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
+from twisted.web.http_headers import Headers
 
-from ssp import policy
+from ssp import headers, policy, target
 from ssp.config import Agreement, ConfigError, load
 from ssp.directory import directory_from_config
-from ssp.errors import BadRequest, CertificateInvalid, Refusal
+from ssp.errors import CertificateInvalid, Refusal
 from ssp.interfaces import IDirectory
 from ssp.model import AccreditedSystem, ClientIdentity, MessageHandler, SpineHeaders
+from ssp.tls import identity_of
 
 PASS = "pass"
 FAIL = "fail"
@@ -69,21 +69,10 @@ class Step:
 
 def client_identity(pem: bytes) -> ClientIdentity:
     """
-    The identity of a PEM certificate: its SAN DNS names, or its CN when it
-    has no SAN extension (as the proxy reads a client certificate).
+    The identity of a PEM certificate, read as the proxy reads a client
+    certificate.
     """
-    cert = x509.load_pem_x509_certificate(pem)
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    else:
-        names = san.value.get_values_for_type(x509.DNSName)
-    return ClientIdentity(
-        subject=cert.subject.rfc4514_string(),
-        fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
-        dns_names=tuple(names),
-    )
+    return identity_of(x509.load_pem_x509_certificate(pem))
 
 
 def _describe_system(system: AccreditedSystem) -> str:
@@ -130,7 +119,7 @@ class _Run:
         name: str,
         run: Callable[[], Awaitable[Any] | Any],
         passed: Callable[[Any], str],
-        failed: Callable[[Refusal], Awaitable[str] | str] = lambda r: "",
+        failed: Callable[[Refusal], Awaitable[str] | str],
     ) -> Any:
         if self.failed:
             self.steps.append(Step(name, SKIPPED, "not checked: an earlier check failed"))
@@ -155,21 +144,16 @@ class _Run:
         self.steps.append(Step(name, SKIPPED, reason))
 
 
-def _request(target_url: str, headers: dict[str, str]) -> tuple[str, SpineHeaders]:
-    values = {name.lower(): value.strip() for name, value in headers.items()}
-    missing = [name for name in _REQUIRED if not values.get(name.lower())]
-    if missing:
-        raise BadRequest("MISSING_HEADER_" + "_".join(m.upper().replace("-", "_") for m in missing))
-    if not target_url.startswith("https://") and unquote(target_url).startswith("https://"):
-        target_url = unquote(target_url)
-    if not target_url.startswith("https://"):
-        raise BadRequest(f"TARGET_URL_NOT_HTTPS_{target_url}")
-    return target_url, SpineHeaders(
-        trace_id=values.get("ssp-traceid", ""),
-        sender=values["ssp-from"],
-        receiver=values["ssp-to"],
-        interaction=values["ssp-interactionid"],
-    )
+def _request(target_url: str, given: dict[str, str]) -> tuple[str, SpineHeaders]:
+    """
+    Parse the target and headers exactly as the proxy does; a missing
+    C{Ssp-TraceID} is supplied, since it plays no part in authorisation.
+    """
+    raw = Headers({name: [value.strip()] for name, value in given.items()})
+    if not raw.hasHeader("Ssp-TraceID"):
+        raw.setRawHeaders("Ssp-TraceID", [str(uuid.UUID(int=0))])
+    url = target.parse(b"/" + target_url.encode("ascii", "replace"))
+    return url.text, headers.parse(raw)
 
 
 async def explain(

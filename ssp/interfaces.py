@@ -9,7 +9,16 @@ interfaces, so every check can be unit-tested without sockets.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+    from twisted.web.http_headers import Headers
+    from twisted.web.iweb import IBodyProducer, IResponse
+
+    from ssp.model import AccreditedSystem, AuditRecord, MessageHandler, RateDecision
 
 
 class IDirectory(Interface):

@@ -7,36 +7,42 @@ Only a real server applies SDS's matching rules (case-exact interaction
 IDs, case-ignore party keys, no equality rule on C{nhsMhsFQDN}); ldap3's
 mock strategies do not, so anything that depends on them runs here.
 
-Typical use, one server per test class::
+Typical use::
 
     class MyTests(TestCase):
         skip = slapd.SKIP
 
-        @classmethod
-        def setUpClass(cls):
-            cls.slapd = slapd.Slapd.launch([slapd.DEMO_LDIF])
+        def setUp(self):
+            self.sds = slapd.Slapd.shared([slapd.DEMO_LDIF])
+            # self.sds.url is ldap://127.0.0.1:PORT
 
-        @classmethod
-        def tearDownClass(cls):
-            cls.slapd.destroy()
+Two ways to get one (trial has no C{setUpClass}):
 
-or one per test with C{Slapd.start_for(self, [ldif, ...])}, which registers
-the clean-up itself.  L{Slapd.stop} and L{Slapd.start} stop and restart the
-same server on the same port and data, to simulate an SDS outage.
+  - C{Slapd.shared([ldif, ...])}: one server per process and data set,
+    started on first use and killed at interpreter exit.  For tests that
+    only read; never stop it.
+  - C{Slapd.start_for(self, [ldif, ...])}: a server of the test's own,
+    destroyed in its clean-up.  L{Slapd.stop} and L{Slapd.start} stop and
+    restart it on the same port and data, to simulate an SDS outage.
+
+Launching takes about 0.1 s.
 """
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import datetime
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import attrs
 
@@ -82,6 +88,9 @@ index objectClass,nhsIDCode,nhsAsSvcIA,nhsMhsSvcIA,nhsMHSPartyKey,uniqueIdentifi
 """
 
 
+_shared: dict[tuple[str, ...], Slapd] = {}
+
+
 def free_port() -> int:
     """
     A TCP port on 127.0.0.1 that was free a moment ago.
@@ -102,6 +111,8 @@ class ServerTLS:
     certificate: Path
     key: Path
     other_ca: Path
+    client_certificate: Path
+    client_key: Path
 
     @classmethod
     def create(cls, directory: Path) -> ServerTLS:
@@ -143,43 +154,53 @@ class ServerTLS:
 
         ca_key, ca_cert = ca("SSP test SDS CA")
         _, other_cert = ca("Some other CA")
-        server_key = ec.generate_private_key(ec.SECP256R1())
-        server_cert = (
-            x509.CertificateBuilder()
-            .subject_name(name("localhost"))
-            .issuer_name(ca_cert.subject)
-            .public_key(server_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [
-                        x509.DNSName("localhost"),
-                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    ]
-                ),
-                False,
+        def leaf(
+            cn: str, names: list[x509.GeneralName]
+        ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = (
+                x509.CertificateBuilder()
+                .subject_name(name(cn))
+                .issuer_name(ca_cert.subject)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(hours=1))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName(names), False)
+                .sign(ca_key, hashes.SHA256())
             )
-            .sign(ca_key, hashes.SHA256())
+            return key, cert
+
+        server_key, server_cert = leaf(
+            "localhost",
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
         )
-        pem = serialization.Encoding.PEM
+        client_key, client_cert = leaf("ssp.test", [x509.DNSName("ssp.test")])
         paths = cls(
             ca=directory / "ca.pem",
             certificate=directory / "server.pem",
             key=directory / "server.key",
             other_ca=directory / "other-ca.pem",
+            client_certificate=directory / "client.pem",
+            client_key=directory / "client.key",
         )
+        pem = serialization.Encoding.PEM
+
+        def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+            path.write_bytes(
+                key.private_bytes(
+                    pem,
+                    serialization.PrivateFormat.TraditionalOpenSSL,
+                    serialization.NoEncryption(),
+                )
+            )
+
         paths.ca.write_bytes(ca_cert.public_bytes(pem))
         paths.other_ca.write_bytes(other_cert.public_bytes(pem))
         paths.certificate.write_bytes(server_cert.public_bytes(pem))
-        paths.key.write_bytes(
-            server_key.private_bytes(
-                pem,
-                serialization.PrivateFormat.TraditionalOpenSSL,
-                serialization.NoEncryption(),
-            )
-        )
+        paths.client_certificate.write_bytes(client_cert.public_bytes(pem))
+        write_key(paths.key, server_key)
+        write_key(paths.client_key, client_key)
         return paths
 
 
@@ -210,13 +231,19 @@ class Slapd:
 
     @classmethod
     def launch(
-        cls, ldif_paths: Sequence[Path | str], tls: bool = False, attempts: int = 3
+        cls,
+        ldif_paths: Sequence[Path | str],
+        tls: bool = False,
+        require_client_certificate: bool = False,
+        attempts: int = 3,
     ) -> Slapd:
         """
         Create a database from the schema and C{ldif_paths}, start slapd on
         a free loopback port and wait until it answers.
 
         @param tls: also serve LDAPS and StartTLS with a fresh test CA.
+        @param require_client_certificate: TLS clients must present a
+            certificate from that CA (C{TLSVerifyClient demand}).
         """
         if SKIP:
             raise RuntimeError(SKIP)
@@ -231,6 +258,8 @@ class Slapd:
                     f"TLSCertificateFile {server_tls.certificate}\n"
                     f"TLSCertificateKeyFile {server_tls.key}\n"
                 )
+                if require_client_certificate:
+                    tls_lines += "TLSVerifyClient demand\n"
             (directory / "slapd.conf").write_text(
                 _CONF.format(
                     schema=SCHEMA,
@@ -264,13 +293,25 @@ class Slapd:
         raise AssertionError("unreachable")
 
     @classmethod
-    def start_for(
-        cls, test_case, ldif_paths: Sequence[Path | str], tls: bool = False
-    ) -> Slapd:
+    def shared(cls, ldif_paths: Sequence[Path | str]) -> Slapd:
+        """
+        A plain-LDAP server for C{ldif_paths} shared by every caller in this
+        process, launched on first use and destroyed at exit.  Read only:
+        do not stop it.
+        """
+        key = tuple(str(p) for p in ldif_paths)
+        server = _shared.get(key)
+        if server is None or server.process is None:
+            server = _shared[key] = cls.launch(ldif_paths)
+            atexit.register(server.destroy)
+        return server
+
+    @classmethod
+    def start_for(cls, test_case: Any, ldif_paths: Sequence[Path | str], **options: Any) -> Slapd:
         """
         L{launch} a server for one test, destroyed in its clean-up.
         """
-        server = cls.launch(ldif_paths, tls=tls)
+        server = cls.launch(ldif_paths, **options)
         test_case.addCleanup(server.destroy)
         return server
 
@@ -291,6 +332,7 @@ class Slapd:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                preexec_fn=_die_with_parent,
             )
         deadline = time.monotonic() + timeout
         while True:
@@ -324,6 +366,15 @@ class Slapd:
         """
         self.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """
+    On Linux, have the kernel kill slapd if the test process dies without
+    cleaning up (PR_SET_PDEATHSIG), so no server outlives a killed run.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
 
 
 def _listening(port: int) -> bool:
