@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import deferLater
 from twisted.internet.testing import waitUntilAllDisconnected
@@ -85,6 +85,8 @@ class SSPService(MultiService):
         self.reactor.addSystemEventTrigger("during", "startup", self._install_sighup)
 
     def stopService(self) -> Deferred[None]:
+        if not self.running:
+            return succeed(None)
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:

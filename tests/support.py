@@ -53,6 +53,7 @@ def pki() -> DevelopmentPKI:
     if _pki is None:
         _pki = create_development_pki(
             Path(tempfile.mkdtemp(prefix="ssp-pki-")),
+            consumers=("gpc001.ssp-demo.test", "k81045.ssp-demo.test"),
             providers=("orange.testlab.nhs.uk", "elsewhere.test"),
         )
     return _pki

@@ -341,6 +341,16 @@ class RefusalTests(ProxyTestCase):
             "POST", f"/{ENDPOINT}/echo", headers, body=PATTERN * 4)
         self.assertRefused(reply, 400, "BAD_REQUEST: Ssp-To", provider, proxy)
 
+    async def test_audit_unwritable_fails_closed(self):
+        provider, proxy = await self.setup()
+        proxy.audit.writable = False
+        reply = await proxy.consumer().get("metadata")
+        self.assertEqual(reply.status, 503)
+        self.assertEqual(reply.token(), "AUDIT_UNAVAILABLE")
+        self.assertEqual(provider.seen, [])
+        proxy.audit.writable = True
+        self.assertEqual((await proxy.consumer().get("metadata")).status, 200)
+
     async def test_plain_http_on_tls_port(self):
         provider, proxy = await self.setup()
 
