@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import json
 import socket
+import ssl
 import tempfile
 from pathlib import Path
 
@@ -471,3 +472,49 @@ def untrusted_pki():
     if not _untrusted:
         _untrusted.append(create_development_pki(Path(tempfile.mkdtemp(prefix="ssp-other-"))))
     return _untrusted[0]
+
+
+class TLSPolicyTests(ProxyTestCase):
+    async def handshake(self, proxy, configure) -> str:
+        def attempt():
+            context = proxy.consumer().context
+            configure(context)
+            with socket.create_connection(("127.0.0.1", proxy.port)) as raw:
+                try:
+                    with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                        return tls.version()
+                except ssl.SSLError as e:
+                    return f"refused: {e.reason}"
+
+        return await deferToThread(attempt)
+
+    async def test_tls_1_1_refused_and_audited(self):
+        provider, proxy = await self.setup()
+
+        def old(context):
+            context.minimum_version = ssl.TLSVersion.TLSv1
+            context.maximum_version = ssl.TLSVersion.TLSv1_1
+            context.set_ciphers("ALL:@SECLEVEL=0")
+
+        self.assertTrue((await self.handshake(proxy, old)).startswith("refused"))
+        while not proxy.audit.records:
+            await deferLater(reactor, 0.01)
+        self.assertEqual([r.event for r in proxy.audit.records], ["tls-failed"])
+
+    async def test_non_pfs_and_cbc_suites_refused(self):
+        provider, proxy = await self.setup()
+
+        def weak(context):
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
+            context.set_ciphers("AES128-SHA:AES256-GCM-SHA384:ECDHE-RSA-AES128-SHA")
+
+        self.assertTrue((await self.handshake(proxy, weak)).startswith("refused"))
+
+    async def test_tls_1_2_gcm_and_1_3_accepted(self):
+        provider, proxy = await self.setup()
+
+        def tls12(context):
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
+
+        self.assertEqual(await self.handshake(proxy, tls12), "TLSv1.2")
+        self.assertEqual(await self.handshake(proxy, lambda context: None), "TLSv1.3")

@@ -1,0 +1,133 @@
+"""
+Crash safety of the audit trail: the proxy runs as its own process under
+load and is killed with SIGKILL; every request the provider received has a
+durable "authorised" record, and after a restart the chain still verifies.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from ssp import audit, demo
+from tests.support import DEMO_LDIF, ROOT, Consumer, Provider, free_port, pki, spine_headers
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def _config(path: Path, port: int, provider_port: int, audit_dir: Path) -> None:
+    certs = pki().directory
+    path.write_text(f"""
+[listen]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+[tls]
+certificate = "{certs}/proxy.pem"
+private_key = "{certs}/proxy.key"
+client_ca = "{certs}/spine-ca.pem"
+[upstream]
+certificate = "{certs}/proxy-client.pem"
+private_key = "{certs}/proxy-client.key"
+ca = "{certs}/spine-ca.pem"
+[upstream.resolve]
+"{demo.PROVIDER_HOST}:443" = "127.0.0.1:{provider_port}"
+[directory]
+ldif = "{DEMO_LDIF}"
+[audit]
+directory = "{audit_dir}"
+durability = "always"
+[admin]
+endpoint = ""
+[log]
+access_log = false
+[[agreements]]
+sender = "{demo.CONSUMER_ASID}"
+receiver = "{demo.PROVIDER_ASID}"
+""")
+
+
+def _wait_listening(port: int, process: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"proxy exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("proxy did not listen")
+
+
+class CrashTests(unittest.TestCase):
+    timeout = 120
+
+    async def test_kill_9_under_load_loses_no_authorised_record(self):
+        provider = Provider(self)
+        workdir = Path(self.mktemp()).resolve()
+        workdir.mkdir()
+        audit_dir = workdir / "audit"
+        port = free_port()
+        config = workdir / "ssp.toml"
+        _config(config, port, provider.port.getHost().port, audit_dir)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        command = TWISTD + ["-n", "--pidfile=", "ssp", "--config", str(config)]
+
+        def start() -> subprocess.Popen:
+            process = subprocess.Popen(command, cwd=workdir, env=env,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.addCleanup(lambda: process.poll() is None and process.kill())
+            _wait_listening(port, process)
+            return process
+
+        process = await deferToThread(start)
+        consumer = Consumer(port, pki(), "consumer-0")
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                try:
+                    conn = consumer.connect()
+                    conn.request("GET", f"/{demo.PROVIDER_ENDPOINT}/metadata",
+                                 headers=spine_headers())
+                    conn.getresponse().read()
+                    conn.close()
+                except OSError:
+                    pass
+
+        workers = [threading.Thread(target=load) for _ in range(6)]
+        for worker in workers:
+            worker.start()
+        try:
+            while len(provider.seen) < 150:
+                await deferLater(reactor, 0.01)
+            process.send_signal(signal.SIGKILL)
+            await deferToThread(process.wait)
+        finally:
+            stop.set()
+            await deferToThread(lambda: [w.join() for w in workers])
+
+        received = {dict(s.headers)[b"Ssp-Traceid"].decode() for s in provider.seen}
+        authorised = {r["trace_id"] for r in audit.read_records(audit.audit_files(audit_dir))
+                      if r["event"] == "authorised"}
+        self.assertGreaterEqual(len(received), 150)
+        self.assertEqual(received - authorised, set())
+
+        restarted = await deferToThread(start)
+        reply = await consumer.get("metadata")
+        self.assertEqual(reply.status, 200)
+        restarted.send_signal(signal.SIGTERM)
+        # twistd re-raises the stopping signal so the exit status tells why it stopped.
+        self.assertEqual(await deferToThread(restarted.wait), -signal.SIGTERM)
+        result = audit.verify(audit.audit_files(audit_dir))
+        self.assertTrue(result.ok, result)
