@@ -30,6 +30,8 @@ from pathlib import Path
 import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.ports import free_port
+
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 SKIP: str | None = None
@@ -37,13 +39,6 @@ if not os.access(REDIS_SERVER, os.X_OK):
     SKIP = "redis-server not installed (apt-get install redis-server)"
 
 
-def free_port() -> int:
-    """
-    A TCP port on 127.0.0.1 that was free a moment ago.
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @attrs.define

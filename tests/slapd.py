@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import datetime
 import os
 import shutil
 import signal
@@ -45,6 +44,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import attrs
+
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO.parent / "shared" / "external-fixtures" / "sds"
@@ -91,13 +92,6 @@ index objectClass,nhsIDCode,nhsAsSvcIA,nhsMhsSvcIA,nhsMHSPartyKey,uniqueIdentifi
 _shared: dict[tuple[str, ...], Slapd] = {}
 
 
-def free_port() -> int:
-    """
-    A TCP port on 127.0.0.1 that was free a moment ago.
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @attrs.define
@@ -116,92 +110,26 @@ class ServerTLS:
 
     @classmethod
     def create(cls, directory: Path) -> ServerTLS:
-        import ipaddress
+        from ssp.pki import Authority
 
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-
-        now = datetime.datetime.now(datetime.timezone.utc)
-
-        def name(cn: str) -> x509.Name:
-            return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-        def ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-            key = ec.generate_private_key(ec.SECP256R1())
-            cert = (
-                x509.CertificateBuilder()
-                .subject_name(name(cn))
-                .issuer_name(name(cn))
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(hours=1))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-                .add_extension(
-                    x509.KeyUsage(
-                        digital_signature=True, content_commitment=False,
-                        key_encipherment=False, data_encipherment=False,
-                        key_agreement=False, key_cert_sign=True, crl_sign=True,
-                        encipher_only=False, decipher_only=False,
-                    ),
-                    True,
-                )
-                .sign(key, hashes.SHA256())
-            )
-            return key, cert
-
-        ca_key, ca_cert = ca("SSP test SDS CA")
-        _, other_cert = ca("Some other CA")
-        def leaf(
-            cn: str, names: list[x509.GeneralName]
-        ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-            key = ec.generate_private_key(ec.SECP256R1())
-            cert = (
-                x509.CertificateBuilder()
-                .subject_name(name(cn))
-                .issuer_name(ca_cert.subject)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(hours=1))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName(names), False)
-                .sign(ca_key, hashes.SHA256())
-            )
-            return key, cert
-
-        server_key, server_cert = leaf(
-            "localhost",
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-        )
-        client_key, client_cert = leaf("ssp.test", [x509.DNSName("ssp.test")])
-        paths = cls(
+        authority = Authority.create("SSP test SDS CA")
+        other = Authority.create("Some other CA")
+        certificate, key = authority.issue(
+            "localhost", ("localhost",), ("127.0.0.1",), client=False
+        ).write(directory, "server")
+        client_certificate, client_key = authority.issue(
+            "ssp.test", ("ssp.test",), server=False
+        ).write(directory, "client")
+        (directory / "ca.pem").write_bytes(authority.issued.certificate_pem())
+        (directory / "other-ca.pem").write_bytes(other.issued.certificate_pem())
+        return cls(
             ca=directory / "ca.pem",
-            certificate=directory / "server.pem",
-            key=directory / "server.key",
+            certificate=certificate,
+            key=key,
             other_ca=directory / "other-ca.pem",
-            client_certificate=directory / "client.pem",
-            client_key=directory / "client.key",
+            client_certificate=client_certificate,
+            client_key=client_key,
         )
-        pem = serialization.Encoding.PEM
-
-        def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-            path.write_bytes(
-                key.private_bytes(
-                    pem,
-                    serialization.PrivateFormat.TraditionalOpenSSL,
-                    serialization.NoEncryption(),
-                )
-            )
-
-        paths.ca.write_bytes(ca_cert.public_bytes(pem))
-        paths.other_ca.write_bytes(other_cert.public_bytes(pem))
-        paths.certificate.write_bytes(server_cert.public_bytes(pem))
-        paths.client_certificate.write_bytes(client_cert.public_bytes(pem))
-        write_key(paths.key, server_key)
-        write_key(paths.client_key, client_key)
-        return paths
 
 
 @attrs.define

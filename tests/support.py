@@ -12,7 +12,6 @@ import hashlib
 import http.client
 import json
 import os
-import socket
 import ssl
 import tempfile
 import uuid
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -356,10 +356,24 @@ class Consumer:
                             headers if headers is not None else spine_headers(), **kw)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+
+def certificates_toml() -> str:
+    """
+    The C{[tls]} and C{[upstream]} sections of a configuration file using
+    this run's development PKI.
+    """
+    certs = pki().directory
+    return f"""
+[tls]
+certificate = "{certs}/proxy.pem"
+private_key = "{certs}/proxy.key"
+client_ca = "{certs}/spine-ca.pem"
+[upstream]
+certificate = "{certs}/proxy-client.pem"
+private_key = "{certs}/proxy-client.key"
+ca = "{certs}/spine-ca.pem"
+"""
 
 
 def rss_bytes() -> int:

@@ -21,24 +21,24 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from ssp import audit, demo
-from tests.support import DEMO_LDIF, ROOT, Consumer, Provider, free_port, pki, spine_headers
+from tests.ports import free_port
+from tests.support import (
+    DEMO_LDIF,
+    ROOT,
+    Consumer,
+    Provider,
+    certificates_toml,
+    pki,
+    spine_headers,
+)
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
 def _config(path: Path, port: int, provider_port: int, audit_dir: Path) -> None:
-    certs = pki().directory
-    path.write_text(f"""
+    path.write_text(certificates_toml() + f"""
 [listen]
 endpoint = "tcp:{port}:interface=127.0.0.1"
-[tls]
-certificate = "{certs}/proxy.pem"
-private_key = "{certs}/proxy.key"
-client_ca = "{certs}/spine-ca.pem"
-[upstream]
-certificate = "{certs}/proxy-client.pem"
-private_key = "{certs}/proxy-client.key"
-ca = "{certs}/spine-ca.pem"
 [upstream.resolve]
 "{demo.PROVIDER_HOST}:443" = "127.0.0.1:{provider_port}"
 [directory]

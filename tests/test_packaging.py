@@ -17,7 +17,7 @@ from pathlib import Path
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from tests.support import ROOT
+from tests.support import ROOT, certificates_toml
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
@@ -99,18 +99,7 @@ class CheckConfigTests(unittest.TestCase):
                               env=_env(), capture_output=True, text=True, timeout=60), path
 
     def test_valid_configuration(self):
-        from tests.support import pki
-
-        certs = pki().directory
-        result, path = self.check(f"""
-[tls]
-certificate = "{certs}/proxy.pem"
-private_key = "{certs}/proxy.key"
-client_ca = "{certs}/spine-ca.pem"
-[upstream]
-certificate = "{certs}/proxy-client.pem"
-private_key = "{certs}/proxy-client.key"
-ca = "{certs}/spine-ca.pem"
+        result, path = self.check(certificates_toml() + f"""
 [directory]
 ldif = "{ROOT}/etc/demo-sds.ldif"
 """)

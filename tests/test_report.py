@@ -1,0 +1,203 @@
+"""
+Tests for L{ssp.report}: the transaction log computed from audit files,
+checked against a known traffic mix whose numbers are worked out by hand.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from ssp.audit import FileAuditSink
+from ssp.model import AuditRecord, Claims
+from ssp.report import COLUMNS, Row, _percentile_ms, main_report, report
+
+A, B, P = "200000000359", "200000000360", "918999198738"
+MD = "urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1"
+SR = "urn:nhs:names:services:gpconnect:fhir:operation:gpc.getstructuredrecord-1"
+DAY_1 = datetime(2024, 3, 1, 10, 0, tzinfo=UTC).timestamp()
+DAY_2 = datetime(2024, 3, 2, 0, 0, 5, tzinfo=UTC).timestamp()
+
+# (sender, receiver, interaction, decision, status, bytes_in, bytes_out, total, upstream)
+TRAFFIC_DAY_1 = [
+    (A, P, MD, "forwarded", 200, 0, 1000, 0.010, 0.008),
+    (A, P, MD, "forwarded", 200, 0, 2000, 0.020, 0.018),
+    (A, P, MD, "forwarded", 200, 0, 3000, 0.030, 0.028),
+    (A, P, MD, "forwarded", 404, 0, 500, 0.040, 0.038),
+    (A, P, MD, "refused", 403, 0, 700, 0.001, None),
+    (A, P, SR, "failed", 502, 150, 300, 5.0, None),
+    (A, P, SR, "abandoned", 499, 150, 0, 2.5, 2.4),
+    (B, P, MD, "forwarded", 304, 0, 0, 0.012, 0.011),
+]
+TRAFFIC_DAY_2 = [
+    ("", "", "", "refused", 400, 0, 600, 0.0005, None),
+    (A, P, MD, "forwarded", 500, 0, 100, 0.050, 0.049),
+]
+
+# fmt: off
+EXPECTED = [
+    # day, sender, receiver, interaction, requests, forwarded, refused, failed, abandoned,
+    # 2xx, 3xx, 4xx, 5xx, bytes in, bytes out, total p50/p95/p99, upstream p50/p95/p99 (ms)
+    Row("2024-03-01", A, P, SR, 2, 0, 0, 1, 1, 0, 0, 1, 1, 300, 300,
+        2500.0, 5000.0, 5000.0, 2400.0, 2400.0, 2400.0),
+    Row("2024-03-01", A, P, MD, 5, 4, 1, 0, 0, 3, 0, 2, 0, 0, 7200,
+        20.0, 40.0, 40.0, 18.0, 38.0, 38.0),
+    Row("2024-03-01", B, P, MD, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0,
+        12.0, 12.0, 12.0, 11.0, 11.0, 11.0),
+    Row("2024-03-02", "", "", "", 1, 0, 1, 0, 0, 0, 0, 1, 0, 0, 600,
+        0.5, 0.5, 0.5, None, None, None),
+    Row("2024-03-02", A, P, MD, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0, 100,
+        50.0, 50.0, 50.0, 49.0, 49.0, 49.0),
+]
+# fmt: on
+
+
+class PercentileTests(SynchronousTestCase):
+    def test_nearest_rank(self) -> None:
+        values = [n / 1000 for n in range(100, 0, -1)]
+        self.assertEqual([_percentile_ms(values, p) for p in (50, 95, 99)], [50.0, 95.0, 99.0])
+        self.assertEqual(_percentile_ms([0.003], 99), 3.0)
+        self.assertIsNone(_percentile_ms([], 50))
+
+    def test_rank_exact(self) -> None:
+        """
+        The rank is computed in integers: 7% of 100 values is the 7th,
+        not the 8th as 0.07 * 100 in floating point would suggest.
+        """
+        values = [n / 1000 for n in range(1, 101)]
+        self.assertEqual(_percentile_ms(values, 7), 7.0)
+
+
+class ReportTests(TestCase):
+    async def setUp(self) -> None:
+        self.directory = Path(self.mktemp())
+        clock = Clock()
+        clock.advance(DAY_1)
+        sink = FileAuditSink(self.directory, reactor, clock, rotate_bytes=4096)
+        self.addCleanup(sink.stop)
+        await sink.start()
+        count = 0
+        for day, traffic in ((DAY_1, TRAFFIC_DAY_1), (DAY_2, TRAFFIC_DAY_2)):
+            clock.advance(day - clock.seconds())
+            for (
+                sender,
+                receiver,
+                interaction,
+                decision,
+                status,
+                bytes_in,
+                bytes_out,
+                total,
+                upstream,
+            ) in traffic:
+                count += 1
+                common: dict[str, Any] = {
+                    "request_id": f"req-{count}",
+                    "time": clock.seconds(),
+                    "sender": sender,
+                    "receiver": receiver,
+                    "interaction": interaction,
+                    "claims": Claims(subject="10019"),
+                }
+                if decision == "forwarded":
+                    await sink.append(
+                        AuditRecord(event="authorised", decision="forwarded", **common)
+                    )
+                await sink.append(
+                    AuditRecord(
+                        event="completed",
+                        decision=decision,
+                        status=status,
+                        bytes_in=bytes_in,
+                        bytes_out=bytes_out,
+                        total_latency=total,
+                        upstream_latency=upstream,
+                        **common,
+                    )
+                )
+                clock.advance(1)
+            await sink.append(
+                AuditRecord(event="tls-failed", request_id="tls", time=clock.seconds())
+            )
+        await sink.stop()
+
+    def test_rows(self) -> None:
+        """
+        Only C{completed} records count, grouped by UTC day, sender,
+        receiver and interaction, across rotated files.
+        """
+        self.assertGreater(len(list(self.directory.iterdir())), 1)
+        self.assertEqual(report([self.directory]), EXPECTED)
+
+    def test_day_range(self) -> None:
+        self.assertEqual(report([self.directory], since="2024-03-02"), EXPECTED[3:])
+        self.assertEqual(report([self.directory], until="2024-03-01"), EXPECTED[:3])
+        self.assertEqual(
+            report([self.directory], since="2024-03-02", until="2024-03-02"), EXPECTED[3:]
+        )
+        self.assertEqual(report([self.directory], since="2024-03-03"), [])
+
+    def test_csv(self) -> None:
+        out = io.StringIO()
+        self.assertEqual(main_report([str(self.directory)], out), 0)
+        table = list(csv.reader(io.StringIO(out.getvalue())))
+        self.assertEqual(tuple(table[0]), COLUMNS)
+        self.assertEqual(len(table), 6)
+        self.assertEqual(
+            table[2],
+            [
+                "2024-03-01",
+                A,
+                P,
+                MD,
+                "5",
+                "4",
+                "1",
+                "0",
+                "0",
+                "3",
+                "0",
+                "2",
+                "0",
+                "0",
+                "7200",
+                "20.0",
+                "40.0",
+                "40.0",
+                "18.0",
+                "38.0",
+                "38.0",
+            ],
+        )
+        self.assertEqual(table[4][-3:], ["", "", ""])
+
+    def test_json(self) -> None:
+        out = io.StringIO()
+        self.assertEqual(
+            main_report([str(self.directory), "--format", "json", "--from", "2024-03-02"], out), 0
+        )
+        rows = json.loads(out.getvalue())
+        self.assertEqual([Row(**row) for row in rows], EXPECTED[3:])
+        self.assertIsNone(rows[0]["upstream_p50_ms"])
+
+    def test_unreadable(self) -> None:
+        self.patch(sys, "stderr", io.StringIO())
+        self.assertEqual(main_report([str(self.directory / "missing.jsonl")], io.StringIO()), 1)
+        bad = self.directory / "audit-20240303-0001.jsonl"
+        bad.write_text("garbage\n")
+        self.assertEqual(main_report([str(self.directory)], io.StringIO()), 1)
+        self.assertIn(f"{bad}:1: not a JSON audit record", sys.stderr.getvalue())
+
+    def test_usage(self) -> None:
+        self.patch(sys, "stderr", io.StringIO())
+        self.assertEqual(main_report([str(self.directory), "--from", "1 March"], io.StringIO()), 2)
+        self.assertEqual(main_report([], io.StringIO()), 2)
