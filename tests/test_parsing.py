@@ -1,0 +1,180 @@
+"""
+Unit tests of target parsing, header validation, header filtering, the
+OperationOutcome renderer and configuration errors, including properties
+checked with hypothesis.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial import unittest
+from twisted.web.http_headers import Headers
+
+from ssp import config, errors, headers, target
+from ssp.errors import BadRequest, MethodNotAllowed
+
+
+class TargetTests(unittest.SynchronousTestCase):
+    def test_plain_and_encoded(self) -> None:
+        plain = target.parse(b"/https://h.example:8443/a/b?x=%7C&x=|")
+        self.assertEqual((plain.host, plain.port, plain.authority), ("h.example", 8443, b"h.example:8443"))
+        self.assertEqual(plain.url, b"https://h.example:8443/a/b?x=%7C&x=|")
+        encoded = target.parse(b"/https%3A%2F%2Fh.example%2Fa%2Fb?q=%7C")
+        self.assertEqual(encoded.url, b"https://h.example/a/b?q=%7C")
+        self.assertEqual(target.parse(b"/https://[::1]:9/x").host, "[::1]")
+
+    def test_refused(self) -> None:
+        for uri in (b"https://h/x", b"/http://h/x", b"/https://u@h/x", b"/https:///x",
+                    b"/https://h", b"/https://h/x#f", b"/https://h/a/../b", b"/https://h/a/%2e%2E/b",
+                    b"/https://h/a b", b"/https://h/\x01", b"/https://h/\xc3\xa9", b"/https://h:0/x",
+                    b"/https://h:/x", b"/https://h_/x", b"/https://h\\x/y", b"/https://[zz]/x",
+                    b"/https%3A%2F%2Fh%2Fa%2F..%2Fb"):
+            with self.assertRaises(BadRequest, msg=uri):
+                target.parse(uri)
+
+    def test_methods(self) -> None:
+        for method in (b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"):
+            target.check_method(method)
+        for method in (b"TRACE", b"CONNECT", b"HEAD", b"get", b""):
+            self.assertRaises(MethodNotAllowed, target.check_method, method)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=80))
+    def test_any_bytes_parse_or_refuse(self, tail: bytes) -> None:
+        try:
+            parsed = target.parse(b"/https://" + tail)
+        except BadRequest:
+            return
+        self.assertTrue(parsed.url.startswith(b"https://" + parsed.authority + b"/"))
+        self.assertNotIn(b"@", parsed.authority)
+        self.assertFalse(any(c < 0x21 or c > 0x7E for c in parsed.url))
+        self.assertNotIn(b"#", parsed.url)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.from_regex(r"\A[a-z0-9]{1,10}(\.[a-z0-9]{1,10}){0,3}\Z"),
+           st.lists(st.from_regex(r"\A[A-Za-z0-9$%_-]{1,8}\Z"), max_size=5),
+           st.from_regex(r"\A[A-Za-z0-9=&%|+]{0,30}\Z"))
+    def test_valid_urls_forwarded_unchanged(self, host: str, segments: list, query: str) -> None:
+        segments = [s for s in segments if s.lower().replace("%2e", ".") not in (".", "..")]
+        url = f"https://{host}/{'/'.join(segments)}" + (f"?{query}" if query else "")
+        self.assertEqual(target.parse(b"/" + url.encode()).url, url.encode())
+
+
+class HeaderTests(unittest.SynchronousTestCase):
+    valid = {
+        "Ssp-TraceID": "5F0B2A4E-1C1D-4F7E-9A55-0C1E2D3F4A5B",
+        "Ssp-From": "200000000359",
+        "Ssp-To": "918999198738",
+        "Ssp-InteractionID": "urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1",
+    }
+
+    def parse(self, **changes):
+        values = {**self.valid, **changes}
+        return headers.parse(Headers({k: [v] for k, v in values.items() if v is not None}))
+
+    def test_valid(self) -> None:
+        self.assertEqual(self.parse().receiver, "918999198738")
+
+    def test_each_rule(self) -> None:
+        for name in self.valid:
+            for bad in (None, "", "x y", "urn:nhs:names:services:" + "x" * 300):
+                with self.assertRaises(BadRequest) as caught:
+                    self.parse(**{name: bad})
+                self.assertIn(name, caught.exception.token)
+
+    def test_repeated(self) -> None:
+        raw = Headers({k: [v] for k, v in self.valid.items()})
+        raw.addRawHeader("Ssp-From", "1")
+        with self.assertRaises(BadRequest) as caught:
+            headers.parse(raw)
+        self.assertEqual(caught.exception.token, "BAD_REQUEST: Ssp-From header is repeated")
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.text(max_size=40))
+    def test_asid_is_digits_only(self, value: str) -> None:
+        try:
+            parsed = self.parse(**{"Ssp-From": value})
+        except (BadRequest, ValueError, UnicodeEncodeError):
+            return
+        self.assertTrue(parsed.sender.isascii() and parsed.sender.isdigit())
+
+    def test_upstream_filtering(self) -> None:
+        incoming = Headers({
+            "Connection": ["close, X-Secret"], "X-Secret": ["s"], "Keep-Alive": ["1"],
+            "Host": ["proxy"], "Content-Length": ["3"], "X-Kept": ["a", "b"],
+            "Forwarded": ["for=1.2.3.4"], "Proxy-Authorization": ["p"],
+        })
+        parsed = target.parse(b"/https://p.example:8443/x")
+        out = headers.upstream_headers(incoming, parsed, headers.forwarded_element("::1", "10.0.0.1"))
+        names = {n.lower() for n, _ in out.getAllRawHeaders()}
+        self.assertEqual(names, {b"x-kept", b"forwarded", b"host"})
+        self.assertEqual(out.getRawHeaders(b"x-kept"), [b"a", b"b"])
+        self.assertEqual(out.getRawHeaders(b"host"), [b"p.example:8443"])
+        self.assertEqual(out.getRawHeaders(b"forwarded"),
+                         [b"for=1.2.3.4", b'for="[::1]";proto=https;by=10.0.0.1'])
+
+
+class OutcomeTests(unittest.SynchronousTestCase):
+    def test_json(self) -> None:
+        content_type, body = errors.operation_outcome(errors.Forbidden.sender("1"))
+        self.assertEqual(content_type, b"application/fhir+json")
+        document = json.loads(body)
+        issue = document["issue"][0]
+        self.assertEqual((issue["code"], issue["details"]["coding"][0]["code"], issue["diagnostics"]),
+                         ("forbidden", "403", "ASID_CHECK_FAILED_MESSAGESENDER_1"))
+
+    def test_xml_escapes(self) -> None:
+        content_type, body = errors.operation_outcome(BadRequest('a<b>&"c'), xml=True)
+        self.assertEqual(content_type, b"application/fhir+xml")
+        self.assertIn(b'<diagnostics value="a&lt;b&gt;&amp;&quot;c"/>', body)
+
+    def test_negotiation(self) -> None:
+        self.assertTrue(errors.wants_xml(b"application/fhir+xml"))
+        self.assertFalse(errors.wants_xml(b"application/fhir+json"))
+        self.assertFalse(errors.wants_xml(None))
+        self.assertTrue(errors.wants_xml(b"application/fhir+json", b"application/fhir+xml"))
+
+
+class ConfigTests(unittest.SynchronousTestCase):
+    base = {"tls": {"certificate": "a", "private_key": "b", "client_ca": "c"},
+            "upstream": {"certificate": "a", "private_key": "b", "ca": "c"}}
+
+    def error(self, **sections) -> str:
+        table = {k: dict(v) for k, v in self.base.items()}
+        for name, values in sections.items():
+            table[name] = {**table.get(name, {}), **values}
+        with self.assertRaises(config.ConfigError) as caught:
+            config.parse(table, Path("/etc/ssp/ssp.toml"))
+        return str(caught.exception)
+
+    def test_errors_name_file_and_key(self) -> None:
+        self.assertEqual(self.error(upstream={"idle_timeout": 0}),
+                         "/etc/ssp/ssp.toml: upstream.idle_timeout: must be > 0: 0.0")
+        self.assertEqual(self.error(throttle={"consumer": {"default": {"rate": "x"}}}),
+                         "/etc/ssp/ssp.toml: throttle.consumer.default.rate: expected int, got str")
+        self.assertEqual(self.error(directory={"kind": "x"}),
+                         "/etc/ssp/ssp.toml: directory.kind: must be in ['ldif', 'ldap'] (got 'x')")
+        self.assertEqual(self.error(tls={"extra": 1}),
+                         "/etc/ssp/ssp.toml: tls.extra: unknown key")
+
+    def test_paths_relative_to_file(self) -> None:
+        loaded = config.parse(self.base, Path("/etc/ssp/ssp.toml"))
+        self.assertEqual(loaded.tls.certificate, Path("/etc/ssp/a"))
+
+    def test_unreadable_and_invalid_files(self) -> None:
+        with self.assertRaises(config.ConfigError) as caught:
+            config.load("/nonexistent/ssp.toml")
+        self.assertIn("/nonexistent/ssp.toml: cannot read", str(caught.exception))
+        bad = Path(self.mktemp())
+        bad.write_text("[tls\n")
+        with self.assertRaises(config.ConfigError) as caught:
+            config.load(bad)
+        self.assertIn("invalid TOML", str(caught.exception))
+
+    def test_example_configuration_parses(self) -> None:
+        loaded = config.load(Path(__file__).parent.parent / "etc" / "ssp.toml")
+        self.assertEqual(loaded.throttle.consumer.for_asid("1").burst, 40)
