@@ -25,7 +25,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -124,7 +124,7 @@ def _order(path: Path) -> tuple[str, int]:
 
 
 def _day(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y%m%d")
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y%m%d")
 
 
 @attrs.define
@@ -176,9 +176,7 @@ class _ChainWriter:
                 if good < size:
                     os.ftruncate(fd, good)
                     self._sync(fd)
-                    self.notes.append(
-                        f"cut {size - good} bytes of a torn final line from {newest}"
-                    )
+                    self.notes.append(f"cut {size - good} bytes of a torn final line from {newest}")
             except BaseException:
                 os.close(fd)
                 raise
@@ -195,7 +193,10 @@ class _ChainWriter:
         return notes
 
     def write(
-        self, records: Sequence[AuditRecord], now: float, written: Callable[[dict[int, Exception]], None]
+        self,
+        records: Sequence[AuditRecord],
+        now: float,
+        written: Callable[[dict[int, Exception]], None],
     ) -> tuple[dict[int, Exception], list[str]]:
         """
         Append a batch: one write (per file) and one fsync.
@@ -213,7 +214,10 @@ class _ChainWriter:
             raise
 
     def _write(
-        self, records: Sequence[AuditRecord], now: float, written: Callable[[dict[int, Exception]], None]
+        self,
+        records: Sequence[AuditRecord],
+        now: float,
+        written: Callable[[dict[int, Exception]], None],
     ) -> tuple[dict[int, Exception], list[str]]:
         self.acknowledged = False
         if self.fd is None or not self._still_linked():
@@ -395,6 +399,7 @@ class FileAuditSink:
         self._idle: list[Deferred[None]] = []
         self._started = False
         self._stopped = False
+        self._stopping: Deferred[None] | None = None
         self.writable = True
 
     @classmethod
@@ -432,10 +437,15 @@ class FileAuditSink:
         self._stopped = True
         if not self._started:
             return succeed(None)
-        d = self._when_idle()
-        d.addCallback(lambda _: deferToThreadPool(self._reactor, self._pool, self._writer.close))
-        d.addBoth(self._stop_pool)
-        return d
+        if self._stopping is None:
+            self._stopping = self._when_idle()
+            self._stopping.addCallback(
+                lambda _: deferToThreadPool(self._reactor, self._pool, self._writer.close)
+            )
+            self._stopping.addBoth(self._stop_pool)
+        done: Deferred[None] = Deferred()
+        self._stopping.addCallback(done.callback)
+        return done
 
     def append(self, record: AuditRecord) -> Deferred[None]:
         if self._stopped:
@@ -471,7 +481,9 @@ class FileAuditSink:
         rejected, notes = result
         self._log_notes(notes)
         if not self.writable:
-            self.log.info("Audit trail writable again in {directory}", directory=self._writer.directory)
+            self.log.info(
+                "Audit trail writable again in {directory}", directory=self._writer.directory
+            )
         self.writable = True
         self._settle(batch, rejected)
 
@@ -518,9 +530,10 @@ class FileAuditSink:
         self._idle.append(d)
         return d
 
-    def _stop_pool(self, result: object) -> object:
+    def _stop_pool(self, result: object) -> None:
         self._pool.stop()
-        return result
+        if isinstance(result, Failure):
+            self.log.failure("Audit trail not closed cleanly", result)
 
 
 @attrs.frozen

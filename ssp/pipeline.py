@@ -74,12 +74,12 @@ async def admit(inbound: Inbound, checks: Checks, found: Findings) -> Findings:
     found.target = url = target.parse(inbound.uri)                         # 400
     found.spine = spine = headers.parse(inbound.headers)                   # 400
     found.claims = token.validate(                                         # 400
-        _single(inbound.headers, b"authorization"), url.text, checks.clock.seconds(), checks.token
+        _single(inbound.headers, b"authorization"), checks.clock.seconds(), checks.token
     )
     await policy.check_sender(checks.directory, spine, found.client)      # 495 / 403
     found.handler = await policy.check_receiver(checks.directory, spine)  # 403
     policy.check_target(found.handler, url.text)                           # 400
-    token.check_audience(found.claims, found.handler.endpoint)             # 400
+    token.check_audience(found.claims, found.handler.endpoint, url.text)   # 400
     policy.check_agreement(checks.agreements, spine)                       # 403
     found.rate = await throttle.check_consumer(checks.throttle, spine.sender)  # 429
     await throttle.check_provider(checks.throttle, spine.receiver)        # 503

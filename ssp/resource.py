@@ -21,10 +21,10 @@ from twisted.web import http, server
 from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
 
-from ssp import errors, forward, headers
+from ssp import errors, forward, headers, token
 from ssp.errors import Refusal
 from ssp.interfaces import IAuditSink, IUpstream
-from ssp.model import AuditRecord
+from ssp.model import AuditRecord, Claims
 from ssp.pipeline import Checks, Findings, Inbound, admit
 
 log = Logger()
@@ -287,7 +287,7 @@ class Proxy:
             interaction=spine.interaction if spine else _text(request.getHeader(b"ssp-interactionid")),
             client_subject=client.subject if client else "",
             client_fingerprint=client.fingerprint if client else "",
-            claims=found.claims,
+            claims=found.claims or _claims_of_refused(request),
             decision=outcome.decision if event == "completed" else "authorised",
             token=outcome.token,
             status=outcome.status,
@@ -332,6 +332,15 @@ class _Outcome:
 
     def abandoned(self) -> None:
         self.decision, self.status = "abandoned", CLIENT_CLOSED
+
+
+def _claims_of_refused(request: ProxyRequest) -> Claims | None:
+    """
+    Best-effort claims for the audit record of a request refused before
+    its token was validated.
+    """
+    authorization = request.getHeader(b"authorization")
+    return token.extract(authorization) if authorization else None
 
 
 def _tls_connection(request: ProxyRequest) -> Any:

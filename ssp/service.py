@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from ssp import config as ssp_config
+from ssp.audit import FileAuditSink
 from ssp.config import Config
 from ssp.directory import directory_from_config
 from ssp.forward import Upstream
@@ -137,12 +138,7 @@ class SSPService(MultiService):
             self._lifecycle.append(throttle)
         audit = self._given.audit
         if audit is None:
-            from ssp.audit import FileAuditSink
-
-            audit = FileAuditSink(
-                config.audit.directory, self.reactor, durability=config.audit.durability,
-                rotate_bytes=config.audit.rotate_bytes, rotate_daily=config.audit.rotate_daily,
-            )
+            audit = FileAuditSink.from_config(config.audit, self.reactor)
             self._lifecycle.append(audit)
         self.audit = audit
         hsts = config.tls.hsts.encode("ascii")

@@ -42,15 +42,13 @@ _ODS = re.compile(r"[A-Za-z0-9]{1,12}\Z")
 
 
 def validate(
-    authorization: bytes | None, target_url: str, now: float, config: TokenConfig
+    authorization: bytes | None, now: float, config: TokenConfig
 ) -> Claims:
     """
     Check the C{Authorization} header of a request against the GP Connect
     token profile.
 
     @param authorization: the raw header value, or L{None} when absent.
-    @param target_url: the decoded provider URL the request is for; the
-        token's C{aud} must cover it.
     @param now: the current time (seconds since the epoch, from the
         injected clock).
     @param config: with C{validate} false only the header's presence is
@@ -79,22 +77,26 @@ def validate(
         raise _claim("exp", "has passed: the token has expired")
     if iat > now + config.clock_skew:
         raise _claim("iat", "is in the future")
-    if not _within(target_url, payload["aud"]):
-        raise _claim("aud", "does not cover the target URL")
     return _claims(payload, validated=True)
 
 
-def check_audience(claims: Claims, endpoint: str) -> None:
+def check_audience(claims: Claims, endpoint: str, target: str | None = None) -> None:
     """
     Check, once SDS has named the provider's registered endpoint, that the
     token was addressed to it: C{aud} is the endpoint or a URL under it on
-    a path-segment boundary (older consumers send the full resource URL).
+    a path-segment boundary (older consumers send the full resource URL);
+    and, when C{target} is given, that C{aud} covers the target: the
+    target is C{aud}, lies under it, or differs from it only by a query.
 
     @raise BadRequest: naming C{aud}.  Nothing is checked for claims that
         were not validated.
     """
-    if claims.validated and not _within(claims.audience, endpoint):
+    if not claims.validated:
+        return
+    if not _within(claims.audience, endpoint):
         raise _claim("aud", f"is not within the registered endpoint {endpoint}")
+    if target is not None and not _within(target, claims.audience):
+        raise _claim("aud", "does not cover the target URL")
 
 
 def extract(authorization: bytes | None) -> Claims:
@@ -133,7 +135,9 @@ def _decode(token: str) -> dict[str, Any]:
     except jwt.PyJWTError as e:
         raise BadRequest(f"BAD_REQUEST: JWT is malformed: {e}") from None
     if decoded["header"].get("alg") != "none":
-        raise BadRequest("BAD_REQUEST: JWT header 'alg' must be 'none' (GP Connect tokens are unsigned)")
+        raise BadRequest(
+            "BAD_REQUEST: JWT header 'alg' must be 'none' (GP Connect tokens are unsigned)"
+        )
     if segments[2]:
         raise BadRequest("BAD_REQUEST: JWT signature must be empty for alg 'none'")
     payload: dict[str, Any] = decoded["payload"]
@@ -293,5 +297,7 @@ def _pairs(resource: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         (e["system"], e["value"])
         for e in entries
-        if isinstance(e, dict) and isinstance(e.get("system"), str) and isinstance(e.get("value"), str)
+        if isinstance(e, dict)
+        and isinstance(e.get("system"), str)
+        and isinstance(e.get("value"), str)
     ]

@@ -56,11 +56,13 @@ receiver = "{demo.PROVIDER_ASID}"
 """)
 
 
-def _wait_listening(port: int, process: subprocess.Popen, timeout: float = 30.0) -> None:
+def _wait_listening(port: int, process: subprocess.Popen, log: Path,
+                    timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"proxy exited with {process.returncode}")
+            raise AssertionError(f"proxy exited with {process.returncode}:\n"
+                                 + log.read_text()[-3000:])
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return
@@ -84,10 +86,11 @@ class CrashTests(unittest.TestCase):
         command = TWISTD + ["-n", "--pidfile=", "ssp", "--config", str(config)]
 
         def start() -> subprocess.Popen:
-            process = subprocess.Popen(command, cwd=workdir, env=env,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            with (workdir / "twistd.log").open("ab") as log:
+                process = subprocess.Popen(command, cwd=workdir, env=env,
+                                           stdout=log, stderr=subprocess.STDOUT)
             self.addCleanup(lambda: process.poll() is None and process.kill())
-            _wait_listening(port, process)
+            _wait_listening(port, process, workdir / "twistd.log")
             return process
 
         process = await deferToThread(start)

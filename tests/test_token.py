@@ -84,8 +84,8 @@ def mint(claims: Any = None, header: Any = None, signature: bytes = b"") -> byte
 
 
 class ValidateTests(SynchronousTestCase):
-    def refused(self, authorization: bytes | None, now: float = NOW, target: str = TARGET) -> str:
-        error = self.assertRaises(BadRequest, validate, authorization, target, now, CONFIG)
+    def refused(self, authorization: bytes | None, now: float = NOW) -> str:
+        error = self.assertRaises(BadRequest, validate, authorization, now, CONFIG)
         self.assertEqual(error.status, 400)
         return error.token
 
@@ -93,7 +93,7 @@ class ValidateTests(SynchronousTestCase):
         """
         A well-formed token yields its audit-relevant claims, validated.
         """
-        claims = validate(mint(), TARGET, NOW, CONFIG)
+        claims = validate(mint(), NOW, CONFIG)
         self.assertEqual(
             claims,
             Claims(
@@ -114,7 +114,7 @@ class ValidateTests(SynchronousTestCase):
         """
         header = bytearray(mint())
         before = bytes(header)
-        validate(bytes(header), TARGET, NOW, CONFIG)
+        validate(bytes(header), NOW, CONFIG)
         self.assertEqual(bytes(header), before)
 
     def test_missing_header(self) -> None:
@@ -131,7 +131,7 @@ class ValidateTests(SynchronousTestCase):
         """
         RFC 7235 auth schemes are case-insensitive.
         """
-        self.assertTrue(validate(b"bearer " + mint()[7:], TARGET, NOW, CONFIG).validated)
+        self.assertTrue(validate(b"bearer " + mint()[7:], NOW, CONFIG).validated)
 
     def test_each_claim_missing(self) -> None:
         for name in payload():
@@ -231,20 +231,20 @@ class ValidateTests(SynchronousTestCase):
         A token is accepted until C{exp} plus the skew, refused from then on.
         """
         token = mint(payload(issued=NOW - 300))
-        self.assertTrue(validate(token, TARGET, NOW + 59, CONFIG).validated)
+        self.assertTrue(validate(token, NOW + 59, CONFIG).validated)
         self.assertEqual(
             self.refused(token, now=NOW + 60),
             "BAD_REQUEST: JWT claim 'exp' has passed: the token has expired",
         )
         strict = TokenConfig(clock_skew=0)
-        self.assertRaises(BadRequest, validate, token, TARGET, NOW, strict)
-        self.assertTrue(validate(token, TARGET, NOW - 1, strict).validated)
+        self.assertRaises(BadRequest, validate, token, NOW, strict)
+        self.assertTrue(validate(token, NOW - 1, strict).validated)
 
     def test_future_iat_within_skew(self) -> None:
         """
         A consumer clock slightly ahead is tolerated up to the skew.
         """
-        self.assertTrue(validate(mint(payload(issued=NOW + 60)), TARGET, NOW, CONFIG).validated)
+        self.assertTrue(validate(mint(payload(issued=NOW + 60)), NOW, CONFIG).validated)
         self.assertEqual(
             self.refused(mint(payload(issued=NOW + 61))),
             "BAD_REQUEST: JWT claim 'iat' is in the future",
@@ -259,11 +259,11 @@ class ValidateTests(SynchronousTestCase):
             "patient/*.read conf/N",
             "patient/*.write conf/R",
         ):
-            claims = validate(mint(payload(requested_scope=scope)), TARGET, NOW, CONFIG)
+            claims = validate(mint(payload(requested_scope=scope)), NOW, CONFIG)
             self.assertEqual(claims.requested_scope, scope)
 
     def test_migration_reason(self) -> None:
-        claims = validate(mint(payload(reason_for_request="migration")), TARGET, NOW, CONFIG)
+        claims = validate(mint(payload(reason_for_request="migration")), NOW, CONFIG)
         self.assertEqual(claims.reason_for_request, "migration")
 
     def test_name_shapes(self) -> None:
@@ -278,7 +278,7 @@ class ValidateTests(SynchronousTestCase):
         ):
             practitioner = dict(base, name=name)
             claims = validate(
-                mint(payload(requesting_practitioner=practitioner)), TARGET, NOW, CONFIG
+                mint(payload(requesting_practitioner=practitioner)), NOW, CONFIG
             )
             self.assertTrue(claims.validated)
 
@@ -289,7 +289,7 @@ class ValidateTests(SynchronousTestCase):
                 {"system": "http://fhir.nhs.net/Id/ods-organization-code", "value": "B82617"}
             ],
         )
-        claims = validate(mint(payload(requesting_organization=org)), TARGET, NOW, CONFIG)
+        claims = validate(mint(payload(requesting_organization=org)), NOW, CONFIG)
         self.assertEqual(claims.organisation_ods, "B82617")
 
     def test_signed_token_refused(self) -> None:
@@ -328,14 +328,6 @@ class ValidateTests(SynchronousTestCase):
                 self.refused(value).startswith("BAD_REQUEST: JWT is malformed: "), value
             )
 
-    def test_target_not_compared_here(self) -> None:
-        """
-        A target outside C{aud} is left to L{check_audience}, which runs
-        after SDS: the endpoint check (C{VARIES_FROM_TARGETURL}) comes first.
-        """
-        claims = validate(mint(), ENDPOINT + "X/metadata", NOW, CONFIG)
-        self.assertTrue(claims.validated)
-
     def test_fixture_expired(self) -> None:
         """
         The GP2GP adaptor's example token is well-formed but long expired.
@@ -345,7 +337,7 @@ class ValidateTests(SynchronousTestCase):
             self.refused(b"Bearer " + token),
             "BAD_REQUEST: JWT claim 'exp' has passed: the token has expired",
         )
-        claims = validate(b"Bearer " + token, TARGET, 1610374884 + 10, CONFIG)
+        claims = validate(b"Bearer " + token, 1610374884 + 10, CONFIG)
         self.assertEqual(claims.organisation_ods, "GPC001")
 
     def test_fixture_spec_example(self) -> None:
@@ -367,7 +359,7 @@ class ValidateTests(SynchronousTestCase):
             "BAD_REQUEST: JWT claim 'exp' must be iat + 300 seconds, is iat + 300000",
         )
         claims["exp"] = claims["iat"] + 300
-        checked = validate(mint(claims), TARGET, now, CONFIG)
+        checked = validate(mint(claims), now, CONFIG)
         error = self.assertRaises(BadRequest, check_audience, checked, ENDPOINT, TARGET)
         self.assertEqual(
             error.token,
@@ -384,7 +376,7 @@ class PresenceOnlyTests(SynchronousTestCase):
 
     def test_absent_refused(self) -> None:
         for value in (None, b""):
-            error = self.assertRaises(BadRequest, validate, value, TARGET, NOW, self.config)
+            error = self.assertRaises(BadRequest, validate, value, NOW, self.config)
             self.assertEqual(error.token, "BAD_REQUEST: Authorization header is missing")
 
     def test_garbage_accepted(self) -> None:
@@ -394,7 +386,7 @@ class PresenceOnlyTests(SynchronousTestCase):
             b"Bearer a.b.c",
             mint(payload(issued=0, sub=5)),
         ):
-            claims = validate(value, TARGET, NOW, self.config)
+            claims = validate(value, NOW, self.config)
             self.assertFalse(claims.validated)
 
     def test_claims_extracted(self) -> None:
@@ -402,7 +394,7 @@ class PresenceOnlyTests(SynchronousTestCase):
         Expired or otherwise invalid tokens are still logged with their
         claims.
         """
-        claims = validate(mint(payload(issued=0)), "https://elsewhere/", NOW, self.config)
+        claims = validate(mint(payload(issued=0)), NOW, self.config)
         self.assertEqual(claims.subject, "10019")
         self.assertEqual(claims.organisation_ods, "GPC001")
         self.assertEqual(claims.practitioner_ids, ("G13579135", "111111111", "10019"))

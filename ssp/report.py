@@ -1,0 +1,194 @@
+# -*- test-case-name: tests.test_report -*-
+"""
+The transaction log: per day, consumer, provider and interaction, how many
+requests, how they ended, how many bytes and how fast — the volumetric and
+performance report GP Connect asks of the proxy, and the basis for the
+activity-based remuneration of provider suppliers.
+
+It is computed from the audit files only (the C{"completed"} record of each
+request), so anyone holding the files can reproduce it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import attrs
+
+from ssp.audit import read_records
+
+PERCENTILES = (50, 95, 99)
+DECISIONS = ("forwarded", "refused", "failed", "abandoned")
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}\Z")
+
+
+@attrs.frozen
+class Row:
+    """
+    One line of the report.  Latencies are milliseconds (nearest-rank
+    percentiles), L{None} when no request of the group has one.
+
+    @ivar forwarded: answered by the provider (whatever its status).
+    @ivar refused: answered by the proxy itself (4xx/5xx OperationOutcome).
+    @ivar failed: the provider could not be reached or timed out (502/504).
+    @ivar abandoned: the consumer went away first (499).
+    @ivar status_2xx: by the status the consumer got, proxy or provider.
+    """
+
+    day: str
+    sender: str
+    receiver: str
+    interaction: str
+    requests: int
+    forwarded: int
+    refused: int
+    failed: int
+    abandoned: int
+    status_2xx: int
+    status_3xx: int
+    status_4xx: int
+    status_5xx: int
+    bytes_in: int
+    bytes_out: int
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    latency_p99_ms: float | None
+    upstream_p50_ms: float | None
+    upstream_p95_ms: float | None
+    upstream_p99_ms: float | None
+
+
+COLUMNS = tuple(f.name for f in attrs.fields(Row))
+
+
+@attrs.define
+class _Group:
+    counts: dict[str, int] = attrs.Factory(dict)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    total: list[float] = attrs.Factory(list)
+    upstream: list[float] = attrs.Factory(list)
+
+    def add(self, record: dict[str, Any]) -> None:
+        status = record.get("status") or 0
+        for name in ("requests", record.get("decision"), f"status_{status // 100}xx"):
+            self.counts[name] = self.counts.get(name, 0) + 1
+        self.bytes_in += record.get("bytes_in") or 0
+        self.bytes_out += record.get("bytes_out") or 0
+        if record.get("total_latency") is not None:
+            self.total.append(record["total_latency"])
+        if record.get("upstream_latency") is not None:
+            self.upstream.append(record["upstream_latency"])
+
+    def row(self, key: tuple[str, str, str, str]) -> Row:
+        total = [_percentile_ms(self.total, p) for p in PERCENTILES]
+        upstream = [_percentile_ms(self.upstream, p) for p in PERCENTILES]
+        counts = [
+            self.counts.get(name, 0)
+            for name in (
+                "requests",
+                *DECISIONS,
+                "status_2xx",
+                "status_3xx",
+                "status_4xx",
+                "status_5xx",
+            )
+        ]
+        values = (*key, *counts, self.bytes_in, self.bytes_out, *total, *upstream)
+        return Row(*values)
+
+
+def report(paths: Sequence[Path], since: str | None = None, until: str | None = None) -> list[Row]:
+    """
+    Aggregate the C{"completed"} records of an audit file set.
+
+    @param paths: audit directories or files.
+    @param since: first day (C{YYYY-MM-DD}, UTC) to include.
+    @param until: last day to include.
+    @return: rows sorted by day, sender, receiver, interaction.
+    @raise ValueError: naming a line that is not an audit record.
+    """
+    groups: dict[tuple[str, str, str, str], _Group] = {}
+    for record in read_records(paths):
+        if record.get("event") != "completed":
+            continue
+        try:
+            day = datetime.fromtimestamp(record["time"], UTC).strftime("%Y-%m-%d")
+            if (since and day < since) or (until and day > until):
+                continue
+            key = (day, record["sender"], record["receiver"], record["interaction"])
+            groups.setdefault(key, _Group()).add(record)
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise ValueError(
+                f"malformed completed record {record.get('request_id')!r}: {e!r}"
+            ) from None
+    return [groups[key].row(key) for key in sorted(groups)]
+
+
+def _percentile_ms(values: list[float], percentile: int) -> float | None:
+    """
+    Nearest-rank percentile: the smallest value with at least
+    C{percentile}% of the values at or below it.
+    """
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = -(-percentile * len(ordered) // 100)
+    return round(ordered[max(rank, 1) - 1] * 1000, 3)
+
+
+def write_csv(rows: Iterable[Row], out: TextIO) -> None:
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for row in rows:
+        writer.writerow("" if v is None else v for v in attrs.astuple(row))
+
+
+def write_json(rows: Iterable[Row], out: TextIO) -> None:
+    json.dump([attrs.asdict(row) for row in rows], out, indent=1)
+    out.write("\n")
+
+
+def _day(text: str) -> str:
+    if not _DAY.match(text):
+        raise argparse.ArgumentTypeError(f"not a day (YYYY-MM-DD): {text}")
+    return text
+
+
+def main_report(argv: list[str], out: TextIO | None = None) -> int:
+    """
+    C{ssp report DIR|FILE... [--format csv|json] [--from DAY] [--to DAY]}:
+    print the transaction log; exit 1 if the files cannot be read.
+    """
+    out = out if out is not None else sys.stdout
+    parser = argparse.ArgumentParser(
+        prog="ssp report",
+        description="Transaction log per day, consumer, provider and interaction, "
+        "from the audit files.",
+    )
+    parser.add_argument("paths", nargs="+", type=Path, help="audit directories or files")
+    parser.add_argument("--format", choices=("csv", "json"), default="csv")
+    parser.add_argument("--from", dest="since", type=_day, help="first day (UTC), inclusive")
+    parser.add_argument("--to", dest="until", type=_day, help="last day (UTC), inclusive")
+    try:
+        options = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        rows = report(options.paths, options.since, options.until)
+    except OSError as e:
+        print(f"ERROR: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 1
+    (write_json if options.format == "json" else write_csv)(rows, out)
+    return 0
