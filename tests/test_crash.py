@@ -35,8 +35,12 @@ from tests.support import (
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
-def _config(path: Path, port: int, provider_port: int, audit_dir: Path) -> None:
-    path.write_text(certificates_toml() + f"""
+def write_config(path: Path, port: int, provider_port: int, audit_dir: Path,
+                 extra: str = "") -> None:
+    """
+    A configuration for a proxy process in front of the test provider.
+    """
+    path.write_text(certificates_toml() + extra + f"""
 [listen]
 endpoint = "tcp:{port}:interface=127.0.0.1"
 [upstream.resolve]
@@ -56,7 +60,7 @@ receiver = "{demo.PROVIDER_ASID}"
 """)
 
 
-def _wait_listening(port: int, process: subprocess.Popen, log: Path,
+def wait_listening(port: int, process: subprocess.Popen, log: Path,
                     timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -81,7 +85,7 @@ class CrashTests(unittest.TestCase):
         audit_dir = workdir / "audit"
         port = free_port()
         config = workdir / "ssp.toml"
-        _config(config, port, provider.port.getHost().port, audit_dir)
+        write_config(config, port, provider.port.getHost().port, audit_dir)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         command = TWISTD + ["-n", "--pidfile=", "ssp", "--config", str(config)]
 
@@ -90,7 +94,7 @@ class CrashTests(unittest.TestCase):
                 process = subprocess.Popen(command, cwd=workdir, env=env,
                                            stdout=log, stderr=subprocess.STDOUT)
             self.addCleanup(lambda: process.poll() is None and process.kill())
-            _wait_listening(port, process, workdir / "twistd.log")
+            wait_listening(port, process, workdir / "twistd.log")
             return process
 
         process = await deferToThread(start)

@@ -1,0 +1,63 @@
+"""
+The C{ssp} operator command dispatches to its subcommands.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.trial import unittest
+
+from ssp import cli
+from ssp.audit import FileAuditSink
+from ssp.config import AuditConfig
+from ssp.model import AuditRecord
+from ssp.tls import UpstreamTLS
+from tests.support import ROOT, pki
+
+
+class CommandTests(unittest.TestCase):
+    def run_cli(self, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            code = cli.main(list(argv))
+        return code, out.getvalue(), err.getvalue()
+
+    def test_usage(self) -> None:
+        code, _, err = self.run_cli()
+        self.assertEqual(code, 2)
+        self.assertIn("explain", err)
+        self.assertEqual(self.run_cli("--help")[0], 0)
+
+    async def test_audit_verify_and_report(self) -> None:
+        directory = self.mktemp()
+        sink = FileAuditSink.from_config(AuditConfig(directory=Path(directory)), reactor)
+        sink.start()
+        await sink.append(AuditRecord("completed", "r1", 1_800_000_000.0, sender="1",
+                                      receiver="2", interaction="i", status=200,
+                                      decision="forwarded", total_latency=0.01))
+        await sink.stop()
+        code, out, _ = self.run_cli("audit", "verify", directory)
+        self.assertEqual(code, 0, out)
+        code, out, _ = self.run_cli("report", directory, "--format", "json")
+        self.assertEqual(code, 0)
+        [row] = json.loads(out)
+        self.assertEqual((row["sender"], row["requests"], row["forwarded"]), ("1", 1, 1))
+
+    def test_console_script_declared(self) -> None:
+        self.assertIn("ssp = ssp.cli:main", (ROOT / "setup.cfg").read_text())
+
+
+class UpstreamCreatorTests(unittest.SynchronousTestCase):
+    def test_one_creator_per_host(self) -> None:
+        from ssp import demo
+
+        config = demo.demo_config(ROOT, pki(), 1).upstream
+        tls = UpstreamTLS(config)
+        first = tls.creator_for("orange.testlab.nhs.uk")
+        self.assertIs(tls.creator_for("orange.testlab.nhs.uk"), first)
+        self.assertIsNot(tls.creator_for("elsewhere.test"), first)
