@@ -136,12 +136,6 @@ class Agreement:
 
 
 @attrs.frozen
-class CORSConfig:
-    origins: tuple[str, ...] = ()
-    max_age: int = attrs.field(default=600, validator=ge(0))
-
-
-@attrs.frozen
 class AdminConfig:
     endpoint: str | None = "tcp:8081:interface=127.0.0.1"
 
@@ -149,7 +143,6 @@ class AdminConfig:
 @attrs.frozen
 class LogConfig:
     access_log: bool = True
-    json: bool = False
 
 
 @attrs.frozen
@@ -162,7 +155,6 @@ class Config:
     audit: AuditConfig = attrs.field(factory=AuditConfig)
     throttle: ThrottleConfig = attrs.field(factory=ThrottleConfig)
     agreements: tuple[Agreement, ...] = ()
-    cors: CORSConfig = attrs.field(factory=CORSConfig)
     admin: AdminConfig = attrs.field(factory=AdminConfig)
     log: LogConfig = attrs.field(factory=LogConfig)
 
