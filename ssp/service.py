@@ -7,6 +7,7 @@ configuration, listens, reloads on SIGHUP and drains on stop.
 from __future__ import annotations
 
 import signal
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,7 @@ class SSPService(MultiService):
         listener = TLSOrPlainFactory(
             TLSMemoryBIOFactory(self.server_tls, False, site), hsts,
             on_handshake_failure=self._handshake_failed,
+            on_plain_http=self._plain_http,
         )
         endpoint = serverFromString(self.reactor, config.listen.endpoint)
         if config.listen.proxy_protocol:
@@ -202,18 +204,25 @@ class SSPService(MultiService):
         return {"listening": self.running, "audit": bool(self.audit.writable)}
 
     def _handshake_failed(self, peer: Any, reason: Failure) -> None:
+        self._record_connection_refusal(peer, "tls-failed", reason.getErrorMessage()[:200], 0)
+
+    def _plain_http(self, peer: Any) -> None:
+        self._record_connection_refusal(peer, "completed", "HTTP_REQUEST_SENT_TO_HTTPS_PORT", 497)
+
+    def _record_connection_refusal(self, peer: Any, event: str, token: str, status: int) -> None:
         record = AuditRecord(
-            event="tls-failed",
-            request_id="",
+            event=event,
+            request_id=uuid.uuid4().hex if status else "",
             time=self.reactor.seconds(),
             consumer_address=f"{getattr(peer, 'host', '')}:{getattr(peer, 'port', '')}",
             decision="refused",
-            token=reason.getErrorMessage()[:200],
+            token=token,
+            status=status,
         )
         if self.metrics is not None:
             self.metrics.observe(record)
         self.audit.append(record).addErrback(
-            lambda f: log.failure("TLS failure not audited", f)
+            lambda f: log.failure("Connection refusal not audited", f)
         )
 
     def _install_sighup(self) -> None:

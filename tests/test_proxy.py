@@ -366,6 +366,8 @@ class RefusalTests(ProxyTestCase):
         self.assertEqual(json.loads(body)["issue"][0]["diagnostics"],
                          "HTTP_REQUEST_SENT_TO_HTTPS_PORT")
         self.assertEqual(provider.seen, [])
+        self.assertEqual([(r.status, r.decision, r.token) for r in proxy.audit.completed()],
+                         [(497, "refused", "HTTP_REQUEST_SENT_TO_HTTPS_PORT")])
 
 
 class _Garbage(Protocol):
