@@ -25,6 +25,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from ssp.config import (
+    AdminConfig,
     Agreement,
     AuditConfig,
     Config,
@@ -109,8 +110,6 @@ def demo_config(root: Path, pki: DevelopmentPKI, provider_port: int,
     """
     The configuration of the embedded demo.
     """
-    from ssp.config import AdminConfig
-
     certs = pki.directory
     return Config(
         listen=ListenConfig(endpoint=listen),

@@ -46,8 +46,6 @@ PASS = "pass"
 FAIL = "fail"
 SKIPPED = "skipped"
 
-_REQUIRED = ("Ssp-From", "Ssp-To", "Ssp-InteractionID")
-
 
 @attrs.frozen
 class Step:

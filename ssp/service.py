@@ -56,7 +56,6 @@ class SSPService(MultiService):
     The Spine Security Proxy.
 
     @ivar proxy: the request handler, available once started.
-    @ivar port: the listening port, available once started.
     """
 
     def __init__(self, config: Config, reactor: Any, config_path: Path | None = None,
@@ -71,8 +70,6 @@ class SSPService(MultiService):
         self.proxy: Proxy | None = None
         self.site: ProxySite | None = None
         self._listener: StreamServerEndpointService | None = None
-        self.port: Any = None
-        self.admin_port: Any = None
 
     def privilegedStartService(self) -> None:
         self._build()
@@ -169,7 +166,6 @@ class SSPService(MultiService):
             )
             admin._raiseSynchronously = True
             admin.setServiceParent(self)
-            self._admin = admin
 
     def validate(self) -> None:
         """
