@@ -5,11 +5,14 @@ Configuration: one TOML file read into one immutable attrs tree.
 Every section is a frozen attrs class whose fields, types and defaults are
 the reference documentation (C{docs/configuration.md} mirrors them).  Errors
 name the file and the dotted key, so an operator never has to guess.
-Relative paths are resolved against the directory holding the file.
+Relative paths are resolved against the directory holding the file, after
+expanding environment variables (C{$CREDENTIALS_DIRECTORY/ssp.key} under
+systemd's C{LoadCredential}).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 import types
@@ -35,6 +38,14 @@ class ListenConfig:
     proxy_protocol: bool = False
     drain_timeout: float = attrs.field(default=30.0, validator=ge(0))
     idle_timeout: float = attrs.field(default=60.0, validator=gt(0))
+    header_timeout: float = attrs.field(default=10.0, validator=gt(0))
+    max_request_line: int = attrs.field(default=8192, validator=ge(64))
+    max_header_bytes: int = attrs.field(default=32768, validator=ge(1024))
+    max_headers: int = attrs.field(default=100, validator=ge(8))
+    max_body_bytes: int = attrs.field(default=100 * 1024 * 1024, validator=ge(0))
+    max_connections: int = attrs.field(default=10000, validator=ge(1))
+    max_connections_per_address: int = attrs.field(default=256, validator=ge(1))
+    workers: int = attrs.field(default=1, validator=ge(1))
 
 
 @attrs.frozen
@@ -57,6 +68,7 @@ class UpstreamConfig:
     idle_timeout: float = attrs.field(default=60.0, validator=gt(0))
     max_persistent_per_host: int = attrs.field(default=64, validator=ge(1))
     cached_connection_timeout: float = attrs.field(default=240.0, validator=gt(0))
+    max_header_bytes: int = attrs.field(default=65536, validator=ge(1024))
     resolve: dict[str, str] = attrs.field(factory=dict)
 
 
@@ -141,6 +153,16 @@ class AdminConfig:
 
 
 @attrs.frozen
+class CorsConfig:
+    """
+    Browser consumers: origins whose CORS preflight the proxy answers itself.
+    """
+
+    origins: tuple[str, ...] = ()
+    max_age: int = attrs.field(default=600, validator=ge(0))
+
+
+@attrs.frozen
 class LogConfig:
     access_log: bool = True
 
@@ -157,6 +179,7 @@ class Config:
     agreements: tuple[Agreement, ...] = ()
     admin: AdminConfig = attrs.field(factory=AdminConfig)
     log: LogConfig = attrs.field(factory=LogConfig)
+    cors: CorsConfig = attrs.field(factory=CorsConfig)
 
 
 def load(path: Path | str) -> Config:
@@ -237,7 +260,10 @@ class _Builder:
         if hint is Path:
             if not isinstance(value, str):
                 return self._raise(key, "expected a path string")
-            return (self.source.parent / value).resolve()
+            expanded = os.path.expandvars(value)
+            if "$" in expanded:
+                return self._raise(key, f"unset environment variable in {value!r}")
+            return (self.source.parent / expanded).resolve()
         if hint is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         if hint in (str, int, float, bool) and type(value) is hint:
