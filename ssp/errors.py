@@ -92,6 +92,49 @@ class EndpointMismatch(BadRequest):
         )
 
 
+class RequestTimeout(BadRequest):
+    """The request's headers did not arrive within C{listen.header_timeout} (408)."""
+
+    status = 408
+    issue_code = "timeout"
+
+    def __init__(self) -> None:
+        super().__init__("REQUEST_TIMEOUT")
+
+
+class PayloadTooLarge(BadRequest):
+    """The request body exceeds C{listen.max_body_bytes} (413)."""
+
+    status = 413
+    issue_code = "too-long"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"REQUEST_BODY_LARGER_THAN_{limit}_BYTES")
+
+
+class URITooLong(BadRequest):
+    """The request line exceeds C{listen.max_request_line} (414)."""
+
+    status = 414
+    issue_code = "too-long"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"REQUEST_LINE_LONGER_THAN_{limit}_BYTES")
+
+
+class HeadersTooLarge(BadRequest):
+    """
+    The header block exceeds C{listen.max_header_bytes} or
+    C{listen.max_headers} (431).
+    """
+
+    status = 431
+    issue_code = "too-long"
+
+    def __init__(self, token: str) -> None:
+        super().__init__(token)
+
+
 class Forbidden(Refusal):
     """An SDS or data-sharing-agreement authorisation check failed (403)."""
 
