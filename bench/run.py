@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """
-Side-by-side benchmark: the demo provider directly vs. through the proxy.
+Side-by-side benchmark: one mutual-TLS workload against the provider
+directly, through nginx as a plain mTLS-to-mTLS hop, and through the proxy.
 
 Run by hand from the repository root::
 
-    python bench/run.py [--requests N] [--concurrency C] [--rate R] [--duration S]
+    python bench/run.py [--quick] [--requests N] [--concurrency C] [--rate R] ...
 
-One provider process and one proxy process (the proxy forwards to that same
-provider) are started on loopback in a throw-away directory; this process
-is the load generator (asyncio + ssl, raw HTTP/1.1 over mutual TLS).
-See bench/README.md for what each number means.  Not a test: nothing under
-tests/ imports it.
+Everything runs on loopback in a throw-away directory: the demo provider
+(one Twisted process, which also serves a 1 GiB body), nginx (one worker,
+unprivileged, configuration generated from C{bench/nginx.conf.in}), the
+proxy with every check on, and later two proxy processes sharing the port.
+This process is the load generator (asyncio + ssl, raw HTTP/1.1).  See
+bench/README.md for what each number means and docs/performance.md for
+results.  Not a test: nothing under tests/ imports it.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import datetime
 import json
 import os
 import platform
+import pwd
 import select
 import shutil
 import signal
+import socket
 import ssl
 import statistics
 import subprocess
@@ -32,10 +37,15 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
 METADATA_PATH = "/B82617/STU3/1/gpconnect/fhir/metadata"
+STREAM_PATH = "/B82617/STU3/1/gpconnect/fhir/Binary/bench-stream"
+GiB = 1 << 30
+MiB = 1 << 20
+FOREIGN_LIMIT = 0.2  # cores of outside CPU load above which a phase is flagged
 
 
 # -- child processes ---------------------------------------------------------
@@ -54,32 +64,77 @@ def _announce(port: int) -> None:
 
 def provider_main(root: Path) -> None:
     """
-    The demo provider on an ephemeral loopback port; prints C{PORT n}.
+    The demo provider on an ephemeral loopback port (prints C{PORT n}),
+    plus C{STREAM_PATH?bytes=N}: an C{application/octet-stream} body of N
+    bytes with a Content-Length, produced as the connection takes it.
     """
     from twisted.internet import reactor
+    from twisted.web.server import NOT_DONE_YET
 
     from ssp import demo
 
+    chunk = os.urandom(64 * 1024) * 4
+
+    class Stream:
+        def __init__(self, request: Any, size: int) -> None:
+            self.request, self.left = request, size
+
+        def resumeProducing(self) -> None:
+            piece = chunk if self.left >= len(chunk) else chunk[: self.left]
+            self.left -= len(piece)
+            self.request.write(piece)
+            if not self.left:
+                self.request.unregisterProducer()
+                self.request.finish()
+
+        def stopProducing(self) -> None:
+            self.left = 0
+
+    class BenchProvider(demo.EchoProvider):
+        def render(self, request: Any) -> Any:
+            if request.path != STREAM_PATH.encode():
+                return super().render(request)
+            size = int(request.args.get(b"bytes", [b"0"])[0])
+            request.setHeader(b"Content-Type", b"application/octet-stream")
+            request.setHeader(b"Content-Length", b"%d" % size)
+            if not size:
+                return b""
+            request.registerProducer(Stream(request, size), False)
+            return NOT_DONE_YET
+
     _child_logging(root, "provider")
-    listening = demo.listen_provider(reactor, demo.ensure_pki(root))
+    listening = demo.listen_provider(reactor, demo.ensure_pki(root), BenchProvider())
     reactor.callWhenRunning(_announce, listening.getHost().port)
     reactor.run()
 
 
-def proxy_main(root: Path, provider_port: int) -> None:
+def proxy_main(root: Path, provider_port: int, fd: int, index: int) -> None:
     """
-    The demo proxy (every check, file audit with fsync "always") in front
-    of the provider on C{provider_port}; prints C{PORT n}.
+    The demo proxy (LDIF directory, JWT validation, in-memory throttle with
+    limits far above the load, file audit with fsync "always", access
+    log) in front of the provider, accepting on the inherited listening
+    socket C{fd} as systemd socket activation would hand it over; prints
+    C{PORT n} once serving.
     """
+    os.dup2(fd, 3)
+    os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="ssp")
+    import attrs
     from twisted.internet import reactor
 
     from ssp import demo
+    from ssp.config import LimitSet, RateLimit, ThrottleConfig
     from ssp.service import SSPService
 
-    _child_logging(root, "proxy")
+    _child_logging(root, f"proxy-{index}")
     config = demo.demo_config(root, demo.ensure_pki(root), provider_port,
-                              listen="tcp:0:interface=127.0.0.1",
-                              admin="tcp:0:interface=127.0.0.1")
+                              listen="systemd:domain=INET:index=0", admin=None)
+    high = LimitSet(default=RateLimit(rate=1_000_000, period=1.0, burst=1_000_000))
+    config = attrs.evolve(
+        config,
+        audit=attrs.evolve(config.audit, directory=root / "var" / f"audit-{index}",
+                           durability="always"),
+        throttle=ThrottleConfig(store="memory", consumer=high, provider=high),
+    )
     service = SSPService(config, reactor)
 
     def start() -> None:
@@ -88,18 +143,26 @@ def proxy_main(root: Path, provider_port: int) -> None:
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.run()
+    profile_to = os.environ.get("SSP_BENCH_CPROFILE")  # set by bench/profile_proxy.py
+    if profile_to:
+        import cProfile
+
+        cProfile.runctx("reactor.run()", globals(), {"reactor": reactor}, profile_to)
+    else:
+        reactor.run()
 
 
-def spawn(args: list[str], root: Path, timeout: float = 20.0) -> tuple[subprocess.Popen, int]:
+def spawn(args: list[str], root: Path, timeout: float = 30.0,
+          pass_fds: tuple[int, ...] = ()) -> tuple[subprocess.Popen, int]:
     """
     Start this script in a child role and wait for its C{PORT n} line.
     """
+    name = "-".join(args[:1] + args[4:5])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve())] + args,
-                            cwd=root, env=env, stdout=subprocess.PIPE,
-                            stderr=open(root / f"{args[0]}.stderr", "w"))
+                            cwd=root, env=env, stdout=subprocess.PIPE, pass_fds=pass_fds,
+                            stderr=open(root / f"{name}.stderr", "w"))
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     buf = b""
@@ -107,16 +170,117 @@ def spawn(args: list[str], root: Path, timeout: float = 20.0) -> tuple[subproces
         left = deadline - time.monotonic()
         if left <= 0 or proc.poll() is not None:
             proc.kill()
-            err = (root / f"{args[0]}.stderr").read_text()[-2000:]
-            raise SystemExit(f"{args[0]} did not start:\n{err}")
+            err = (root / f"{name}.stderr").read_text()[-2000:]
+            raise SystemExit(f"{name} did not start:\n{err}")
         if select.select([proc.stdout], [], [], left)[0]:
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            buf += chunk
+            buf += os.read(proc.stdout.fileno(), 4096)
     line = buf.split(b"\n", 1)[0].decode()
     if not line.startswith("PORT "):
         proc.kill()
-        raise SystemExit(f"{args[0]}: unexpected output {line!r}")
+        raise SystemExit(f"{name}: unexpected output {line!r}")
     return proc, int(line.split()[1])
+
+
+def reuseport_socket(port: int = 0) -> socket.socket:
+    """
+    A listening loopback socket with C{SO_REUSEPORT}, so that several
+    processes can each hold one on the same port and the kernel spreads
+    new connections between them.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(1024)
+    return sock
+
+
+def start_proxy_workers(root: Path, provider_port: int, workers: int,
+                        first_index: int = 0) -> tuple[list[subprocess.Popen], int]:
+    """
+    C{workers} proxy processes accepting on one port.
+
+    Hook: this stands in for C{twistd ssp --workers N} until that option
+    exists; each process gets its own C{SO_REUSEPORT} socket (as a
+    pre-fork server would) and its own audit directory.  Replace the body
+    with one C{twistd -n ssp --config ... --workers N} spawn once it lands.
+    """
+    sockets = [reuseport_socket()]
+    port = sockets[0].getsockname()[1]
+    sockets += [reuseport_socket(port) for _ in range(workers - 1)]
+    procs = []
+    try:
+        for n, sock in enumerate(sockets):
+            proc, _ = spawn(["_proxy", str(root), str(provider_port), str(sock.fileno()),
+                             str(first_index + n)], root, pass_fds=(sock.fileno(),))
+            procs.append(proc)
+    except BaseException:
+        stop(procs)
+        raise
+    finally:
+        for sock in sockets:
+            sock.close()
+    return procs, port
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_nginx(root: Path, provider_port: int) -> tuple[subprocess.Popen | None, int, str]:
+    """
+    nginx as a plain mTLS-to-mTLS hop (same certificates, CA and CRL as the
+    proxy; no Spine checks), one worker, as an unprivileged user when run
+    as root, with every path under C{root/nginx}.
+
+    @return: the master process (L{None} when nginx is unavailable), its
+        port, and why it is unavailable (or C{""}).
+    """
+    binary = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
+    if binary is None:
+        return None, 0, "nginx not installed (apt-get install nginx-light)"
+    prefix = root / "nginx"
+    prefix.mkdir()
+    certs = root / "certs"
+    for name in ("proxy.pem", "proxy.key", "proxy-client.pem", "proxy-client.key",
+                 "spine-ca.pem", "spine-ca.crl.pem"):
+        shutil.copy(certs / name, prefix / name)
+    port = free_port()
+    conf = (BENCH / "nginx.conf.in").read_text()
+    for key, value in {"PREFIX": str(prefix), "PORT": str(port),
+                       "PROVIDER_PORT": str(provider_port)}.items():
+        conf = conf.replace("@" + key + "@", value)
+    (prefix / "nginx.conf").write_text(conf)
+    user: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        root.chmod(0o711)
+        for path in [prefix, *prefix.iterdir()]:
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+    proc = subprocess.Popen(
+        [binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
+         "-e", str(prefix / "error.log")],
+        cwd=prefix, stdout=subprocess.DEVNULL, stderr=open(root / "nginx.stderr", "w"), **user)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, port, ""
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    error = (root / "nginx.stderr").read_text() + _tail(prefix / "error.log")
+    raise SystemExit(f"nginx did not start:\n{error[-2000:]}")
+
+
+def _tail(path: Path) -> str:
+    return path.read_text()[-2000:] if path.exists() else ""
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
@@ -131,28 +295,65 @@ def stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+def process_tree(pid: int) -> list[int]:
+    """
+    C{pid} and its descendants (nginx's worker is a child of its master).
+    """
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return pids
+
+
 def cpu_seconds(pid: int) -> float:
     """
-    User + system CPU seconds of C{pid} (Linux C{/proc}).
+    User + system CPU seconds of C{pid} (Linux C{/proc}); 0 once it is gone.
     """
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """
+    CPU seconds every core of the machine spent busy so far (C{/proc/stat}).
+    """
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 # -- load generator ----------------------------------------------------------
 
 class Target:
     """
-    Where to connect and what request bytes to send.
+    Where to connect, what request bytes to send, and which processes do
+    the work behind it (for CPU and memory accounting).
     """
 
     def __init__(self, name: str, port: int, server_hostname: str, ctx: ssl.SSLContext,
-                 request: Any) -> None:
+                 request: Callable[[str], bytes], pids: Callable[[], list[int]]) -> None:
         self.name = name
         self.port = port
         self.server_hostname = server_hostname
         self.ctx = ctx
-        self.request = request  # () -> bytes
+        self.request = request  # (path) -> bytes
+        self.pids = pids
+        self.path = METADATA_PATH
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_connection("127.0.0.1", self.port, ssl=self.ctx,
@@ -165,7 +366,7 @@ async def exchange(target: Target, reader: asyncio.StreamReader,
     Send one GET and read the whole response (Content-Length or chunked).
     Returns whether the connection may be reused; raises on a non-200.
     """
-    writer.write(target.request())
+    writer.write(target.request(target.path))
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
@@ -264,8 +465,8 @@ async def open_loop(target: Target, rate: float, duration: float, concurrency: i
         tasks.append(asyncio.ensure_future(one(at)))
     await asyncio.gather(*tasks)
     await pool.close()
-    ms = [x * 1000 for x in latencies]
-    return {"requests": len(ms), "errors": errors,
+    ms = [x * 1000 for x in latencies] or [float("nan")]
+    return {"requests": len(latencies), "errors": errors,
             "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99),
             "mean_ms": statistics.fmean(ms), "max_ms": max(ms)}
 
@@ -308,10 +509,110 @@ async def closed_loop(target: Target, requests: int, concurrency: int, keepalive
             "truncated": done + errors < requests}
 
 
+class _Sink(asyncio.Protocol):
+    """
+    Reads one response (Content-Length or chunked) and discards its body.
+    """
+
+    def __init__(self, request: bytes, done: asyncio.Future) -> None:
+        self.request, self.done = request, done
+        self.head = b""
+        self.status = 0
+        self.length: int | None = None
+        self.chunked = False
+        self.line = b""  # chunked: bytes of the CRLF + size line being read
+        self.chunk_left = 0
+        self.received = 0
+
+    def connection_made(self, transport: Any) -> None:
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        if self.length is None and not self.chunked:
+            self.head += data
+            if b"\r\n\r\n" not in self.head:
+                return
+            head, _, data = self.head.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            self.status = int(lines[0].split()[1])
+            fields = {k.strip().lower(): v.strip()
+                      for k, _, v in (line.partition(":") for line in lines[1:])}
+            self.chunked = fields.get("transfer-encoding", "").lower() == "chunked"
+            self.length = None if self.chunked else int(fields.get("content-length", -1))
+        if self.chunked:
+            self._chunks(data)
+        else:
+            self.received += len(data)
+            if self.received >= (self.length or 0):
+                self._finish()
+
+    def _chunks(self, data: bytes) -> None:
+        at = 0
+        while at < len(data):
+            if self.chunk_left:
+                take = min(self.chunk_left, len(data) - at)
+                self.received += take
+                self.chunk_left -= take
+                at += take
+                continue
+            self.line += data[at:]
+            at = len(data)
+            size_line = self.line.lstrip(b"\r\n")
+            if b"\r\n" not in size_line:
+                continue
+            size_text, _, rest = size_line.partition(b"\r\n")
+            self.line = b""
+            self.chunk_left = int(size_text.split(b";")[0], 16)
+            if not self.chunk_left:
+                self._finish()
+                return
+            data, at = rest, 0
+
+    def _finish(self) -> None:
+        if self.length is None:
+            self.length = self.received
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def stream(target: Target, size: int, sample: float = 0.05) -> dict:
+    """
+    One GET of a C{size}-byte body, read as fast as it comes, while the
+    RSS of the processes behind C{target} is sampled from C{/proc}.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+    path = f"{STREAM_PATH}?bytes={size}"
+    sink = _Sink(target.request(path), done)
+    pids = target.pids()
+    before = {pid: rss_bytes(pid) for pid in pids}
+    peak = dict(before)
+    start = time.perf_counter()
+    transport, _ = await loop.create_connection(
+        lambda: sink, "127.0.0.1", target.port, ssl=target.ctx,
+        server_hostname=target.server_hostname)
+    while not done.done():
+        await asyncio.wait([done], timeout=sample)
+        for pid in pids:
+            peak[pid] = max(peak[pid], rss_bytes(pid))
+    elapsed = time.perf_counter() - start
+    transport.close()
+    ok = sink.status == 200 and sink.received == size == sink.length
+    return {"requests": 1, "errors": 0 if ok else 1, "bytes": sink.received,
+            "status": sink.status, "seconds": elapsed,
+            "mib_per_s": sink.received / MiB / elapsed if elapsed else 0.0,
+            "rss_before_mib": sum(before.values()) / MiB,
+            "rss_growth_mib": max(peak[p] - before[p] for p in pids) / MiB}
+
+
 def contexts(certs: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """
-    Client contexts: as the proxy (provider wants a demo-CA client
-    certificate) and as the demo consumer (for the proxy).
+    Client contexts: as the proxy (the provider wants a demo-CA client
+    certificate) and as the demo consumer (for nginx and the proxy).
     """
     def make(name: str) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(certs / "spine-ca.pem"))
@@ -321,102 +622,297 @@ def contexts(certs: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return make("proxy-client"), make("consumer-0")
 
 
-def targets(certs: Path, provider_port: int, proxy_port: int) -> tuple[Target, Target]:
+def requests_for(port_of: Callable[[], int]) -> tuple[Callable[[str], bytes],
+                                                      Callable[[str], bytes]]:
+    """
+    Request builders: direct to the provider, and the proxied form (target
+    URL in the path, the four C{Ssp-*} headers with a fresh trace id, one
+    bearer token per run) that nginx and the proxy both receive.
+    """
     from ssp import demo
 
-    as_proxy, as_consumer = contexts(certs)
-    direct_bytes = (f"GET {METADATA_PATH} HTTP/1.1\r\n"
-                    f"Host: {demo.PROVIDER_HOST}\r\nAccept: application/fhir+json\r\n\r\n"
-                    ).encode()
     token = demo.bearer_token(time.time())  # lives 300 s; one per run
-    proxied_head = (f"GET /{demo.PROVIDER_ENDPOINT}/metadata HTTP/1.1\r\n"
-                    f"Host: localhost:{proxy_port}\r\nAccept: application/fhir+json\r\n"
-                    f"Ssp-From: {demo.CONSUMER_ASID}\r\nSsp-To: {demo.PROVIDER_ASID}\r\n"
-                    f"Ssp-InteractionID: {demo.METADATA_INTERACTION}\r\n"
-                    f"Authorization: Bearer {token}\r\n")
 
-    def proxied_bytes() -> bytes:
-        return f"{proxied_head}Ssp-TraceID: {uuid.uuid4()}\r\n\r\n".encode()
+    def direct(path: str) -> bytes:
+        return (f"GET {path} HTTP/1.1\r\nHost: {demo.PROVIDER_HOST}\r\n"
+                "Accept: application/fhir+json\r\n\r\n").encode()
 
-    return (Target("direct", provider_port, demo.PROVIDER_HOST, as_proxy, lambda: direct_bytes),
-            Target("proxied", proxy_port, "localhost", as_consumer, proxied_bytes))
+    def proxied(path: str) -> bytes:
+        return (f"GET /https://{demo.PROVIDER_HOST}{path} HTTP/1.1\r\n"
+                f"Host: localhost:{port_of()}\r\nAccept: application/fhir+json\r\n"
+                f"Ssp-From: {demo.CONSUMER_ASID}\r\nSsp-To: {demo.PROVIDER_ASID}\r\n"
+                f"Ssp-InteractionID: {demo.METADATA_INTERACTION}\r\n"
+                f"Authorization: Bearer {token}\r\n"
+                f"Ssp-TraceID: {uuid.uuid4()}\r\n\r\n").encode()
+
+    return direct, proxied
 
 
-async def measure(args: argparse.Namespace, direct: Target, proxied: Target,
-                  pids: dict[str, int]) -> dict:
-    def cpu() -> dict[str, float]:
-        return {name: cpu_seconds(pid) for name, pid in pids.items()}
+# -- the run -----------------------------------------------------------------
 
-    async def phase(label: str, coro: Any) -> dict:
-        before = cpu()
+class Bench:
+    """
+    The processes of a run and the measurements taken against them.
+    """
+
+    def __init__(self, args: argparse.Namespace, root: Path) -> None:
+        self.args = args
+        self.root = root
+        self.procs: list[subprocess.Popen] = []
+        self.notes: list[str] = []
+
+    def start(self) -> None:
+        from ssp import demo
+
+        (self.root / "etc").mkdir()
+        shutil.copy(REPO / "etc" / "demo-sds.ldif", self.root / "etc" / "demo-sds.ldif")
+        demo.ensure_pki(self.root)
+        self.provider, self.provider_port = spawn(["_provider", str(self.root)], self.root)
+        self.procs.append(self.provider)
+        self.nginx, nginx_port, why = (None, 0, "skipped (--no-nginx)")
+        if self.args.nginx:
+            self.nginx, nginx_port, why = start_nginx(self.root, self.provider_port)
+        if self.nginx is not None:
+            self.procs.append(self.nginx)
+        else:
+            self.notes.append(f"nginx row not available: {why}")
+        self.proxies, proxy_port = start_proxy_workers(self.root, self.provider_port, 1)
+        self.procs += self.proxies
+        as_proxy, as_consumer = contexts(self.root / "certs")
+        direct_req, _ = requests_for(lambda: 0)
+        self.targets = [Target("direct", self.provider_port, "orange.testlab.nhs.uk", as_proxy,
+                               direct_req, lambda: [self.provider.pid])]
+        if self.nginx is not None:
+            nginx = self.nginx
+            self.targets.append(Target("nginx", nginx_port, "localhost", as_consumer,
+                                       requests_for(lambda: nginx_port)[1],
+                                       lambda: process_tree(nginx.pid)[1:] or [nginx.pid]))
+        self.targets.append(Target("ssp", proxy_port, "localhost", as_consumer,
+                                   requests_for(lambda: proxy_port)[1],
+                                   lambda: [p.pid for p in self.proxies]))
+        print(f"provider :{self.provider_port}, nginx :{nginx_port or '-'}, "
+              f"ssp :{proxy_port} (pid {self.proxies[0].pid}), work dir {self.root}",
+              file=sys.stderr)
+
+    def pids(self) -> dict[str, list[int]]:
+        groups = {"provider": [self.provider.pid], "ssp": [p.pid for p in self.proxies],
+                  "loadgen": [os.getpid()]}
+        if self.nginx is not None:
+            groups["nginx"] = process_tree(self.nginx.pid)
+        return groups
+
+    async def phase(self, label: str, coro: Any) -> dict:
+        def cpu() -> dict[str, float]:
+            return {name: sum(cpu_seconds(p) for p in pids) for name, pids in self.pids().items()}
+
+        before, busy, started = cpu(), machine_busy_seconds(), time.monotonic()
         result = await coro
         after = cpu()
         n = max(result["requests"], 1)
         result["cpu_ms_per_request"] = {k: round((after[k] - before[k]) * 1000 / n, 3)
                                         for k in before}
+        # CPU used by processes outside the benchmark, in cores: another
+        # job on the machine makes every number of the phase unreliable.
+        ours = sum(after.values()) - sum(before.values())
+        elapsed = max(time.monotonic() - started, 1e-6)
+        result["foreign_cores"] = round(
+            max(0.0, machine_busy_seconds() - busy - ours) / elapsed, 2)
         print(f"  {label}: {result['requests']} requests, {result['errors']} errors",
               file=sys.stderr)
         return result
 
-    for t in (direct, proxied):  # warm-up: imports, pools, upstream connections
-        await closed_loop(t, max(50, args.concurrency * 5), args.concurrency, True, 10)
-        await closed_loop(t, 10, 2, False, 10)
+    async def measure(self) -> dict:
+        a = self.args
+        for t in self.targets:  # warm-up: imports, pools, upstream connections, caches
+            await closed_loop(t, max(100, a.concurrency * 10), a.concurrency, True, 10)
+            await closed_loop(t, 20, 2, False, 10)
+        out: dict[str, Any] = {"latency": {}, "keepalive": {}, "handshake": {}}
+        for t in self.targets:
+            out["latency"][t.name] = await self.phase(
+                f"latency {t.name}", open_loop(t, a.rate, a.duration, a.concurrency))
+        for t in self.targets:
+            out["keepalive"][t.name] = await self.phase(
+                f"keep-alive {t.name}",
+                closed_loop(t, a.requests, a.concurrency, True, a.phase_limit))
+        for t in self.targets:
+            out["handshake"][t.name] = await self.phase(
+                f"handshake {t.name}",
+                closed_loop(t, a.handshakes, a.concurrency, False, a.phase_limit))
+        if a.stream_bytes:
+            out["stream"] = {}
+            for t in self.targets:
+                out["stream"][t.name] = await self.phase(
+                    f"stream {t.name}", stream(t, a.stream_bytes))
+        if a.workers > 1:
+            out["workers"] = await self.measure_workers()
+        return out
 
-    out: dict = {}
-    out["latency"] = {t.name: await phase(f"latency {t.name}",
-                                          open_loop(t, args.rate, args.duration, args.concurrency))
-                      for t in (direct, proxied)}
-    out["keepalive"] = {t.name: await phase(f"keep-alive {t.name}",
-                                            closed_loop(t, args.requests, args.concurrency, True,
-                                                        args.phase_limit))
-                        for t in (direct, proxied)}
-    out["handshake"] = {t.name: await phase(f"handshake {t.name}",
-                                            closed_loop(t, args.handshakes, args.concurrency,
-                                                        False, args.phase_limit))
-                        for t in (direct, proxied)}
+    async def measure_workers(self) -> dict:
+        """
+        Keep-alive throughput of one proxy process and of C{--workers}
+        processes sharing a port, at a concurrency high enough to keep
+        every worker busy.
+        """
+        a = self.args
+        ssp = self.targets[-1]
+        concurrency = a.concurrency * a.workers
+        result = {"concurrency": concurrency}
+        result["1"] = await self.phase(
+            "keep-alive ssp x1",
+            closed_loop(ssp, a.requests, concurrency, True, a.phase_limit))
+        stop(self.proxies)
+        self.proxies, port = start_proxy_workers(self.root, self.provider_port, a.workers, 1)
+        self.procs += self.proxies
+        workers = Target("ssp-workers", port, "localhost", ssp.ctx,
+                         requests_for(lambda: port)[1], ssp.pids)
+        await closed_loop(workers, max(100, concurrency * 10), concurrency, True, 10)
+        before = [cpu_seconds(p.pid) for p in self.proxies]
+        result[str(a.workers)] = await self.phase(
+            f"keep-alive ssp x{a.workers}",
+            closed_loop(workers, a.requests * a.workers, concurrency, True, a.phase_limit))
+        result["cpu_split_s"] = [round(cpu_seconds(p.pid) - b, 2)
+                                 for p, b in zip(self.proxies, before)]
+        return result
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _fmt_ratio(r: float | None) -> str:
+    return "n/a" if r is None else f"{r:.2f}x"
+
+
+def verdicts(r: dict) -> list[tuple[str, str, str, bool | None]]:
+    """
+    Each issue target: (name, measured, target, met?).
+    """
+    lat, ka, hs = r["latency"], r["keepalive"], r["handshake"]
+    out: list[tuple[str, str, str, bool | None]] = []
+    added50 = lat["ssp"]["p50_ms"] - lat["direct"]["p50_ms"]
+    added99 = lat["ssp"]["p99_ms"] - lat["direct"]["p99_ms"]
+    out.append(("added latency p50", f"{added50:+.2f} ms", "<= 1 ms", added50 <= 1))
+    out.append(("added latency p99", f"{added99:+.2f} ms", "<= 5 ms", added99 <= 5))
+    if "nginx" in ka:
+        k = _ratio(ka["ssp"]["rps"], ka["nginx"]["rps"])
+        h = _ratio(hs["ssp"]["rps"], hs["nginx"]["rps"])
+        out.append(("keep-alive req/s per worker vs nginx", _fmt_ratio(k), ">= 0.6x",
+                    k is not None and k >= 0.6))
+        out.append(("new-handshake req/s vs nginx", _fmt_ratio(h), ">= 0.8x",
+                    h is not None and h >= 0.8))
+    else:
+        out.append(("keep-alive / handshake vs nginx", "not available", ">= 0.6x / 0.8x", None))
+    if "stream" in r:
+        s = r["stream"]
+        t = _ratio(s["ssp"]["mib_per_s"], s["direct"]["mib_per_s"])
+        out.append(("1 GiB stream throughput vs direct", _fmt_ratio(t), ">= 0.5x",
+                    t is not None and t >= 0.5 and not s["ssp"]["errors"]))
+        g = s["ssp"]["rss_growth_mib"]
+        out.append(("1 GiB stream proxy RSS growth", f"{g:.1f} MiB", "<= 32 MiB", g <= 32))
+    else:
+        out.append(("1 GiB stream", "not run (--stream-bytes 0)", "", None))
+    if "workers" in r:
+        w = r["workers"]
+        n = str(r["args"]["workers"])
+        x = _ratio(w[n]["rps"], w["1"]["rps"])
+        out.append((f"{n} workers vs 1", _fmt_ratio(x), ">= 1.8x", x is not None and x >= 1.8))
+    else:
+        out.append(("2 workers vs 1", "not available (--workers 0/1)", ">= 1.8x", None))
     return out
+
+
+def busy_phases(r: dict) -> list[str]:
+    """
+    The phases during which other processes used more than
+    L{FOREIGN_LIMIT} cores, as C{phase/target cores}.
+    """
+    phases = [(name, r.get(name, {})) for name in ("latency", "keepalive", "handshake", "stream")]
+    phases.append(("workers", {k: v for k, v in r.get("workers", {}).items()
+                               if isinstance(v, dict)}))
+    return [f"{name}/{t} {x['foreign_cores']:.1f}" for name, phase in phases
+            for t, x in phase.items() if x.get("foreign_cores", 0) > FOREIGN_LIMIT]
 
 
 def table(r: dict) -> str:
     lat, ka, hs = r["latency"], r["keepalive"], r["handshake"]
-    d, p = "direct", "proxied"
+    names = [n for n in ("direct", "nginx", "ssp") if n in lat]
 
-    def ratio(a: float, b: float) -> str:
-        return f"{a / b:.2f}x" if b else "n/a"
+    def row(label: str, values: dict[str, str]) -> tuple[str, ...]:
+        return (label,) + tuple(values.get(n, "") for n in names)
 
-    def cpu(x: dict) -> str:
-        c = x["cpu_ms_per_request"]
-        return f"prov {c['provider']:.2f} / ssp {c['proxy']:.2f} / gen {c['loadgen']:.2f}"
+    def cpu(phase: dict, group: str) -> dict[str, str]:
+        return {n: f"{phase[n]['cpu_ms_per_request'][group]:.3f}"
+                for n in names if group in phase[n]["cpu_ms_per_request"]}
 
+    def hop_cpu(phase: dict) -> dict[str, str]:
+        own = {"direct": "provider", "nginx": "nginx", "ssp": "ssp"}
+        return {n: f"{phase[n]['cpu_ms_per_request'][own[n]]:.3f}" for n in names}
+
+    rate = r["args"]["rate"]
     rows = [
-        ("metric", "direct", "proxied", "proxied vs direct", "CPU ms/req (proxied run)"),
-        (f"latency p50 ms @{r['args']['rate']:g}/s", f"{lat[d]['p50_ms']:.2f}",
-         f"{lat[p]['p50_ms']:.2f}", f"+{lat[p]['p50_ms'] - lat[d]['p50_ms']:.2f} ms",
-         cpu(lat[p])),
-        (f"latency p99 ms @{r['args']['rate']:g}/s", f"{lat[d]['p99_ms']:.2f}",
-         f"{lat[p]['p99_ms']:.2f}", f"+{lat[p]['p99_ms'] - lat[d]['p99_ms']:.2f} ms", ""),
-        (f"keep-alive req/s (C={r['args']['concurrency']})", f"{ka[d]['rps']:.0f}",
-         f"{ka[p]['rps']:.0f}", ratio(ka[p]["rps"], ka[d]["rps"]), cpu(ka[p])),
-        ("new-handshake req/s", f"{hs[d]['rps']:.0f}", f"{hs[p]['rps']:.0f}",
-         ratio(hs[p]["rps"], hs[d]["rps"]), cpu(hs[p])),
+        ("metric",) + tuple(names),
+        row(f"latency p50 ms @{rate:g}/s", {n: f"{lat[n]['p50_ms']:.2f}" for n in names}),
+        row(f"latency p99 ms @{rate:g}/s", {n: f"{lat[n]['p99_ms']:.2f}" for n in names}),
+        row("  added p50 / p99 ms", {n: f"+{lat[n]['p50_ms'] - lat['direct']['p50_ms']:.2f} / "
+                                      f"+{lat[n]['p99_ms'] - lat['direct']['p99_ms']:.2f}"
+                                   for n in names if n != "direct"}),
+        row(f"keep-alive req/s (C={r['args']['concurrency']})",
+            {n: f"{ka[n]['rps']:.0f}" for n in names}),
+        row("  hop CPU ms/req", hop_cpu(ka)),
+        row("  provider / loadgen CPU ms/req",
+            {n: f"{ka[n]['cpu_ms_per_request']['provider']:.2f} / "
+                f"{ka[n]['cpu_ms_per_request']['loadgen']:.2f}" for n in names}),
+        row("new-handshake req/s", {n: f"{hs[n]['rps']:.0f}" for n in names}),
+        row("  hop CPU ms/req", hop_cpu(hs)),
+        row("  provider / loadgen CPU ms/req",
+            {n: f"{hs[n]['cpu_ms_per_request']['provider']:.2f} / "
+                f"{hs[n]['cpu_ms_per_request']['loadgen']:.2f}" for n in names}),
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    if "stream" in r:
+        s = r["stream"]
+        rows += [
+            row(f"stream {r['args']['stream_bytes'] / GiB:g} GiB MiB/s",
+                {n: f"{s[n]['mib_per_s']:.0f}" for n in names}),
+            row("  hop RSS growth MiB", {n: f"{s[n]['rss_growth_mib']:.1f}" for n in names}),
+        ]
+    if "workers" in r:
+        w = r["workers"]
+        n = str(r["args"]["workers"])
+        rows.append(row(f"keep-alive req/s C={w['concurrency']}: 1 / {n} workers",
+                        {"ssp": f"{w['1']['rps']:.0f} / {w[n]['rps']:.0f}"}))
+        rows.append(row(f"  {n}-worker hop CPU ms/req (CPU s per worker)",
+                        {"ssp": f"{w[n]['cpu_ms_per_request']['ssp']:.3f} "
+                                f"({' / '.join(f'{c:.1f}' for c in w['cpu_split_s'])})"}))
+    widths = [max(len(x[i]) for x in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    added50 = lat[p]["p50_ms"] - lat[d]["p50_ms"]
-    added99 = lat[p]["p99_ms"] - lat[d]["p99_ms"]
-    lines += [
-        "",
-        f"added latency p50 {added50:.2f} ms (target <= 1 ms), "
-        f"p99 {added99:.2f} ms (target <= 5 ms)",
-        f"keep-alive ratio {ratio(ka[p]['rps'], ka[d]['rps'])}, "
-        f"handshake ratio {ratio(hs[p]['rps'], hs[d]['rps'])} "
-        "(vs the demo provider, not nginx)",
-        f"direct-run CPU ms/req: keep-alive {cpu(ka[d])}; handshake {cpu(hs[d])}",
-    ]
-    errors = sum(x["errors"] for ph in (lat, ka, hs) for x in ph.values())
+
+    checks = verdicts(r)
+    busy = busy_phases(r)
+    lines += ["", "targets (issue 8)" + (": UNRELIABLE, the machine was busy (see below)"
+                                         if busy else ":")]
+    width = max(len(c[0]) for c in checks)
+    for name, measured, target, met in checks:
+        mark = {True: "met", False: "NOT MET", None: "-"}[met]
+        lines.append(f"  {name.ljust(width)}  {measured:>14}  {target:<10} {mark}")
+    if "nginx" in ka:
+        def cost(phase: dict) -> str:
+            c = {n: phase[n]["cpu_ms_per_request"] for n in ("ssp", "nginx")}
+            return _fmt_ratio(_ratio(c["ssp"]["ssp"], c["nginx"]["nginx"]))
+
+        lines.append(f"  (hop CPU per request, ssp / nginx: keep-alive {cost(ka)}, "
+                     f"handshake {cost(hs)})")
+    phases = [lat, ka, hs] + [r[k] for k in ("stream",) if k in r]
+    errors = sum(x["errors"] for ph in phases for x in ph.values())
+    if "workers" in r:
+        errors += sum(r["workers"][k]["errors"] for k in r["workers"]
+                      if isinstance(r["workers"][k], dict))
     truncated = [f"{n}/{t}" for n, ph in (("keepalive", ka), ("handshake", hs))
                  for t, x in ph.items() if x["truncated"]]
+    lines += [f"NOTE: {n}" for n in r.get("notes", [])]
+    if busy:
+        lines.append("WARNING: other processes used CPU during (phase/target cores): "
+                     + ", ".join(busy) + "; numbers from a busy machine are not comparable")
     if errors:
         lines.append(f"WARNING: {errors} failed requests")
     if truncated:
@@ -430,67 +926,89 @@ def main(argv: list[str] | None = None) -> int:
         provider_main(Path(argv[1]))
         return 0
     if argv[:1] == ["_proxy"]:
-        proxy_main(Path(argv[1]), int(argv[2]))
+        proxy_main(Path(argv[1]), int(argv[2]), int(argv[3]), int(argv[4]))
         return 0
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=3000,
                         help="requests per target in the keep-alive phase (default 3000)")
     parser.add_argument("--concurrency", type=int, default=8,
-                        help="connections / workers (default 8)")
+                        help="connections / workers of the load generator (default 8)")
     parser.add_argument("--rate", type=float, default=100.0,
                         help="open-loop rate for the latency phase, req/s (default 100)")
-    parser.add_argument("--duration", type=float, default=5.0,
-                        help="seconds per target in the latency phase (default 5)")
+    parser.add_argument("--duration", type=float, default=10.0,
+                        help="seconds per target in the latency phase (default 10)")
     parser.add_argument("--handshakes", type=int, default=None,
                         help="requests per target in the handshake phase (default requests/3)")
     parser.add_argument("--phase-limit", type=float, default=12.0,
                         help="cap, in seconds, on each throughput measurement (default 12)")
-    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results-latest.json")
+    parser.add_argument("--stream-bytes", type=int, default=GiB,
+                        help="size of the streamed response (default 1 GiB; 0 skips it)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="proxy processes for the workers row (default 2; 1 skips it)")
+    parser.add_argument("--no-nginx", dest="nginx", action="store_false",
+                        help="leave out the nginx baseline")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: few requests, 64 MiB stream (about 1 minute)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work directory (logs, audit, nginx files)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="where to write the raw results "
+                             "(default bench/results-<UTC timestamp>.json)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.duration = min(args.requests, 600), min(args.duration, 2.0)
+        args.stream_bytes = min(args.stream_bytes, 64 * MiB)
     if args.handshakes is None:
         args.handshakes = max(1, args.requests // 3)
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    if args.json is None:
+        args.json = BENCH / f"results-{stamp:%Y%m%dT%H%M%SZ}.json"
 
     sys.path.insert(0, str(REPO))
     root = Path(tempfile.mkdtemp(prefix="ssp-bench-"))
-    procs: list[subprocess.Popen] = []
+    bench = Bench(args, root)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     try:
-        (root / "etc").mkdir()
-        shutil.copy(REPO / "etc" / "demo-sds.ldif", root / "etc" / "demo-sds.ldif")
-        from ssp import demo
-
-        demo.ensure_pki(root)
-        provider, provider_port = spawn(["_provider", str(root)], root)
-        procs.append(provider)
-        proxy, proxy_port = spawn(["_proxy", str(root), str(provider_port)], root)
-        procs.append(proxy)
-        print(f"provider :{provider_port} (pid {provider.pid}), proxy :{proxy_port} "
-              f"(pid {proxy.pid}), work dir {root}", file=sys.stderr)
-        direct, proxied = targets(root / "certs", provider_port, proxy_port)
-        pids = {"provider": provider.pid, "proxy": proxy.pid, "loadgen": os.getpid()}
+        bench.start()
         started = time.monotonic()
-        results = asyncio.run(measure(args, direct, proxied, pids))
+        results = asyncio.run(bench.measure())
         results["args"] = {k: (str(v) if isinstance(v, Path) else v)
                            for k, v in vars(args).items()}
+        results["notes"] = bench.notes
         results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
                               "platform": platform.platform(),
-                              "openssl": ssl.OPENSSL_VERSION}
-        results["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds")
+                              "openssl": ssl.OPENSSL_VERSION,
+                              "nginx": _nginx_version()}
+        results["date"] = stamp.isoformat(timespec="seconds")
         results["seconds"] = round(time.monotonic() - started, 1)
         text = table(results)
         print(text)
         results["table"] = text
+        results["busy_phases"] = busy_phases(results)
+        results["targets"] = [dict(zip(("name", "measured", "target", "met"), v))
+                              for v in verdicts(results)]
         args.json.write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nwrote {args.json}", file=sys.stderr)
         return 0
     except KeyboardInterrupt:
         return 130
     finally:
-        stop(procs)
-        shutil.rmtree(root, ignore_errors=True)
+        stop(bench.procs)
+        if args.keep:
+            print(f"kept {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _nginx_version() -> str:
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    try:
+        return subprocess.run([binary, "-v"], capture_output=True, text=True,
+                              timeout=5).stderr.strip()
+    except OSError:
+        return ""
 
 
 if __name__ == "__main__":

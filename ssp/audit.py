@@ -144,6 +144,7 @@ class _ChainWriter:
     rotate_bytes: int
     rotate_daily: bool
     fsync: Callable[[int], None]
+    raw_write: Callable[[int, memoryview], int] = os.write
     last_hash: str = GENESIS
     path: Path | None = None
     day: str = ""
@@ -283,7 +284,7 @@ class _ChainWriter:
         data = b"".join(chunk)
         view = memoryview(data)
         while view:
-            view = view[os.write(self.fd, view) :]
+            view = view[self.raw_write(self.fd, view) :]
         self.size += len(data)
         self.last_hash = chain
 
@@ -378,6 +379,7 @@ class FileAuditSink:
         rotate_bytes: int = 256 * 1024 * 1024,
         rotate_daily: bool = True,
         fsync: Callable[[int], None] = os.fsync,
+        raw_write: Callable[[int, memoryview], int] = os.write,
     ) -> None:
         """
         @param reactor: runs the writer thread's results (and the flush).
@@ -387,13 +389,18 @@ class FileAuditSink:
             fsync; C{"batch"}: after write, the fsync following; C{"never"}:
             after write, no fsync at all.
         @param fsync: the fsync to use (a seam for tests).
+        @param raw_write: the C{os.write} to use for records (a seam for tests
+            that emulate a full or read-only disk).
         """
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
         self._durability = durability
-        self._writer = _ChainWriter(Path(directory), durability, rotate_bytes, rotate_daily, fsync)
+        self._writer = _ChainWriter(
+            Path(directory), durability, rotate_bytes, rotate_daily, fsync, raw_write
+        )
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="ssp-audit")
         self._queue: list[tuple[AuditRecord, Deferred[None]]] = []
+        self._writing: _Batch | None = None
         self._busy = False
         self._flush_call: Any = None
         self._idle: list[Deferred[None]] = []
@@ -447,6 +454,16 @@ class FileAuditSink:
         self._stopping.addCallback(done.callback)
         return done
 
+    @property
+    def pending(self) -> int:
+        """
+        Records appended but not yet durable: queued, or in the batch being
+        written and synced (until its fsync returns, or its write fails).
+        A gauge for metrics: it grows while the disk is slow.
+        """
+        in_flight = len(self._writing.entries) if self._writing is not None else 0
+        return len(self._queue) + in_flight
+
     def append(self, record: AuditRecord) -> Deferred[None]:
         if self._stopped:
             return fail(AuditUnavailable())
@@ -462,7 +479,7 @@ class FileAuditSink:
         self._flush_call = None
         if not self._queue:
             return
-        batch = _Batch(self._queue)
+        batch = self._writing = _Batch(self._queue)
         self._queue = []
         self._busy = True
         records = [record for record, _ in batch.entries]
@@ -478,6 +495,7 @@ class FileAuditSink:
         d.addBoth(self._finished)
 
     def _wrote(self, result: tuple[dict[int, Exception], list[str]], batch: _Batch) -> None:
+        self._writing = None
         rejected, notes = result
         self._log_notes(notes)
         if not self.writable:
@@ -498,6 +516,7 @@ class FileAuditSink:
                 d.callback(None)
 
     def _unavailable(self, reason: Failure, batch: _Batch | None) -> None:
+        self._writing = None
         if self.writable:
             self.log.failure(
                 "Audit trail cannot be written in {directory}: refusing requests until it can",

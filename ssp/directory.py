@@ -214,6 +214,8 @@ class LDIFDirectory:
     order an export has.
     """
 
+    reachable = True
+
     def __init__(self, systems: Iterable[AccreditedSystem], handlers: Iterable[MessageHandler]):
         self._systems: dict[str, AccreditedSystem] = {}
         for system in systems:
@@ -281,7 +283,10 @@ class LDAPDirectory:
 
     @ivar searches: how many LDAP searches were started, for tests and
         metrics.
+    @ivar reachable: whether the last search reached SDS.
     """
+
+    reachable = True
 
     def __init__(
         self,
@@ -386,10 +391,15 @@ class LDAPDirectory:
             self._reactor, self._threads, self._search, search_filter, list(attributes)
         )
         d.addTimeout(self._deadline, self._reactor)
-        d.addErrback(self._unavailable, search_filter)
+        d.addCallbacks(self._reached, self._unavailable, errbackArgs=(search_filter,))
         return d
 
+    def _reached(self, found: list[Attributes]) -> list[Attributes]:
+        self.reachable = True
+        return found
+
     def _unavailable(self, failure: Failure, search_filter: str) -> Failure:
+        self.reachable = False
         log.warn(
             "SDS search {filter} failed: {error}",
             filter=search_filter,
@@ -498,9 +508,13 @@ class CachingDirectory:
       - At most C{max_entries} entries: expired ones are dropped first, then
         the oldest, so random ASIDs cannot grow it without bound.
 
+    Three monotonic counters are public for metrics:
+
     @ivar hits: lookups answered from a fresh entry.
-    @ivar misses: lookups that needed (or joined) a query.
-    @ivar stale: lookups answered from a stale entry because SDS failed.
+    @ivar misses: lookups that needed (or joined) a query to the directory
+        behind, whatever its outcome.
+    @ivar stale_served: lookups answered from a stale entry because the
+        directory behind failed (each is also a miss).
     """
 
     def __init__(
@@ -522,7 +536,11 @@ class CachingDirectory:
         self._waiting: dict[tuple[Any, ...], list[Deferred[Any]]] = {}
         self.hits = 0
         self.misses = 0
-        self.stale = 0
+        self.stale_served = 0
+
+    @property
+    def reachable(self) -> bool:
+        return bool(self._directory.reachable)
 
     def accredited_system(self, asid: str) -> Deferred[AccreditedSystem | None]:
         return self._get(("accredited_system", asid), self._directory.accredited_system, asid)
@@ -576,7 +594,7 @@ class CachingDirectory:
                     key=key,
                     age=now - entry.stored,
                 )
-                self.stale += len(waiters)
+                self.stale_served += len(waiters)
                 result = entry.value
         else:
             self._store(key, result, now)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_forward -*-
+# -*- test-case-name: tests.test_proxy,tests.test_provider_faults -*-
 """
 Forwarding: a pooled C{Agent} speaking mutual TLS to providers, a body
 producer that streams the consumer's upload as it arrives, and a relay
@@ -13,6 +13,9 @@ requests).  A proxy must do neither.
 
 from __future__ import annotations
 
+import functools
+import re
+import weakref
 from typing import Any, Callable
 
 import attrs
@@ -23,7 +26,14 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, 
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web._newclient import STATUS, ParseError
+from twisted.web.client import (
+    Agent,
+    HTTP11ClientProtocol,
+    HTTPConnectionPool,
+    ResponseDone,
+    _HTTP11ClientFactory,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer, IResponse
@@ -37,6 +47,14 @@ from ssp.tls import UpstreamTLS
 log = Logger()
 
 _BUFFER_BEFORE_PAUSE = 64 * 1024
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] [1-5][0-9]{2}(?: [\t\x20-\x7e\x80-\xff]*)?")
+_FIELD_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*")
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+
+# Responses whose connection closed without a clean TLS shutdown: a body
+# delimited by the close is then truncated, not complete.
+_CUT_SHORT: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 @implementer(IAgentEndpointFactory)
@@ -77,6 +95,9 @@ class Upstream:
         self.pool.maxPersistentPerHost = config.max_persistent_per_host
         self.pool.cachedConnectionTimeout = config.cached_connection_timeout
         self.pool.retryAutomatically = False
+        # The pool builds its protocols through this (private) hook.
+        self.pool._factory = functools.partial(_ProviderFactory,
+                                               max_header_bytes=config.max_header_bytes)
         endpoints = ProviderEndpoints(reactor, tls, dict(config.resolve), config.connect_timeout)
         self._agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
 
@@ -110,6 +131,93 @@ class Upstream:
             return _classify(result, target)
 
         return d.addBoth(classify)
+
+
+class _ProviderProtocol(HTTP11ClientProtocol):
+    """
+    Twisted's HTTP/1.1 client, strict about what a provider sends before
+    its body: at most C{max_header_bytes} of head, a well-formed status
+    line (100-599) and header lines (no obs-fold, no control bytes), and
+    not both C{Content-Length} and C{Transfer-Encoding}.  Anything else
+    fails the response (502).  A connection on which bytes followed a
+    complete response is closed rather than reused: they could otherwise
+    be read as the next consumer's response.
+    """
+
+    _guarded: Any = None
+
+    def __init__(self, quiescentCallback: Callable[[Any], None], max_header_bytes: int) -> None:
+        super().__init__(quiescentCallback)
+        self._max_header_bytes = max_header_bytes
+
+    def request(self, request: Any) -> Deferred[Any]:
+        result = super().request(request)
+        parser = self._parser
+        if parser is not None and parser is not self._guarded:
+            self._guarded = parser
+            _guard_head(parser, self._max_header_bytes)
+        return result
+
+    def _finishResponse_WAITING(self, rest: bytes) -> None:
+        if rest and self._currentRequest is not None:
+            self._currentRequest.persistent = False
+        super()._finishResponse_WAITING(rest)
+
+    _finishResponse_TRANSMITTING = _finishResponse_WAITING
+
+    def connectionLost(self, reason: Failure) -> None:
+        response = getattr(self._parser, "response", None)
+        if response is not None and not reason.check(net_error.ConnectionDone):
+            _CUT_SHORT.add(response)
+        super().connectionLost(reason)
+
+
+class _ProviderFactory(_HTTP11ClientFactory):
+    """
+    What the connection pool builds provider protocols with.
+    """
+
+    def __init__(self, quiescentCallback: Callable[[Any], None], metadata: Any,
+                 max_header_bytes: int) -> None:
+        super().__init__(quiescentCallback, metadata)
+        self._max_header_bytes = max_header_bytes
+
+    def buildProtocol(self, addr: Any) -> _ProviderProtocol:
+        return _ProviderProtocol(self._quiescentCallback, self._max_header_bytes)
+
+
+def _guard_head(parser: Any, limit: int) -> None:
+    """
+    Check each line of a response head before Twisted's parser sees it
+    (which accepts any status code, any C{NAME/x.y} version, folded lines
+    and an unbounded number of headers).
+    """
+    parser.MAX_LENGTH = limit
+    parse_line = parser.lineReceived
+    received = 0
+    framing: set[bytes] = set()
+
+    def line_received(line: bytes) -> None:
+        nonlocal received
+        received += len(line) + 1
+        if received > limit:
+            raise ParseError("response head larger than upstream.max_header_bytes", b"")
+        text = line[:-1] if line.endswith(b"\r") else line
+        if parser.state == STATUS:
+            framing.clear()
+            if not _STATUS_LINE.fullmatch(text):
+                raise ParseError("malformed status line", text[:200])
+        elif text:
+            if not _FIELD_LINE.fullmatch(text):
+                raise ParseError("malformed header line", text[:200])
+            name = text.partition(b":")[0].lower()
+            if name in _FRAMING:
+                framing.add(name)
+                if len(framing) == len(_FRAMING):
+                    raise ParseError("Content-Length with Transfer-Encoding", b"")
+        parse_line(line)
+
+    parser.lineReceived = line_received
 
 
 def _classify(failure: Failure, target: str) -> Failure:
@@ -212,8 +320,9 @@ class _Relay(Protocol):
     the provider stays silent for C{idle_timeout}.
     """
 
-    def __init__(self, request: Any, clock: IReactorTime, idle_timeout: float,
-                 target: str, done: Deferred[int]) -> None:
+    def __init__(self, response: IResponse, request: Any, clock: IReactorTime,
+                 idle_timeout: float, target: str, done: Deferred[int]) -> None:
+        self._response = response
         self._request = request
         self._target = target
         self._clock = clock
@@ -249,10 +358,12 @@ class _Relay(Protocol):
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
-        self._request.unregisterProducer()
+        if not self._request._disconnected:
+            self._request.unregisterProducer()
         if self._timed_out:
             self._done.errback(UpstreamTimeout(self._target))
-        elif reason.check(ResponseDone, PotentialDataLoss):
+        elif reason.check(ResponseDone) or (
+                reason.check(PotentialDataLoss) and self._response not in _CUT_SHORT):
             self._done.callback(self.sent)
         else:
             log.info("Upstream {target} broke off: {reason}", target=self._target,
@@ -261,7 +372,7 @@ class _Relay(Protocol):
 
 
 def relay(response: IResponse, request: Any, clock: IReactorTime,
-          idle_timeout: float, target: str) -> tuple[Deferred[int], Callable[[], None]]:
+          idle_timeout: float, target: str) -> tuple[Deferred[int], _Relay]:
     """
     Stream C{response}'s body into C{request}, whose status and headers the
     caller has already set.
@@ -269,10 +380,11 @@ def relay(response: IResponse, request: Any, clock: IReactorTime,
     @return: a Deferred firing with the body bytes relayed when the
         provider finishes (failing with L{UpstreamFailed} if it breaks off
         or L{UpstreamTimeout} if it goes idle: the caller must then abort
-        the consumer's connection, the status line having gone), and a
-        function that stops the relay.
+        the consumer's connection, the status line having gone), and the
+        relay, whose C{sent} counts the bytes so far and whose C{stop}
+        closes the provider's connection.
     """
     done: Deferred[int] = Deferred()
-    protocol = _Relay(request, clock, idle_timeout, target, done)
+    protocol = _Relay(response, request, clock, idle_timeout, target, done)
     response.deliverBody(protocol)
-    return done, protocol.stop
+    return done, protocol

@@ -34,11 +34,12 @@ HOP_BY_HOP = frozenset(
 )
 _NOT_FORWARDED_UP = HOP_BY_HOP | {b"host", b"content-length"}
 
+# Applied with fullmatch: C{$} would also accept a trailing newline.
 _UUID = re.compile(
-    rb"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    rb"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 )
-_ASID = re.compile(rb"^[0-9]{1,20}$")
-_INTERACTION = re.compile(rb"^urn:nhs:names:services:[\x21-\x7e]{1,200}$")
+_ASID = re.compile(rb"[0-9]{1,20}")
+_INTERACTION = re.compile(rb"urn:nhs:names:services:[\x21-\x7e]{1,200}")
 
 _RULES = (
     (b"Ssp-TraceID", _UUID, "must be a UUID"),
@@ -63,7 +64,7 @@ def parse(headers: Headers) -> SpineHeaders:
             raise BadRequest(f"BAD_REQUEST: {label} header is missing")
         if len(found) > 1:
             raise BadRequest(f"BAD_REQUEST: {label} header is repeated")
-        if not pattern.match(found[0]):
+        if not pattern.fullmatch(found[0]):
             raise BadRequest(f"BAD_REQUEST: {label} header {rule}")
         values.append(found[0].decode("ascii"))
     return SpineHeaders(*values)

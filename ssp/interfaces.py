@@ -47,6 +47,11 @@ class IDirectory(Interface):
         C{interaction} is L{None}.
         """
 
+    reachable = Attribute(
+        "False while the directory behind cannot be reached (its last lookup failed); "
+        "C{/readyz} reports it."
+    )
+
 
 class IThrottle(Interface):
     """
@@ -80,6 +85,7 @@ class IAuditSink(Interface):
         """
 
     writable = Attribute("True while the sink believes it can write durably.")
+    pending = Attribute("Records accepted but not yet as durable as the policy demands.")
 
 
 class IUpstream(Interface):

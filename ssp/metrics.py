@@ -8,13 +8,19 @@ gets, so the two can never disagree about what happened.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Iterator
 
+import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
-from ssp.model import AuditRecord
+from ssp.directory import CachingDirectory
+from ssp.interfaces import IDirectory, IThrottle
+from ssp.model import AuditRecord, RateDecision
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -25,7 +31,14 @@ class Metrics:
     their own so several proxies can live in one test process.
     """
 
-    def __init__(self, in_flight: Callable[[], float] = lambda: 0) -> None:
+    def __init__(self, in_flight: Callable[[], float] = lambda: 0,
+                 audit_pending: Callable[[], float] = lambda: 0,
+                 directory: Callable[[], IDirectory | None] = lambda: None) -> None:
+        """
+        @param in_flight: the number of requests in progress.
+        @param audit_pending: L{IAuditSink.pending} of the audit sink.
+        @param directory: the directory in use (it changes on reload).
+        """
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "ssp_requests", "Completed requests.",
@@ -46,8 +59,23 @@ class Metrics:
         self.tls_failures = Counter(
             "ssp_tls_handshake_failures", "Failed inbound TLS handshakes.", registry=self.registry
         )
+        self.throttle_decisions = Counter(
+            "ssp_throttle_decisions", "Rate-limit decisions by role and outcome.",
+            ["role", "decision"], registry=self.registry,
+        )
         gauge = Gauge("ssp_in_flight", "Requests in progress.", registry=self.registry)
         gauge.set_function(in_flight)
+        pending = Gauge("ssp_audit_pending",
+                        "Audit records accepted but not yet durable (the queue depth).",
+                        registry=self.registry)
+        pending.set_function(audit_pending)
+        self.registry.register(_CacheCollector(directory))
+
+    def counting(self, throttle: IThrottle) -> IThrottle:
+        """
+        C{throttle}, counting its decisions in C{ssp_throttle_decisions}.
+        """
+        return _CountingThrottle(throttle, self.throttle_decisions)
 
     def observe(self, record: AuditRecord) -> None:
         if record.event == "tls-failed":
@@ -63,6 +91,52 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@implementer(IThrottle)
+@attrs.frozen
+class _CountingThrottle:
+    throttle: IThrottle
+    decisions: Counter
+
+    def consume_consumer(self, asid: str) -> Deferred[RateDecision | None]:
+        return self._count("consumer", self.throttle.consume_consumer(asid))
+
+    def consume_provider(self, asid: str) -> Deferred[RateDecision | None]:
+        return self._count("provider", self.throttle.consume_provider(asid))
+
+    def _count(self, role: str, d: Deferred[RateDecision | None]) -> Deferred[RateDecision | None]:
+        def decided(decision: RateDecision | None) -> RateDecision | None:
+            outcome = "unlimited" if decision is None else (
+                "allowed" if decision.allowed else "refused")
+            self.decisions.labels(role, outcome).inc()
+            return decision
+
+        def failed(failure: Any) -> Any:
+            self.decisions.labels(role, "unavailable").inc()
+            return failure
+
+        return d.addCallbacks(decided, failed)
+
+
+@attrs.frozen
+class _CacheCollector:
+    """
+    The SDS cache's counters, read when scraped; absent for a directory
+    without a cache (LDIF).
+    """
+
+    directory: Callable[[], IDirectory | None]
+
+    def collect(self) -> Iterator[Metric]:
+        directory = self.directory()
+        if isinstance(directory, CachingDirectory):
+            lookups = CounterMetricFamily(
+                "ssp_sds_cache_lookups", "SDS lookups by cache outcome.", labels=["outcome"])
+            lookups.add_metric(["hit"], directory.hits)
+            lookups.add_metric(["miss"], directory.misses)
+            lookups.add_metric(["stale"], directory.stale_served)
+            yield lookups
 
 
 def _reason(token: str) -> str:

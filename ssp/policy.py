@@ -159,6 +159,8 @@ def within_endpoint(endpoint: str, target_url: str) -> bool:
     if rest is None:
         return False
     path = rest.split("?", 1)[0].replace("\\", "/")
+    if "." not in path and "%" not in path:
+        return True  # no segment can be a dot segment, encoded or not
     return not any(unquote(s) in (".", "..") for s in path.split("/"))
 
 

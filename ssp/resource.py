@@ -1,8 +1,16 @@
-# -*- test-case-name: tests.test_proxy -*-
+# -*- test-case-name: tests.test_proxy,tests.test_hostile,tests.test_slow_clients -*-
 """
-The HTTP side: a request class that streams uploads instead of buffering
-them, a channel that starts a request as soon as its headers are in, and
-the resource that admits, audits, forwards and relays each request.
+The HTTP side: a channel that parses request heads strictly, caps their
+size and time and starts a request as soon as its headers are in; a
+request class that streams uploads instead of buffering them; a site that
+caps connections; and the resource that admits, audits, forwards and
+relays each request.
+
+The channel is the framing boundary (C{docs/hostile-input.md}): anything
+that could make the proxy and a provider disagree about where a request
+ends -- conflicting lengths, folded or bare-CR/LF lines, control bytes --
+and anything too big or too slow is refused with an OperationOutcome,
+audited, and the connection closed, before anything is forwarded.
 
 The render follows klein's pattern: the work is a Deferred that a client
 disconnect cancels, so an abandoned request stops its upstream request.
@@ -10,31 +18,56 @@ disconnect cancels, so an abandoned request stops its upstream request.
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
 
-from ssp import errors, forward, headers, token
-from ssp.errors import Refusal
+from ssp import cors, errors, forward, headers, token
+from ssp.config import CorsConfig, ListenConfig
+from ssp.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    PayloadTooLarge,
+    Refusal,
+    RequestTimeout,
+    URITooLong,
+)
 from ssp.interfaces import IAuditSink, IUpstream
-from ssp.model import AuditRecord, Claims
+from ssp.model import AuditRecord, Claims, ClientIdentity
 from ssp.pipeline import Checks, Findings, Inbound, admit
 
 log = Logger()
 
 REASONS = {
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
     495: b"SSL Certificate Error",
     496: b"SSL Certificate Required",
     497: b"HTTP Request Sent to HTTPS Port",
 }
 CLIENT_CLOSED = 499
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) (HTTP/1\.[01])")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(rb"[0-9]+")
+# More digits than this cannot be a length we accept (and Twisted's own
+# int() of a 4301-digit Content-Length raises out of dataReceived).
+_MAX_LENGTH_DIGITS = 18
+
+# Where a connection is in its current exchange.
+_HEAD, _BODY, _HANDLING = "head", "body", "handling"
 
 
 class ProxyRequest(server.Request):
@@ -42,14 +75,22 @@ class ProxyRequest(server.Request):
     A request whose body is handed to a L{forward.RequestBody} chunk by
     chunk instead of being collected in C{content}, and which may start
     before its body has arrived.
+
+    @ivar refusal: set when the channel refuses the request after it
+        started (a malformed, oversized or stalled body).
+    @ivar work: the Deferred of L{Proxy.handle}, cancelled by L{refuse}.
     """
 
     defaultContentType = None
     body: forward.RequestBody | None = None
+    refusal: Refusal | None = None
+    work: Deferred[None] | None = None
     _started = False
+    _max_body = 0
 
     def gotLength(self, length: int | None) -> None:
         self.content = None
+        self._max_body = self.channel.limits.max_body_bytes
         if length != 0:
             transport = self.channel.transport
             self.body = forward.RequestBody(
@@ -57,16 +98,26 @@ class ProxyRequest(server.Request):
             )
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self.body is not None:
-            self.body.feed(data)
+        if self.body is None or self.refusal is not None:
+            return
+        if self._max_body and self.body.received + len(data) > self._max_body:
+            self.refuse(PayloadTooLarge(self._max_body))
+            return
+        self.body.feed(data)
+
+    def describe(self, command: bytes, path: bytes, version: bytes) -> None:
+        """
+        Set what the request line said, for the response and the audit.
+        """
+        self.method, self.uri, self.clientproto = command, path, version
+        self.path = path.partition(b"?")[0]
 
     def start(self, command: bytes, path: bytes, version: bytes) -> None:
         """
         Begin processing once the headers are in; the body follows.
         """
         self._started = True
-        self.method, self.uri, self.clientproto = command, path, version
-        self.path = path.partition(b"?")[0]
+        self.describe(command, path, version)
         self.args = {}
         self.process()
 
@@ -76,6 +127,23 @@ class ProxyRequest(server.Request):
                 self.body.finish()
             return
         self.start(command, path, version)
+
+    def refuse(self, refusal: Refusal) -> None:
+        """
+        Refuse a started request whose body turned out malformed, too large
+        or too slow: the work is cancelled (and with it any upstream
+        request), the consumer answered if nothing was sent yet, and the
+        connection closed.
+        """
+        if self.finished or self._disconnected or self.refusal is not None:
+            return
+        self.refusal = refusal
+        body = self.body
+        self.channel.stop_reading()
+        if self.work is not None:
+            self.work.cancel()
+        if body is not None and not body.complete:
+            body.fail(Failure(refusal))
 
     def connectionLost(self, reason: Failure) -> None:
         if self.body is not None and not self.body.complete:
@@ -93,50 +161,399 @@ class ProxyRequest(server.Request):
 
 class ProxyChannel(http.HTTPChannel):
     """
-    Starts requests that carry a body as soon as their headers are in, so
-    the body streams to the provider instead of being buffered.
+    A strict HTTP/1.1 server channel.
+
+    Twisted's parser is lenient where a proxy must not be (obs-fold,
+    C{Transfer-Encoding: identity}, control bytes, huge C{Content-Length}
+    values) and answers what it does reject with a bare 400.  This channel
+    checks every line of a request head first, against the C{[listen]}
+    limits, refuses with L{Proxy.refuse_early} (an audited OperationOutcome)
+    and stops reading; it also times the head out after
+    C{listen.header_timeout} (408) and a stalled body after
+    C{listen.idle_timeout} (408).  Requests that carry a body start as soon
+    as their headers are in, so the body streams to the provider instead of
+    being buffered.
+
+    @ivar limits: the C{[listen]} section, set by L{ProxySite}.
+    @ivar address: the consumer's address the connection is counted under.
     """
 
-    def allHeadersReceived(self) -> None:
-        super().allHeadersReceived()
-        if self.length != 0 and self.requests:
-            self.requests[-1].start(self._command, self._path, self._version)
+    limits: ListenConfig
+    address = ""
+    _phase = _HEAD
+    _closing = False
+    _deadline: IDelayedCall | None = None
 
-    def connectionLost(self, reason: Failure) -> None:
-        self.site.channels.discard(self)
-        super().connectionLost(reason)
+    def connectionMade(self) -> None:
+        limits = self.limits
+        self.MAX_LENGTH = max(limits.max_request_line, limits.max_header_bytes)
+        self.totalHeadersSize = limits.max_request_line + limits.max_header_bytes
+        self.maxHeaders = limits.max_headers
+        self.abortTimeout = limits.header_timeout
+        self._new_head()
+        super().connectionMade()
+        self._deadline = self.callLater(limits.header_timeout, self._head_expired)
+
+    def _new_head(self) -> None:
+        self._phase = _HEAD
+        self._awaiting_request_line = True
+        self._head_started = False
+        self._head_bytes = 0
+        self._header_count = 0
+        self._content_length: int | None = None
+        self._chunked = False
+        self._hosts = 0
 
     @property
     def idle(self) -> bool:
         return not self.requests
 
+    def stop_reading(self) -> None:
+        """
+        Ignore everything the consumer sends from now on and close after the
+        current response; abort if the consumer does not read it within
+        C{abortTimeout} seconds.
+        """
+        self._closing = True
+        self.persistent = False
+        self._cancel_deadline()
+        if self._abortingCall is None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        super().dataReceived(data)
+        # Re-entrant calls (a response finishing while lines are parsed)
+        # only append to the line buffer; check it once, at the outside.
+        if self._phase is _HEAD and not self._closing and not self._busyReceiving:
+            self._check_partial_line(self._buffer)
+
+    def _check_partial_line(self, pending: bytes) -> None:
+        """
+        Look at the unterminated line a head is waiting on: LineReceiver
+        only splits on CRLF, so a CR or LF in it is bare, and a line that is
+        already too long need not be waited for.
+        """
+        if pending or not self._awaiting_request_line:
+            self._head_started = True
+            if self._deadline is None:
+                self._deadline = self.callLater(self.limits.header_timeout, self._head_expired)
+        if b"\n" in pending or b"\r" in pending[:-1]:
+            self._refuse_head(BadRequest("BAD_REQUEST: bare CR or LF in request head"), pending)
+        elif self._awaiting_request_line and len(pending) > self.limits.max_request_line:
+            self._refuse_head(URITooLong(self.limits.max_request_line), pending)
+        elif (not self._awaiting_request_line
+              and self._head_bytes + len(pending) > self.limits.max_header_bytes):
+            self._refuse_head(self._too_large())
+
+    def lineReceived(self, line: bytes) -> bool | None:
+        if self._closing:
+            return True
+        refusal = self._line_refusal(line)
+        if refusal is not None:
+            self._refuse_head(refusal, line)
+            return True
+        super().lineReceived(line)
+        return True if self._closing else None
+
+    def _line_refusal(self, line: bytes) -> Refusal | None:
+        if b"\r" in line or b"\n" in line:
+            return BadRequest("BAD_REQUEST: bare CR or LF in request head")
+        if self._awaiting_request_line:
+            if not line:
+                return None  # one empty line before a request is tolerated (RFC 9112 2.2)
+            self._awaiting_request_line = False
+            return self._request_line_refusal(line)
+        self._head_bytes += len(line) + 2
+        if self._head_bytes > self.limits.max_header_bytes:
+            return self._too_large()
+        if line[:1] in (b" ", b"\t"):
+            return BadRequest("BAD_REQUEST: obsolete line folding in request head")
+        return None
+
+    def _request_line_refusal(self, line: bytes) -> Refusal | None:
+        if len(line) > self.limits.max_request_line:
+            return URITooLong(self.limits.max_request_line)
+        if _REQUEST_LINE.fullmatch(line):
+            return None
+        parts = line.split(b" ")
+        if len(parts) != 3 or not parts[1] or not _TOKEN.fullmatch(parts[0]):
+            return BadRequest("BAD_REQUEST: malformed request line")
+        if parts[2] not in (b"HTTP/1.0", b"HTTP/1.1"):
+            return BadRequest("BAD_REQUEST: HTTP version must be HTTP/1.0 or HTTP/1.1")
+        return BadRequest("BAD_REQUEST: request target must be visible ASCII "
+                          "(percent-encode anything else)")
+
+    def _too_large(self) -> Refusal:
+        return HeadersTooLarge(f"REQUEST_HEADERS_LARGER_THAN_{self.limits.max_header_bytes}_BYTES")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self._awaiting_request_line:
+            self._refuse_head(URITooLong(self.limits.max_request_line), line)
+        else:
+            self._refuse_head(self._too_large())
+
+    def headerReceived(self, line: bytes) -> bool:
+        refusal = self._header_refusal(line)
+        if refusal is not None:
+            self._refuse_head(refusal)
+            return False
+        accepted = super().headerReceived(line)
+        if accepted and self._chunked and not isinstance(self._transferDecoder, _StrictChunked):
+            self._transferDecoder = _StrictChunked(
+                self.requests[-1].handleContentChunk, self._finishRequestBody
+            )
+        return accepted
+
+    def _header_refusal(self, line: bytes) -> Refusal | None:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            return BadRequest("BAD_REQUEST: malformed header line")
+        if not _TOKEN.fullmatch(name):
+            return BadRequest("BAD_REQUEST: invalid header name")
+        value = value.strip(b" \t")
+        if _CONTROL.search(value):
+            return BadRequest(f"BAD_REQUEST: control character in header {name.decode()}")
+        self._header_count += 1
+        if self._header_count > self.limits.max_headers:
+            return HeadersTooLarge(f"MORE_THAN_{self.limits.max_headers}_REQUEST_HEADERS")
+        lower = name.lower()
+        if lower == b"content-length":
+            return self._content_length_refusal(value)
+        if lower == b"transfer-encoding":
+            return self._transfer_encoding_refusal(value)
+        if lower == b"host":
+            self._hosts += 1
+            if self._hosts > 1:
+                return BadRequest("BAD_REQUEST: Host header is repeated")
+        return None
+
+    def _content_length_refusal(self, value: bytes) -> Refusal | None:
+        if self._content_length is not None:
+            return BadRequest("BAD_REQUEST: Content-Length is repeated")
+        if not _DIGITS.fullmatch(value):
+            return BadRequest("BAD_REQUEST: Content-Length must be a decimal number")
+        if self._chunked:
+            return BadRequest("BAD_REQUEST: Content-Length with Transfer-Encoding")
+        if len(value) > _MAX_LENGTH_DIGITS:
+            return PayloadTooLarge(self.limits.max_body_bytes or 10**_MAX_LENGTH_DIGITS)
+        self._content_length = int(value)
+        return None
+
+    def _transfer_encoding_refusal(self, value: bytes) -> Refusal | None:
+        if self._version != b"HTTP/1.1":
+            return BadRequest("BAD_REQUEST: Transfer-Encoding in an HTTP/1.0 request")
+        if self._chunked:
+            return BadRequest("BAD_REQUEST: Transfer-Encoding is repeated")
+        if value.lower() != b"chunked":
+            return BadRequest("BAD_REQUEST: Transfer-Encoding must be chunked")
+        if self._content_length is not None:
+            return BadRequest("BAD_REQUEST: Content-Length with Transfer-Encoding")
+        self._chunked = True
+        return None
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_deadline()
+        if self._version == b"HTTP/1.1" and not self._hosts:
+            self._refuse_head(BadRequest("BAD_REQUEST: Host header is missing"))
+            return
+        limit = self.limits.max_body_bytes
+        if limit and self._content_length is not None and self._content_length > limit:
+            self._refuse_head(PayloadTooLarge(limit))
+            return
+        super().allHeadersReceived()
+        self._phase = _BODY
+        if self.length != 0 and self.requests:
+            self.requests[-1].start(self._command, self._path, self._version)
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        """
+        As Twisted's, but reading C{Connection} as the comma-separated list
+        it is (Twisted splits on spaces only, missing C{keep-alive,close}).
+        """
+        tokens = {
+            option.strip().lower()
+            for value in request.requestHeaders.getRawHeaders(b"connection", [])
+            for option in value.split(b",")
+        }
+        if version != b"HTTP/1.1":
+            return False
+        if b"close" in tokens:
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            return False
+        return True
+
     def allContentReceived(self) -> None:
-        if not self.requests:
+        if self._closing or not self.requests:
             # The response already went and the connection is closing.
             self.length = 0
             self._transferDecoder = None
             return
+        self._phase = _HANDLING
         super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        if self.persistent and not self._closing:
+            self._new_head()
+        else:
+            self.stop_reading()
+        super().requestDone(request)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's own rejections: a malformed chunked body once a request
+        # has started, otherwise anything our checks did not name first.
+        if self._phase is _BODY:
+            if self.requests:
+                self.requests[-1].refuse(BadRequest("BAD_REQUEST: malformed chunked body"))
+        elif not self._closing:
+            self._refuse_head(BadRequest("BAD_REQUEST: malformed request"))
+
+    def _refuse_head(self, refusal: Refusal, partial: bytes = b"") -> None:
+        """
+        Refuse the request whose head is being read, with whatever is known
+        of it, and close.
+        """
+        if self._closing:
+            return
+        if self.requests:
+            request = self.requests[-1]
+            request.describe(getattr(self, "_command", b""), getattr(self, "_path", b""),
+                             getattr(self, "_version", b"HTTP/1.1"))
+        else:
+            request = self.requestFactory(self)
+            self.requests.append(request)
+            request.describe(*_request_line_prefix(partial))
+        self.stop_reading()
+        self.site.proxy.refuse_early(request, refusal)
+
+    def timeoutConnection(self) -> None:
+        if not self._closing:
+            if self._phase is _BODY and self.requests:
+                self.requests[-1].refuse(RequestTimeout())
+                return
+            if self._phase is _HEAD and self._head_started:
+                self._refuse_head(RequestTimeout(), self._buffer)
+                return
+        super().timeoutConnection()
+
+    def _head_expired(self) -> None:
+        self._deadline = None
+        if self._closing or self._phase is not _HEAD:
+            return
+        if self._head_started:
+            self._refuse_head(RequestTimeout(), self._buffer)
+        else:
+            # Connected but never sent a byte of a request: nothing to answer.
+            self.stop_reading()
+            self.loseConnection()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._cancel_deadline()
+        self.site.channel_closed(self)
+        super().connectionLost(reason)
+
+
+class _StrictChunked(http._ChunkedTransferDecoder):
+    """
+    Twisted's chunked decoder, refusing a bare CR or LF in a chunk-size or
+    trailer line at once instead of waiting for a CRLF that never comes.
+    """
+
+    def _dataReceived_CHUNK_LENGTH(self) -> bool:
+        _check_chunk_line(self._buffer)
+        return super()._dataReceived_CHUNK_LENGTH()
+
+    def _dataReceived_TRAILER(self) -> bool:
+        _check_chunk_line(self._buffer)
+        return super()._dataReceived_TRAILER()
+
+
+def _check_chunk_line(buffer: bytearray) -> None:
+    end = buffer.find(b"\r\n")
+    line = buffer[:end] if end >= 0 else buffer.rstrip(b"\r")
+    if b"\r" in line or b"\n" in line:
+        raise http._MalformedChunkedDataError("bare CR or LF in chunked framing")
+
+
+def _request_line_prefix(partial: bytes) -> tuple[bytes, bytes, bytes]:
+    """
+    The method and (truncated) target of an unfinished request line, for
+    the audit record of its refusal.
+    """
+    method, _, rest = partial.partition(b" ")
+    target = rest.partition(b" ")[0][:512]
+    if not _TOKEN.fullmatch(method[:32]):
+        return b"", b"", b"HTTP/1.1"
+    return method[:32], target, b"HTTP/1.1"
+
+
+class _Refused(Protocol):
+    """
+    Stands in for a channel on a connection over the limits: aborts it.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
 
 
 class ProxySite(server.Site):
     """
-    The site: our request and channel classes, no access log of its own
-    (each exchange is logged once, with its audit fields, by L{Proxy}).
+    The site: our request and channel classes, connection caps in total and
+    per consumer address, and no access log of its own (each exchange is
+    logged once, with its audit fields, by L{Proxy}).
+
+    @ivar refused_connections: connections aborted for being over a cap.
     """
 
     requestFactory = ProxyRequest
     protocol = ProxyChannel
     displayTracebacks = False
 
-    def __init__(self, resource: Resource, reactor: Any, idle_timeout: float) -> None:
-        super().__init__(resource, reactor=reactor, timeout=idle_timeout)
+    def __init__(self, resource: ProxyResource, reactor: Any, limits: ListenConfig) -> None:
+        super().__init__(resource, reactor=reactor, timeout=limits.idle_timeout)
+        self.proxy = resource.proxy
+        self.limits = limits
         self.channels: set[ProxyChannel] = set()
+        self.refused_connections = 0
+        self._per_address: dict[str, int] = {}
 
-    def buildProtocol(self, addr: Any) -> ProxyChannel:
+    def buildProtocol(self, addr: Any) -> ProxyChannel | _Refused:
+        """
+        A channel, or a L{_Refused} when C{listen.max_connections} or
+        C{listen.max_connections_per_address} would be exceeded.  C{addr}
+        is the consumer's address (after the PROXY protocol when enabled).
+        """
+        address = str(getattr(addr, "host", ""))
+        limits = self.limits
+        if (len(self.channels) >= limits.max_connections
+                or self._per_address.get(address, 0) >= limits.max_connections_per_address):
+            self.refused_connections += 1
+            log.debug("Connection from {address} refused: over the connection limits",
+                      address=address)
+            return _Refused()
         channel = super().buildProtocol(addr)
+        channel.limits = limits
+        channel.address = address
         self.channels.add(channel)
+        self._per_address[address] = self._per_address.get(address, 0) + 1
         return channel
+
+    def channel_closed(self, channel: ProxyChannel) -> None:
+        if channel not in self.channels:
+            return
+        self.channels.discard(channel)
+        left = self._per_address[channel.address] - 1
+        if left:
+            self._per_address[channel.address] = left
+        else:
+            del self._per_address[channel.address]
 
     def log(self, request: Any) -> None:
         pass
@@ -151,12 +568,12 @@ class ProxyResource(Resource):
 
     def __init__(self, proxy: Proxy) -> None:
         super().__init__()
-        self._proxy = proxy
+        self.proxy = proxy
 
     def render(self, request: ProxyRequest) -> int:
-        work = Deferred.fromCoroutine(self._proxy.handle(request))
+        work = request.work = Deferred.fromCoroutine(self.proxy.handle(request))
         request.notifyFinish().addErrback(lambda _: work.cancel())
-        work.addErrback(self._proxy.crashed, request)
+        work.addErrback(self.proxy.crashed, request)
         return server.NOT_DONE_YET
 
 
@@ -166,12 +583,14 @@ class Proxy:
 
     @ivar checks: the pipeline's collaborators; the service swaps them on
         reload.
+    @ivar cors: the origins whose preflights are answered (SPEC §9.5).
     """
 
     def __init__(self, checks: Checks, upstream: IUpstream, audit: IAuditSink,
                  clock: IReactorTime, idle_timeout: float, hsts: bytes,
-                 observers: tuple[Any, ...] = ()) -> None:
+                 observers: tuple[Any, ...] = (), cors: CorsConfig = CorsConfig()) -> None:
         self.checks = checks
+        self.cors = cors
         self.upstream = upstream
         self.audit = audit
         self.clock = clock
@@ -188,6 +607,10 @@ class Proxy:
         self.in_flight += 1
         try:
             connection = _tls_connection(request)
+            if cors.is_preflight(request.method, request.requestHeaders):
+                found.client = self.checks.identify(connection)
+                self._answer_preflight(request, found, outcome)
+                return
             inbound = Inbound(request.method, request.uri, request.requestHeaders, connection)
             await admit(inbound, self.checks, found)
             await self.audit.append(
@@ -198,7 +621,11 @@ class Proxy:
             outcome.refused(refusal)
             self._refuse(request, refusal, found)
         except CancelledError:
-            outcome.abandoned()
+            if request.refusal is None:
+                outcome.abandoned()
+            else:
+                outcome.refused(request.refusal)
+                self._refuse(request, request.refusal, found)
         finally:
             self.in_flight -= 1
             outcome.total_latency = self.clock.seconds() - started
@@ -230,23 +657,46 @@ class Proxy:
         for name, values in headers.downstream_headers(response.headers):
             request.responseHeaders.setRawHeaders(name, values)
         self._add_response_headers(request, found)
-        done, stop = forward.relay(response, request, self.clock, self.idle_timeout,
-                                   url.text)
+        done, relaying = forward.relay(response, request, self.clock, self.idle_timeout,
+                                       url.text)
         try:
             outcome.bytes_out = await done
         except CancelledError:
-            stop()
+            outcome.bytes_out = relaying.sent
+            relaying.stop()
             raise
         except Refusal as failure:
+            outcome.bytes_out = relaying.sent
             outcome.status, outcome.token = failure.status, failure.token
             outcome.decision = "failed"
             request.channel.transport.abortConnection()
             return
         request.finish()
 
+    def _answer_preflight(self, request: ProxyRequest, found: Findings,
+                          outcome: _Outcome) -> None:
+        """
+        Answer a CORS preflight from a configured origin with 204; the
+        browser is asking the proxy, so nothing is forwarded.
+
+        @raise Forbidden: the origin or verb is not allowed.
+        """
+        for name, value in cors.preflight(self.cors, request.requestHeaders):
+            request.responseHeaders.setRawHeaders(name, [value])
+        outcome.decision, outcome.status = "answered", 204
+        request.setResponseCode(204)
+        request.responseHeaders.removeHeader(b"server")
+        request.responseHeaders.setRawHeaders(b"Strict-Transport-Security", [self.hsts])
+        request.finish()
+
     def _add_response_headers(self, request: ProxyRequest, found: Findings) -> None:
         if not request.responseHeaders.hasHeader(b"strict-transport-security"):
             request.responseHeaders.setRawHeaders(b"Strict-Transport-Security", [self.hsts])
+        for name, value in cors.response_headers(self.cors, request.requestHeaders):
+            if name == b"Vary":
+                request.responseHeaders.addRawHeader(name, value)
+            else:
+                request.responseHeaders.setRawHeaders(name, [value])
         if found.rate is not None:
             for name, value in found.rate.headers():
                 request.responseHeaders.setRawHeaders(name, [value])
@@ -261,6 +711,9 @@ class Proxy:
         content_type, body = errors.operation_outcome(refusal, xml)
         request.setResponseCode(refusal.status, REASONS.get(refusal.status))
         response_headers = request.responseHeaders
+        if not request.channel.persistent or (request.body is not None
+                                              and not request.body.complete):
+            response_headers.setRawHeaders(b"Connection", [b"close"])
         response_headers.removeHeader(b"server")
         response_headers.setRawHeaders(b"Content-Type", [content_type])
         response_headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
@@ -269,6 +722,28 @@ class Proxy:
         self._add_response_headers(request, found)
         request.write(body)
         request.finish()
+
+    def refuse_early(self, request: ProxyRequest, refusal: Refusal) -> None:
+        """
+        Answer and audit a request the channel refused before it could be
+        admitted (its framing, size or timing); the connection then closes.
+        """
+        started = self.clock.seconds()
+        found = Findings(client=self._identity(request))
+        outcome = _Outcome()
+        outcome.refused(refusal)
+        outcome.total_latency = 0.0
+        request.responseHeaders.setRawHeaders(b"Date", [http.datetimeToString(started)])
+        self._refuse(request, refusal, found)
+        Deferred.fromCoroutine(self._complete(
+            self._record("completed", uuid.uuid4().hex, started, request, found, outcome)
+        ))
+
+    def _identity(self, request: ProxyRequest) -> ClientIdentity | None:
+        try:
+            return self.checks.identify(_tls_connection(request))
+        except Refusal:
+            return None
 
     def _record(self, event: str, request_id: str, started: float, request: ProxyRequest,
                 found: Findings, outcome: _Outcome) -> AuditRecord:

@@ -6,16 +6,19 @@ configuration, listens, reloads on SIGHUP and drains on stop.
 
 from __future__ import annotations
 
+import os
 import signal
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import deferLater
 from twisted.internet.testing import waitUntilAllDisconnected
 from twisted.logger import Logger
@@ -26,7 +29,7 @@ from twisted.web.server import Site
 
 from ssp import config as ssp_config
 from ssp.audit import FileAuditSink
-from ssp.config import Config
+from ssp.config import Config, ServerTLSConfig, ThrottleConfig
 from ssp.directory import directory_from_config
 from ssp.forward import Upstream
 from ssp.interfaces import IAuditSink, IDirectory, IThrottle
@@ -34,8 +37,9 @@ from ssp.metrics import Metrics, admin_resource
 from ssp.model import AuditRecord
 from ssp.pipeline import Checks
 from ssp.resource import Proxy, ProxyResource, ProxySite
-from ssp.throttle import throttle_from_config
-from ssp.tls import ServerTLS, TLSOrPlainFactory, UpstreamTLS
+from ssp.systemd import SystemdNotifier
+from ssp.throttle import Throttle, throttle_from_config
+from ssp.tls import ServerTLS, TLSOrPlainFactory, UpstreamTLS, read_certificates
 
 log = Logger()
 
@@ -59,9 +63,16 @@ class SSPService(MultiService):
     """
 
     def __init__(self, config: Config, reactor: Any, config_path: Path | None = None,
-                 concerns: Concerns | None = None) -> None:
+                 concerns: Concerns | None = None,
+                 adjust: Callable[[Config], Config] | None = None) -> None:
+        """
+        @param adjust: applied to each configuration re-read on SIGHUP, as
+            it was to C{config}: command-line overrides, a worker's own
+            audit directory and admin port (L{ssp.workers.worker_config}).
+        """
         super().__init__()
         self.config = config
+        self._adjust = adjust or (lambda loaded: loaded)
         self.reactor = reactor
         self.config_path = config_path
         self._given = concerns or Concerns()
@@ -70,6 +81,8 @@ class SSPService(MultiService):
         self.proxy: Proxy | None = None
         self.site: ProxySite | None = None
         self._listener: StreamServerEndpointService | None = None
+        self._directory_service: IService | None = None
+        self._retiring: list[tuple[IDelayedCall, tuple[Any, ...]]] = []
 
     def privilegedStartService(self) -> None:
         self._build()
@@ -82,6 +95,8 @@ class SSPService(MultiService):
             part.start()
         super().startService()
         self.reactor.addSystemEventTrigger("during", "startup", self._install_sighup)
+        # After startup, so that SIGHUP is handled by the time systemd may send it.
+        self.reactor.callWhenRunning(lambda: self.listening().addCallback(self._ready))
 
     def stopService(self) -> Deferred[None]:
         if not self.running:
@@ -94,9 +109,11 @@ class SSPService(MultiService):
         C{drain_timeout} seconds while idle keep-alive connections are
         closed, abort what remains, then stop the concerns.
         """
+        self.systemd.stopping()
         if self._listener is not None and self._listener.parent is self:
             await maybeDeferred(self._listener.disownServiceParent)
         await self._drain(self.config.listen.drain_timeout)
+        await self._retire_now()
         await maybeDeferred(super().stopService)
         await DeferredList([maybeDeferred(p.stop) for p in reversed(self._lifecycle)])
 
@@ -107,7 +124,7 @@ class SSPService(MultiService):
         while True:
             for channel in list(self.site.channels):
                 if channel.idle:
-                    channel.transport.loseConnection()
+                    _close_idle(channel.transport)
                 else:
                     channel.persistent = False
             if not self.site.channels or self.reactor.seconds() >= deadline:
@@ -121,18 +138,17 @@ class SSPService(MultiService):
 
     def _build(self) -> None:
         config = self.config
+        self.systemd = SystemdNotifier(self.reactor, os.environ)
+        self.systemd.setServiceParent(self)
         self.server_tls = ServerTLS(config.tls)
-        upstream = Upstream(self.reactor, config.upstream, UpstreamTLS(config.upstream))
-        directory = self._given.directory
-        if directory is None:
-            directory, directory_service = directory_from_config(
-                config.directory, self.reactor, self.reactor,
-                (config.upstream.certificate, config.upstream.private_key),
-            )
-            directory_service.setServiceParent(self)
-        throttle = self._given.throttle
-        if throttle is None:
-            throttle = throttle_from_config(config.throttle, self.reactor)
+        self._certificate_expiry = _expiry(config.tls)
+        parts = self._reloadable(config, None)
+        if parts.directory_service is not None:
+            parts.directory_service.setServiceParent(self)
+            self._directory_service = parts.directory_service
+        upstream, directory, throttle = parts.upstream, parts.directory, parts.throttle
+        self.throttle = throttle
+        if self._given.throttle is None:
             self._lifecycle.append(throttle)
         audit = self._given.audit
         if audit is None:
@@ -140,14 +156,18 @@ class SSPService(MultiService):
             self._lifecycle.append(audit)
         self.audit = audit
         hsts = config.tls.hsts.encode("ascii")
-        self.metrics = Metrics(lambda: self.proxy.in_flight if self.proxy else 0)
+        self.metrics = Metrics(
+            in_flight=lambda: self.proxy.in_flight if self.proxy else 0,
+            audit_pending=lambda: audit.pending,
+            directory=lambda: self.proxy.checks.directory if self.proxy else None,
+        )
         self.proxy = Proxy(
             self._checks(config, directory, throttle), upstream, audit, self.reactor,
             config.upstream.idle_timeout, hsts,
             observers=(self.metrics.observe,) + ((_access_log,) if config.log.access_log else ()),
+            cors=config.cors,
         )
-        site = self.site = ProxySite(ProxyResource(self.proxy), self.reactor,
-                                     config.listen.idle_timeout)
+        site = self.site = ProxySite(ProxyResource(self.proxy), self.reactor, config.listen)
         listener = TLSOrPlainFactory(
             TLSMemoryBIOFactory(self.server_tls, False, site), hsts,
             on_handshake_failure=self._handshake_failed,
@@ -183,7 +203,7 @@ class SSPService(MultiService):
         return Checks(
             identify=self.server_tls.client_identity,
             directory=directory,
-            throttle=throttle,
+            throttle=self.metrics.counting(throttle),
             agreements=config.agreements,
             token=config.token,
             clock=self.reactor,
@@ -196,8 +216,23 @@ class SSPService(MultiService):
         assert self._listener is not None
         return self._listener._waitingForPort
 
+    def _ready(self, port: Any) -> Any:
+        if port is not None:  # None: listening failed and was logged
+            self.systemd.ready()
+        return port
+
     def readiness(self) -> dict[str, bool]:
-        return {"listening": self.running, "audit": bool(self.audit.writable)}
+        """
+        What C{/readyz} reports: listening, the audit writable, the
+        directory reachable and the server certificate within its validity.
+        """
+        assert self.proxy is not None
+        return {
+            "listening": self.running,
+            "audit": bool(self.audit.writable),
+            "directory": bool(self.proxy.checks.directory.reachable),
+            "tls": self.reactor.seconds() < self._certificate_expiry,
+        }
 
     def _handshake_failed(self, peer: Any, reason: Failure) -> None:
         self._record_connection_refusal(peer, "tls-failed", reason.getErrorMessage()[:200], 0)
@@ -224,27 +259,169 @@ class SSPService(MultiService):
     def _install_sighup(self) -> None:
         signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
 
+    def _reloadable(self, config: Config, running: Config | None) -> _Parts:
+        """
+        Build what a configuration describes that can change while
+        serving: nothing here is started or swapped in yet.
+
+        @param running: the configuration in use, to keep a directory or
+            throttle store whose settings did not change (an LDAP cache and
+            rate-limit state survive a reload); L{None} builds everything.
+        """
+        upstream = Upstream(self.reactor, config.upstream, UpstreamTLS(config.upstream))
+        directory, directory_service = self._given.directory, None
+        if directory is None:
+            if (running is not None and config.directory.kind == "ldap"
+                    and config.directory == running.directory):
+                assert self.proxy is not None
+                directory = self.proxy.checks.directory
+            else:
+                directory, directory_service = directory_from_config(
+                    config.directory, self.reactor, self.reactor,
+                    (config.upstream.certificate, config.upstream.private_key),
+                )
+        throttle, new_store = self._given.throttle, False
+        if throttle is None:
+            if running is not None and _same_store(config.throttle, running.throttle):
+                assert self.proxy is not None
+                throttle = Throttle(config.throttle, self.throttle.store)
+            else:
+                throttle, new_store = throttle_from_config(config.throttle, self.reactor), True
+        return _Parts(upstream, directory, directory_service, throttle, new_store)
+
     def reload(self) -> bool:
         """
+        L{_reload}, bracketed by systemd's C{RELOADING=1} and C{READY=1}.
+        """
+        self.systemd.reloading()
+        try:
+            return self._reload()
+        finally:
+            self.systemd.ready()
+
+    def _reload(self) -> bool:
+        """
         Re-read the configuration file and swap certificates, CRLs,
-        agreements and token settings atomically; a bad file leaves the
-        running configuration in place.
+        agreements, token settings, limits, the directory and the provider
+        connection pool atomically: everything new is built first, so a bad
+        file or unreadable certificate leaves the running configuration in
+        place.  Connections in progress are not dropped.
         """
         if self.config_path is None:
             log.warn("SIGHUP ignored: no configuration file to reload")
             return False
+        assert self.proxy is not None
         try:
-            config = ssp_config.load(self.config_path)
+            config = self._adjust(ssp_config.load(self.config_path))
+            parts = self._reloadable(config, self.config)
             self.server_tls.reload(config.tls)
+            self._certificate_expiry = _expiry(config.tls)
         except Exception as e:
             log.error("Reload rejected, keeping the running configuration: {error}", error=e)
             return False
-        assert self.proxy is not None
-        current = self.proxy.checks
-        self.proxy.checks = attrs.evolve(current, agreements=config.agreements, token=config.token)
-        self.config = config
+        for key in _RESTART_KEYS:
+            if _setting(config, key) != _setting(self.config, key):
+                log.warn("{key} changed: takes effect on restart", key=key)
+        self._swap(config, parts)
         log.info("Configuration reloaded from {path}", path=str(self.config_path))
         return True
+
+    def _swap(self, config: Config, parts: _Parts) -> None:
+        proxy = self.proxy
+        assert proxy is not None
+        old_checks, old_upstream = proxy.checks, proxy.upstream
+        retired_directory, retired_throttle = None, None
+        if parts.directory_service is not None:
+            parts.directory_service.setServiceParent(self)
+            retired_directory, self._directory_service = self._directory_service, parts.directory_service
+        if parts.new_store:
+            parts.throttle.start()
+            retired_throttle = self.throttle
+        if self._given.throttle is None:
+            self._lifecycle[self._lifecycle.index(self.throttle)] = parts.throttle
+        self.throttle = parts.throttle
+        proxy.checks = attrs.evolve(
+            old_checks, directory=parts.directory, throttle=self.metrics.counting(parts.throttle),
+            agreements=config.agreements, token=config.token,
+        )
+        proxy.upstream = parts.upstream
+        proxy.idle_timeout = config.upstream.idle_timeout
+        proxy.hsts = config.tls.hsts.encode("ascii")
+        proxy.cors = config.cors
+        if self.site is not None:
+            self.site.limits = config.listen
+            self.site.timeOut = config.listen.idle_timeout
+        self.config = config
+        # Requests admitted before the swap may still use the old parts: retire them later.
+        grace = config.directory.receive_timeout + config.upstream.response_timeout
+        retired = (old_upstream, retired_directory, retired_throttle)
+        self._retiring.append((self.reactor.callLater(grace, self._retire, *retired), retired))
+
+    def _retire(self, upstream: Upstream, directory_service: IService | None,
+                throttle: IThrottle | None) -> Deferred[Any]:
+        self._retiring = [(call, parts) for call, parts in self._retiring if call.active()]
+        stopping = [upstream.pool.closeCachedConnections()]
+        if directory_service is not None and directory_service.parent is self:
+            stopping.append(maybeDeferred(directory_service.disownServiceParent))
+        if throttle is not None:
+            stopping.append(throttle.stop())
+        return DeferredList(stopping)
+
+    async def _retire_now(self) -> None:
+        for call, retired in list(self._retiring):
+            if call.active():
+                call.cancel()
+                await self._retire(*retired)
+
+@attrs.frozen
+class _Parts:
+    """
+    The reloadable collaborators built from one configuration.
+
+    @ivar directory_service: runs a newly built directory's threads;
+        L{None} when the running directory is kept or was supplied.
+    @ivar new_store: the throttle has a store of its own to start (a kept
+        store keeps its rate-limit state).
+    """
+
+    upstream: Upstream
+    directory: IDirectory
+    directory_service: IService | None
+    throttle: IThrottle
+    new_store: bool
+
+
+# What a reload cannot change in a running process.
+_RESTART_KEYS = ("listen.endpoint", "listen.proxy_protocol", "listen.workers", "admin", "audit",
+                 "log")
+
+
+def _setting(config: Config, key: str) -> Any:
+    for name in key.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def _expiry(config: ServerTLSConfig) -> float:
+    """
+    When the server certificate expires, as a POSIX time.
+    """
+    return read_certificates(config.certificate)[0].not_valid_after_utc.timestamp()
+
+
+def _close_idle(transport: Any) -> None:
+    """
+    Close an idle connection without waiting for the consumer's TLS
+    C{close_notify}: one that is not reading would hold the drain for its
+    whole timeout.  The TLS layer writes its own alert first.
+    """
+    transport.loseConnection()
+    getattr(transport, "transport", transport).loseConnection()
+
+
+def _same_store(new: ThrottleConfig, old: ThrottleConfig) -> bool:
+    return (new.store, new.redis_url, new.on_store_failure) == (
+        old.store, old.redis_url, old.on_store_failure)
 
 
 def _access_log(record: AuditRecord) -> None:

@@ -21,11 +21,15 @@ from ssp.errors import BadRequest, MethodNotAllowed
 FORWARDED_METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
 
 _ENCODED_PREFIX = re.compile(rb"^https%3a%2f%2f", re.IGNORECASE)
-_HOST = re.compile(rb"^(?:[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?)*$")
-_IPV6 = re.compile(rb"^\[[0-9A-Fa-f:.]+\]$")
-_PORT = re.compile(rb"^[0-9]{1,5}$")
+_HOST = re.compile(rb"(?:[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?)*")
+_IPV6 = re.compile(rb"\[[0-9A-Fa-f:.]+\]")
+_PORT = re.compile(rb"[0-9]{1,5}")
 _FORBIDDEN_BYTES = re.compile(rb"[\x00-\x20\x7f-\xff\\#]")
-_DOT_SEGMENT = re.compile(rb"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
+_BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+# Bytes that percent-decoding must not produce inside a path segment: an
+# encoded separator or control byte means different servers would see
+# different paths.
+_DECODED_FORBIDDEN = re.compile(rb"[\x00-\x1f\x7f/\\]")
 
 
 @attrs.frozen
@@ -64,8 +68,9 @@ def parse(uri: bytes) -> Target:
     or its wholly percent-encoded form.
 
     @raise BadRequest: for anything but an absolute C{https} URL with a
-        plain host, no user information, no fragment, no dot segments and
-        no control or non-ASCII bytes.
+        plain host, no user information, no fragment, no control or
+        non-ASCII bytes, and a path that cannot be read differently by the
+        provider (see L{_check_path}).
     """
     if not uri.startswith(b"/"):
         raise _invalid("must be /https://<provider>/<path>")
@@ -82,11 +87,39 @@ def parse(uri: bytes) -> Target:
     authority, remainder = rest[:end], rest[end:]
     if not remainder.startswith(b"/"):
         raise _invalid("must have a path")
-    path = remainder.partition(b"?")[0]
-    if _DOT_SEGMENT.search(path):
-        raise _invalid("must not contain dot segments")
+    _check_path(remainder.partition(b"?")[0])
     host, port = _split_authority(authority)
     return Target(url=raw, authority=authority, host=host, port=port)
+
+
+def _check_path(path: bytes) -> None:
+    """
+    Refuse a path a provider could resolve to somewhere other than what
+    the endpoint comparison saw: a segment that is C{.} or C{..} (also
+    percent-encoded, however many times, and also with C{;parameters}, as
+    Tomcat reads C{..;}), an encoded C{/}, C{\\} or control byte, or
+    malformed percent-encoding.
+    """
+    if _BAD_PERCENT.search(path):
+        raise _invalid("has malformed percent-encoding")
+    for segment in path.split(b"/"):
+        decoded = _fully_decoded(segment)
+        if _DECODED_FORBIDDEN.search(decoded):
+            raise _invalid("must not contain an encoded slash, backslash or control character")
+        if decoded.partition(b";")[0] in (b".", b".."):
+            raise _invalid("must not contain dot segments")
+
+
+def _fully_decoded(segment: bytes) -> bytes:
+    """
+    C{segment} percent-decoded until nothing changes (each round that
+    changes it shortens it, so this ends).
+    """
+    while True:
+        decoded = unquote_to_bytes(segment)
+        if decoded == segment:
+            return segment
+        segment = decoded
 
 
 def _split_authority(authority: bytes) -> tuple[str, int]:
@@ -98,17 +131,17 @@ def _split_authority(authority: bytes) -> tuple[str, int]:
         if port_text and not port_text.startswith(b":"):
             raise _invalid("has a malformed host")
         port_text = port_text[1:]
-        valid = bool(_IPV6.match(host))
+        valid = bool(_IPV6.fullmatch(host))
     else:
         host, _, port_text = authority.partition(b":")
-        valid = bool(_HOST.match(host))
+        valid = bool(_HOST.fullmatch(host))
     if not valid:
         raise _invalid("has a missing or malformed host")
     if not port_text and b":" in authority.rpartition(b"]")[2]:
         raise _invalid("has an empty port")
     port = 443
     if port_text:
-        if not _PORT.match(port_text) or not 0 < int(port_text) < 65536:
+        if not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
             raise _invalid("has a malformed port")
         port = int(port_text)
     return host.decode("ascii"), port

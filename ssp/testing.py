@@ -34,6 +34,10 @@ class MemoryDirectory:
     available: bool = True
     queries: int = 0
 
+    @property
+    def reachable(self) -> bool:
+        return self.available
+
     def accredited_system(self, asid: str) -> Deferred[AccreditedSystem | None]:
         self.queries += 1
         if not self.available:
@@ -95,6 +99,7 @@ class RecordingAuditSink:
 
     records: list[AuditRecord] = attrs.Factory(list)
     writable: bool = True
+    pending: int = 0
 
     def append(self, record: AuditRecord) -> Deferred[None]:
         if not self.writable:

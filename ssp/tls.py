@@ -43,6 +43,9 @@ from ssp.model import ClientIdentity
 log = Logger()
 
 _TLS_RECORD_HANDSHAKE = 0x16
+# Distinct client certificates whose parsed identity is remembered: a
+# consumer reconnecting skips parsing its certificate again.
+IDENTITY_CACHE_SIZE = 1024
 
 
 def read_certificates(path: Path) -> list[x509.Certificate]:
@@ -108,6 +111,7 @@ class ServerTLS:
         self._identities: weakref.WeakKeyDictionary[SSL.Connection, ClientIdentity] = (
             weakref.WeakKeyDictionary()
         )
+        self._by_certificate: dict[bytes, ClientIdentity] = {}
         self._context = _server_context(config, self._record_verdict)
 
     def reload(self, config: ServerTLSConfig) -> None:
@@ -147,8 +151,23 @@ class ServerTLS:
         error = self._verdicts.get(connection)
         if error is not None:
             raise CertificateInvalid(f"CLIENT_CERTIFICATE_INVALID_{_verify_reason(error)}")
-        identity = identity_of(peer.to_cryptography())
+        identity = self._identity_of(peer)
         self._identities[connection] = identity
+        return identity
+
+    def _identity_of(self, peer: crypto.X509) -> ClientIdentity:
+        """
+        L{identity_of}, remembered by the certificate's DER bytes (dumping
+        them costs a tenth of parsing the certificate); the oldest entry
+        goes when the cache is full.
+        """
+        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, peer)
+        identity = self._by_certificate.get(der)
+        if identity is None:
+            identity = identity_of(peer.to_cryptography())
+            if len(self._by_certificate) >= IDENTITY_CACHE_SIZE:
+                del self._by_certificate[next(iter(self._by_certificate))]
+            self._by_certificate[der] = identity
         return identity
 
 

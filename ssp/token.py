@@ -7,8 +7,11 @@ audit trail; it never changes the token (it only reads the header bytes).
 GP Connect defines no signed variant (no keys, no JWKS), so only
 C{alg: none} with an empty signature segment is accepted: a signed token
 cannot be verified by anyone on the path and is refused rather than
-trusted.  Decoding is PyJWT's; every time check uses the C{now} the caller
-passes, so the clock is injected.
+trusted.  With no signature to check, decoding is two base64url segments
+and two C{json.loads} calls, done here rather than by PyJWT (whose per-
+character padding checks cost more than every other check together; see
+C{docs/performance.md}), with the same strictness.  Every time check uses
+the C{now} the caller passes, so the clock is injected.
 
 Every refusal is a L{BadRequest} whose token has one shape,
 C{BAD_REQUEST: JWT claim '<name>' <problem>} (or C{Authorization header}/
@@ -17,11 +20,12 @@ C{JWT} for the envelope); C{docs/token.md} lists them all.
 
 from __future__ import annotations
 
+import binascii
+import json
 import re
+from base64 import urlsafe_b64decode, urlsafe_b64encode
 from typing import Any
 from urllib.parse import urlsplit
-
-import jwt
 
 from ssp.config import TokenConfig
 from ssp.errors import BadRequest
@@ -108,8 +112,8 @@ def extract(authorization: bytes | None) -> Claims:
     if match is None:
         return Claims()
     try:
-        payload = jwt.decode(match[1].decode("ascii"), options={"verify_signature": False})
-    except (jwt.PyJWTError, ValueError, TypeError):
+        _, payload = _segments(match[1].decode("ascii"))
+    except (BadRequest, ValueError):
         return Claims()
     return _claims(payload, validated=False)
 
@@ -125,23 +129,67 @@ def _bearer(authorization: bytes) -> str:
 
 
 def _decode(token: str) -> dict[str, Any]:
-    segments = token.split(".")
-    if len(segments) != 3:
-        raise BadRequest("BAD_REQUEST: JWT is malformed: expected header.payload.signature")
-    if not (_SEGMENT.match(segments[0]) and _SEGMENT.match(segments[1])):
-        raise BadRequest("BAD_REQUEST: JWT is malformed: segments must be base64url")
-    try:
-        decoded = jwt.decode_complete(token, options={"verify_signature": False})
-    except jwt.PyJWTError as e:
-        raise BadRequest(f"BAD_REQUEST: JWT is malformed: {e}") from None
-    if decoded["header"].get("alg") != "none":
+    header, payload = _segments(token)
+    if header.get("alg") != "none":
         raise BadRequest(
             "BAD_REQUEST: JWT header 'alg' must be 'none' (GP Connect tokens are unsigned)"
         )
-    if segments[2]:
+    if token[token.rindex(".") + 1 :]:
         raise BadRequest("BAD_REQUEST: JWT signature must be empty for alg 'none'")
-    payload: dict[str, Any] = decoded["payload"]
     return payload
+
+
+def _segments(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """
+    The JSON objects of a compact JWT's header and payload; the third
+    segment must be base64url too (possibly empty) but is not decoded.
+
+    @raise BadRequest: C{JWT is malformed: ...}.
+    """
+    segments = token.split(".")
+    if len(segments) != 3:
+        raise BadRequest("BAD_REQUEST: JWT is malformed: expected header.payload.signature")
+    if not (
+        _SEGMENT.match(segments[0])
+        and _SEGMENT.match(segments[1])
+        and (not segments[2] or _SEGMENT.match(segments[2]))
+    ):
+        raise BadRequest("BAD_REQUEST: JWT is malformed: segments must be base64url")
+    header = _json_object(segments[0], "header")
+    payload = _json_object(segments[1], "payload")
+    if segments[2]:
+        _base64url(segments[2], "signature")
+    return header, payload
+
+
+def _base64url(segment: str, name: str) -> bytes:
+    """
+    Decode one base64url segment, unpadded or correctly padded, refusing
+    the non-canonical spellings PyJWT refuses (a length of 1 mod 4, stray
+    bits in the last character).
+    """
+    stripped = segment.rstrip("=")
+    padding = len(segment) - len(stripped)
+    if padding > 2 or (padding and len(segment) % 4) or len(stripped) % 4 == 1:
+        raise BadRequest(f"BAD_REQUEST: JWT is malformed: invalid {name} padding")
+    raw = stripped.encode("ascii")
+    try:
+        decoded = urlsafe_b64decode(raw + b"=" * (-len(raw) % 4))
+    except binascii.Error:
+        raise BadRequest(f"BAD_REQUEST: JWT is malformed: invalid {name} base64url") from None
+    if urlsafe_b64encode(decoded).rstrip(b"=") != raw:
+        raise BadRequest(f"BAD_REQUEST: JWT is malformed: non-canonical {name} base64url")
+    return decoded
+
+
+def _json_object(segment: str, name: str) -> dict[str, Any]:
+    try:
+        value = json.loads(_base64url(segment, name))
+    except (ValueError, RecursionError) as e:
+        raise BadRequest(f"BAD_REQUEST: JWT is malformed: {name} is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"BAD_REQUEST: JWT is malformed: {name} is not a JSON object")
+    return value
 
 
 def _claim(name: str, problem: str) -> BadRequest:

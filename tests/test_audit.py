@@ -38,6 +38,7 @@ from ssp.audit import (
 from ssp.config import AuditConfig
 from ssp.errors import AuditUnavailable
 from ssp.model import AuditRecord, Claims
+from tests.slapd import _die_with_parent
 
 REPO = Path(__file__).resolve().parents[1]
 MARCH_1_LATE = datetime(2024, 3, 1, 23, 59, 50, tzinfo=UTC).timestamp()
@@ -393,6 +394,56 @@ class SinkTests(TestCase):
         self.assertEqual([r["request_id"] for r in read_all(self.directory)], ["req-0", "req-3"])
         self.assertTrue(verify([self.directory]).ok)
 
+    async def test_pending_counts_records_not_yet_durable(self) -> None:
+        """
+        C{pending} counts queued records and those of the batch being
+        written until its fsync returns; it is zero again once everything
+        is durable.
+        """
+        sink = await self.started()
+        self.assertEqual(sink.pending, 0)
+        self.fsync.hold = threading.Event()
+        self.fsync.entered = Deferred()
+        first = [sink.append(record(n)) for n in range(3)]
+        self.assertEqual(sink.pending, 3)
+        await self.fsync.entered
+        later = [sink.append(record(n)) for n in range(3, 5)]
+        self.assertEqual(sink.pending, 5)
+        self.fsync.hold.set()
+        await gatherResults(first + later)
+        self.assertEqual(sink.pending, 0)
+
+    async def test_partial_write_then_disk_full(self) -> None:
+        """
+        A write that stops half-way with ENOSPC fails the whole batch,
+        leaves no torn line behind, and the next append continues the chain.
+        """
+        sink = await self.started(raw_write=self.partial_write)
+        await sink.append(record(0))
+        self.full = True
+        failed = [sink.append(record(n)) for n in (1, 2)]
+        for d in failed:
+            await self.assertFailure(d, AuditUnavailable)
+        self.assertEqual(sink.pending, 0)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual([r["request_id"] for r in read_all(self.directory)], ["req-0"])
+        self.full = False
+        await sink.append(record(3))
+        self.assertEqual([r["request_id"] for r in read_all(self.directory)], ["req-0", "req-3"])
+        self.assertTrue(verify([self.directory]).ok)
+
+    full = False
+
+    def partial_write(self, fd: int, data: memoryview) -> int:
+        """
+        C{os.write} on a disk that fills up after ten more bytes.
+        """
+        if not self.full:
+            return os.write(fd, data)
+        if len(data) > 10:
+            return os.write(fd, data[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
     async def test_file_removed_underneath(self) -> None:
         """
         Deleting the open file does not swallow later records: they go to
@@ -560,6 +611,7 @@ class VerifyTests(SynchronousTestCase):
 
 
 CHILD = """
+import os
 import sys
 from pathlib import Path
 from twisted.internet import reactor
@@ -574,6 +626,8 @@ def one(_=None):
     d = sink.append(AuditRecord(event="authorised", request_id=f"r{n}", time=float(n)))
     d.addCallback(lambda _: (sys.stdout.write(f"r{n}\\n"), sys.stdout.flush()))
     d.addCallback(one)
+    # A failing sink ends the child, so the parent's readline sees EOF.
+    d.addErrback(lambda _: os._exit(3))
 
 sink.start().addCallback(lambda _: [one() for _ in range(16)])
 reactor.run()
@@ -590,7 +644,8 @@ class CrashTests(TestCase):
         """
         env = dict(os.environ, PYTHONPATH=str(REPO))
         child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(directory)], stdout=subprocess.PIPE, env=env
+            [sys.executable, "-c", CHILD, str(directory)], stdout=subprocess.PIPE, env=env,
+            preexec_fn=_die_with_parent,
         )
         self.addCleanup(child.wait)
         self.addCleanup(child.kill)

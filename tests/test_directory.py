@@ -598,12 +598,12 @@ class CachingDirectoryTests(SynchronousTestCase):
         self.backend.available = False
         self.clock.advance(300 + 600)
         self.assertEqual(self.lookup(), SYSTEM)
-        self.assertEqual(self.cache.stale, 1)
+        self.assertEqual(self.cache.stale_served, 1)
         self.clock.advance(0.001)
         self.failureResultOf(self.cache.accredited_system(CONSUMER), DirectoryUnavailable)
         self.backend.available = True
         self.assertEqual(self.lookup(), SYSTEM)
-        self.assertEqual(self.cache.stale, 1)
+        self.assertEqual(self.cache.stale_served, 1)
 
     def test_stale_negative(self) -> None:
         """
@@ -742,7 +742,7 @@ class CachingOverSlapdTests(TestCase):
         clock.advance(400)
         self.assertEqual(await cache.accredited_system(CONSUMER), system)
         self.assertEqual(await cache.message_handlers(PROVIDER_PK, METADATA), handlers)
-        self.assertEqual(cache.stale, 2)
+        self.assertEqual(cache.stale_served, 2)
         with self.assertRaises(DirectoryUnavailable):
             await cache.accredited_system(PROVIDER)  # never cached
 

@@ -7,15 +7,68 @@ checked with hypothesis.
 from __future__ import annotations
 
 import json
+import os
+import posixpath
+import re
 from pathlib import Path
+from urllib.parse import unquote_to_bytes, urlsplit
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
+from twisted.web.client import URI
 from twisted.web.http_headers import Headers
 
-from ssp import config, errors, headers, target
+from ssp import config, errors, headers, policy, target
 from ssp.errors import BadRequest, MethodNotAllowed
+from ssp.model import MessageHandler
+
+ENDPOINT_HOST = "orange.testlab.nhs.uk"
+ENDPOINT_PATH = "/B82617/STU3/1/gpconnect/fhir"
+HANDLER = MessageHandler("B82617-9198738", "urn:x", f"https://{ENDPOINT_HOST}{ENDPOINT_PATH}",
+                         ENDPOINT_HOST, "S1")
+
+# Pieces an attacker would combine into a target (SSRF and path escape).
+_SCHEMES = ["https://", "http://", "HTTPS://", "https:/", "https:///", "//", "https%3A%2F%2F",
+            "https%3a%2f%2f", "https%253A%252F%252F", ""]
+_HOSTS = [ENDPOINT_HOST, "ORANGE.testlab.nhs.uk", f"{ENDPOINT_HOST}.", "127.0.0.1", "2130706433",
+          "0177.0.0.1", "0x7f.0.0.1", "0x7f000001", "127.1", "localhost", "[::1]",
+          "[::ffff:127.0.0.1]", "[fe80::1%25eth0]", "xn--range-jua.testlab.nhs.uk",
+          "\u00f6range.testlab.nhs.uk", f"a@{ENDPOINT_HOST}", f"{ENDPOINT_HOST}@127.0.0.1",
+          f"{ENDPOINT_HOST}%40evil.test", f"{ENDPOINT_HOST}\\@evil.test", f"{ENDPOINT_HOST}#@evil",
+          "evil.test", "", "%6frange.testlab.nhs.uk"]
+_PORTS = ["", ":443", ":8443", ":", ":0", ":65536", ":+443", ":0443", ":44 3"]
+_PIECES = ["B82617", "STU3", "1", "gpconnect", "fhir", "fhirX", "metadata", "Patient", "", ".",
+           "..", "%2e", "%2E%2e", "%252e%252e", "%25%32%65", "%%32%65", "%2F", "%2f", "%252F",
+           "%5C", "\\", "..;", "..;x", "%2e%2e%3b", ";a=b", "%00", "%0a", "%", "%zz", "%4", "@",
+           "?", "#", "\u00e9", "%C3%A9", "a%20b", "~", "|", "%7C", "$", "x.y"]
+_QUERIES = ["", "?", "?a=1", "?a=../../x", "?@127.0.0.1/", "?x=%2F..", "?#", "?a=%"]
+
+
+def _fully_decoded(data: bytes) -> bytes:
+    while True:
+        decoded = unquote_to_bytes(data)
+        if decoded == data:
+            return data
+        data = decoded
+
+
+@st.composite
+def hostile_targets(draw: st.DrawFn) -> bytes:
+    """
+    A request-target assembled from hostile pieces; half of them start
+    with the registered endpoint exactly, so many are accepted.
+    """
+    pieces = draw(st.lists(st.sampled_from(_PIECES), max_size=6))
+    tail = "/".join(pieces)
+    query = draw(st.sampled_from(_QUERIES))
+    if draw(st.booleans()):
+        prefix = f"https://{ENDPOINT_HOST}{ENDPOINT_PATH}"
+        tail = draw(st.sampled_from(["/", "", "%2F", "/..%2F", ";", "?"])) + tail
+    else:
+        prefix = (draw(st.sampled_from(_SCHEMES)) + draw(st.sampled_from(_HOSTS))
+                  + draw(st.sampled_from(_PORTS)) + draw(st.sampled_from(["/", "", "\\", "?"])))
+    return ("/" + prefix + tail + query).encode("utf-8")
 
 
 class TargetTests(unittest.SynchronousTestCase):
@@ -32,7 +85,10 @@ class TargetTests(unittest.SynchronousTestCase):
                     b"/https://h", b"/https://h/x#f", b"/https://h/a/../b", b"/https://h/a/%2e%2E/b",
                     b"/https://h/a b", b"/https://h/\x01", b"/https://h/\xc3\xa9", b"/https://h:0/x",
                     b"/https://h:/x", b"/https://h_/x", b"/https://h\\x/y", b"/https://[zz]/x",
-                    b"/https%3A%2F%2Fh%2Fa%2F..%2Fb"):
+                    b"/https%3A%2F%2Fh%2Fa%2F..%2Fb", b"/https://h/a/..%2Fb", b"/https://h/a%2F..",
+                    b"/https://h/%252e%252e/b", b"/https://h/a/..;/b", b"/https://h/a/%2e%2e%3B/b",
+                    b"/https://h/a%5Cb", b"/https://h/a%00", b"/https://h/a%", b"/https://h/%zz",
+                    b"/https://h./x", b"/https://h:443\n/x", b"/https://[::1]\n/x"):
             with self.assertRaises(BadRequest, msg=uri):
                 target.parse(uri)
 
@@ -53,15 +109,62 @@ class TargetTests(unittest.SynchronousTestCase):
         self.assertNotIn(b"@", parsed.authority)
         self.assertFalse(any(c < 0x21 or c > 0x7E for c in parsed.url))
         self.assertNotIn(b"#", parsed.url)
+        self.assertEqual(target.parse(b"/" + parsed.url), parsed)
 
     @settings(max_examples=200, deadline=None)
     @given(st.from_regex(r"\A[a-z0-9]{1,10}(\.[a-z0-9]{1,10}){0,3}\Z"),
-           st.lists(st.from_regex(r"\A[A-Za-z0-9$%_-]{1,8}\Z"), max_size=5),
+           st.lists(st.from_regex(r"\A([A-Za-z0-9$_-]|%[2-7][0-9A-E]){1,8}\Z"), max_size=5),
            st.from_regex(r"\A[A-Za-z0-9=&%|+]{0,30}\Z"))
     def test_valid_urls_forwarded_unchanged(self, host: str, segments: list, query: str) -> None:
-        segments = [s for s in segments if s.lower().replace("%2e", ".") not in (".", "..")]
+        def harmless(segment: str) -> bool:
+            decoded = _fully_decoded(segment.encode())
+            return (decoded.partition(b";")[0] not in (b".", b"..")
+                    and not re.search(rb"[/\\\x7f]", decoded))
+
+        segments = [s for s in segments if harmless(s)]
         url = f"https://{host}/{'/'.join(segments)}" + (f"?{query}" if query else "")
         self.assertEqual(target.parse(b"/" + url.encode()).url, url.encode())
+
+    @settings(max_examples=1500, deadline=None)
+    @given(hostile_targets())
+    @example(b"/https://orange.testlab.nhs.uk/B82617/STU3/1/gpconnect/fhir/..%2F..%2Fadmin")
+    @example(b"/https://orange.testlab.nhs.uk/B82617/STU3/1/gpconnect/fhir/..;/admin")
+    @example(b"/https://orange.testlab.nhs.uk/B82617/STU3/1/gpconnect/fhir?@127.0.0.1/")
+    def test_accepted_targets_stay_within_the_endpoint(self, uri: bytes) -> None:
+        """
+        Whatever is accepted by both the target parser and the endpoint
+        check is an https URL that every parser on the way (ours, the
+        standard library's, the Twisted Agent's that forwards it) reads as
+        the registered host and port, with a path under the registered
+        one that no decoding or dot-segment resolution takes outside it.
+        Anything else is refused with L{BadRequest} and nothing else.
+        """
+        try:
+            parsed = target.parse(uri)
+            policy.check_target(HANDLER, parsed.text)
+        except BadRequest:
+            return
+        self.assertEqual(target.parse(b"/" + parsed.url), parsed)
+        self.assertEqual((parsed.host, parsed.port, parsed.authority),
+                         (ENDPOINT_HOST, 443, ENDPOINT_HOST.encode()))
+        split = urlsplit(parsed.text)
+        self.assertEqual((split.scheme, split.netloc, split.port, split.fragment),
+                         ("https", ENDPOINT_HOST, None, ""))
+        agent = URI.fromBytes(parsed.url)
+        self.assertEqual((agent.scheme, agent.host, agent.port),
+                         (b"https", ENDPOINT_HOST.encode(), 443))
+        origin = parsed.url[len(b"https://" + parsed.authority):]
+        self.assertIn(agent.originForm, (origin, origin.rstrip(b"?")))
+        path = agent.originForm.partition(b"?")[0]
+        self.assertTrue(path == ENDPOINT_PATH.encode()
+                        or path.startswith(ENDPOINT_PATH.encode() + b"/"), path)
+        decoded = _fully_decoded(path)
+        for segment in decoded.split(b"/"):
+            self.assertNotIn(segment.partition(b";")[0], (b".", b".."))
+        self.assertNotIn(b"\\", decoded)
+        self.assertEqual(decoded.count(b"/"), path.count(b"/"))
+        resolved = posixpath.normpath(decoded.decode("latin-1"))
+        self.assertTrue(resolved.startswith(ENDPOINT_PATH), resolved)
 
 
 class HeaderTests(unittest.SynchronousTestCase):
@@ -92,6 +195,34 @@ class HeaderTests(unittest.SynchronousTestCase):
         with self.assertRaises(BadRequest) as caught:
             headers.parse(raw)
         self.assertEqual(caught.exception.token, "BAD_REQUEST: Ssp-From header is repeated")
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.lists(st.tuples(
+        st.sampled_from([b"Ssp-TraceID", b"ssp-traceid", b"Ssp-From", b"SSP-FROM", b"Ssp-To",
+                         b"Ssp-InteractionID", b"X-Other"]),
+        st.one_of(st.binary(max_size=60),
+                  st.sampled_from([b"5F0B2A4E-1C1D-4F7E-9A55-0C1E2D3F4A5B", b"200000000359",
+                                   b"200000000359\n", b" 200000000359", b"\x00",
+                                   b"urn:nhs:names:services:gpconnect:x", b"\xff" * 30])),
+    ), max_size=10))
+    def test_validation_raises_only_bad_request(self, raw: list) -> None:
+        """
+        Any header block, however hostile, is either refused with
+        L{BadRequest} naming an C{Ssp-*} header, or yields values that match
+        their rule completely (no trailing newline, no extra bytes).
+        """
+        block = Headers()
+        for name, value in raw:
+            block.addRawHeader(name, value)
+        try:
+            parsed = headers.parse(block)
+        except BadRequest as e:
+            self.assertRegex(e.token, r"^BAD_REQUEST: Ssp-(TraceID|From|To|InteractionID) header ")
+            return
+        self.assertRegex(parsed.trace_id, r"\A[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}\Z")
+        self.assertRegex(parsed.sender, r"\A[0-9]{1,20}\Z")
+        self.assertRegex(parsed.receiver, r"\A[0-9]{1,20}\Z")
+        self.assertRegex(parsed.interaction, r"\Aurn:nhs:names:services:[\x21-\x7e]{1,200}\Z")
 
     @settings(max_examples=200, deadline=None)
     @given(st.text(max_size=40))
@@ -176,5 +307,7 @@ class ConfigTests(unittest.SynchronousTestCase):
         self.assertIn("invalid TOML", str(caught.exception))
 
     def test_example_configuration_parses(self) -> None:
+        # The example names the key under systemd's LoadCredential= directory.
+        self.patch(os, "environ", {**os.environ, "CREDENTIALS_DIRECTORY": "/run/credentials/ssp"})
         loaded = config.load(Path(__file__).parent.parent / "etc" / "ssp.toml")
         self.assertEqual(loaded.throttle.consumer.for_asid("1").burst, 40)

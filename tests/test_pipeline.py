@@ -5,13 +5,14 @@ wrong in several ways, the first check in the documented order answers.
 
 from __future__ import annotations
 
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.http_headers import Headers
 
-from ssp import demo
-from ssp.config import Agreement, TokenConfig
+from ssp import demo, tls
+from ssp.config import Agreement, ServerTLSConfig, TokenConfig
 from ssp.errors import (
     BadRequest,
     CertificateInvalid,
@@ -26,6 +27,8 @@ from ssp.errors import (
 from ssp.model import AccreditedSystem, ClientIdentity, MessageHandler
 from ssp.pipeline import Checks, Findings, Inbound, admit
 from ssp.testing import MemoryDirectory, MemoryThrottle
+from ssp.tls import ServerTLS
+from tests.support import pki
 
 CONSUMER, PROVIDER = demo.CONSUMER_ASID, demo.PROVIDER_ASID
 INTERACTION = demo.METADATA_INTERACTION
@@ -140,3 +143,70 @@ class AdmitTests(unittest.SynchronousTestCase):
         self.assertIsInstance(self.refusal(), TooManyRequests)
         self.throttle.consumer_allowance = 10
         self.assertIsInstance(self.refusal(), ProviderBusy)
+
+
+def handshake(server_tls: ServerTLS, client_name: str) -> SSL.Connection:
+    """
+    A server-side connection of C{server_tls} after an in-memory TLS
+    handshake with a client presenting the test PKI's C{client_name}.
+    """
+    server = server_tls.serverConnectionForTLS(None)
+    server.set_accept_state()
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.use_certificate_file(str(pki().path(f"{client_name}.pem")))
+    context.use_privatekey_file(str(pki().path(f"{client_name}.key")))
+    client = SSL.Connection(context, None)
+    client.set_connect_state()
+    for _ in range(8):
+        for sender, receiver in ((client, server), (server, client)):
+            try:
+                sender.do_handshake()
+            except SSL.WantReadError:
+                pass
+            try:
+                receiver.bio_write(sender.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+    assert server.get_peer_finished() is not None, "handshake did not complete"
+    return server
+
+
+class IdentifyTests(unittest.SynchronousTestCase):
+    """
+    The first check, L{ServerTLS.client_identity}: a certificate is parsed
+    once, however often its holder reconnects, and the remembered identity
+    never stands in for the handshake's verdict.
+    """
+
+    def setUp(self) -> None:
+        self.parsed: list[object] = []
+        parse = tls.identity_of
+        self.patch(tls, "identity_of", lambda c: self.parsed.append(c) or parse(c))
+        self.server_tls = ServerTLS(ServerTLSConfig(
+            certificate=pki().path("proxy.pem"), private_key=pki().path("proxy.key"),
+            client_ca=pki().path(pki().ca), crls=(pki().path(pki().crl),),
+        ))
+
+    def identity(self, name: str) -> ClientIdentity:
+        return self.server_tls.client_identity(handshake(self.server_tls, name))
+
+    def test_parsed_once_per_certificate(self) -> None:
+        first = self.identity("consumer-0")
+        self.assertEqual(first.dns_names, ("gpc001.ssp-demo.test",))
+        self.assertEqual(self.identity("consumer-0"), first)
+        self.assertEqual(len(self.parsed), 1)
+        other = self.identity("consumer-1")
+        self.assertEqual(other.dns_names, ("k81045.ssp-demo.test",))
+        self.assertEqual(len(self.parsed), 2)
+
+    def test_bounded(self) -> None:
+        self.patch(tls, "IDENTITY_CACHE_SIZE", 1)
+        for name in ("consumer-0", "consumer-1", "consumer-0"):
+            self.identity(name)
+        self.assertEqual(len(self.parsed), 3)
+
+    def test_verdict_first(self) -> None:
+        for _ in range(2):
+            error = self.assertRaises(CertificateInvalid, self.identity, "consumer-revoked")
+            self.assertEqual(error.token, "CLIENT_CERTIFICATE_INVALID_REVOKED")
+        self.assertEqual(self.parsed, [])

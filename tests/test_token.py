@@ -328,6 +328,45 @@ class ValidateTests(SynchronousTestCase):
                 self.refused(value).startswith("BAD_REQUEST: JWT is malformed: "), value
             )
 
+    def test_padded_segments_accepted(self) -> None:
+        """
+        Segments may carry their C{=} padding, as some issuers send it.
+        """
+        header = base64.urlsafe_b64encode(json.dumps({"alg": "none"}).encode())
+        body = base64.urlsafe_b64encode(json.dumps(payload()).encode() + b" ")
+        self.assertIn(b"=", header + body)
+        claims = validate(b"Bearer " + header + b"." + body + b".", NOW, CONFIG)
+        self.assertTrue(claims.validated)
+
+    def test_same_strictness_as_pyjwt(self) -> None:
+        """
+        The decoder refuses what PyJWT's refuses and accepts what it
+        accepts: wrong padding, a length of 1 mod 4, stray bits in the last
+        character, a signature segment that is not base64url.
+        """
+        header = segment({"alg": "none"})
+        body = segment(payload())
+        cases = [
+            header + b"." + body + b"=.",  # padding on an unpadded length
+            header + b"." + body[: (len(body) // 4) * 4 + 1] + b".",  # 1 mod 4
+            header + b"." + segment({"a": 1})[:-1] + b"f.",  # non-canonical last char
+            header + b"." + body + b".====",
+            header + b"." + body,
+        ]
+        for token in cases:
+            with self.assertRaises(jwt.DecodeError):
+                jwt.decode(token, options={"verify_signature": False})
+            self.assertTrue(
+                self.refused(b"Bearer " + token).startswith("BAD_REQUEST: JWT is malformed: "),
+                token,
+            )
+        token = header + b"." + body + b"."
+        self.assertEqual(
+            jwt.decode(token, options={"verify_signature": False}),
+            payload(),
+        )
+        self.assertTrue(validate(b"Bearer " + token, NOW, CONFIG).validated)
+
     def test_fixture_expired(self) -> None:
         """
         The GP2GP adaptor's example token is well-formed but long expired.

@@ -1,21 +1,764 @@
 """
-Two proxy processes sharing one Redis enforce one combined consumer
-limit, as several workers or hosts must.
+C{twistd ssp --workers N}: the master's supervision with a fake process
+reactor, the per-worker configuration, the inherited-socket endpoint, and
+real C{twistd} masters serving through two workers.  Also: two proxy
+processes sharing one Redis enforce one combined consumer limit, as
+several workers or hosts must.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import re
+import shutil
+import signal
+import socket
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
+import attrs
+from twisted.application.service import Service
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+from twisted.internet.error import (
+    CannotListenError,
+    ProcessDone,
+    ProcessExitedAlready,
+    ProcessTerminated,
+)
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.internet.threads import deferToThread
+from twisted.logger import Logger, LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial import unittest
+from zope.interface import implementer
 
+from ssp import audit, demo, workers
+from ssp.config import ConfigError, ThrottleConfig
+from ssp.pki import DevelopmentPKI
 from tests import redis
 from tests.ports import free_port
 from tests.support import ROOT, Consumer, Provider, pki
 from tests.test_crash import TWISTD, wait_listening, write_config
+
+# Unit tests: the master against a fake reactor.
+
+
+@attrs.define
+class FakeProcess:
+    pid: int
+    signals: list[str] = attrs.Factory(list)
+    ended: bool = False
+
+    def signalProcess(self, name: str) -> None:
+        if self.ended:
+            raise ProcessExitedAlready()
+        self.signals.append(name)
+
+
+@attrs.define
+class Spawned:
+    protocol: Any
+    args: list[str]
+    env: dict[str, str]
+    fds: dict[int, Any]
+    process: FakeProcess
+
+    @property
+    def worker(self) -> int:
+        return int(self.args[self.args.index("--worker") + 1])
+
+    def end(self, reason: Exception) -> None:
+        self.process.ended = True
+        self.protocol.processEnded(Failure(reason))
+
+
+class ProcessReactor(MemoryReactorClock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[Spawned] = []
+
+    def spawnProcess(self, protocol, executable, args, env=None, path=None, uid=None, gid=None,
+                     usePTY=False, childFDs=None):
+        assert executable == args[0]
+        process = FakeProcess(1000 + len(self.spawned))
+        self.spawned.append(Spawned(protocol, list(args), env, childFDs, process))
+        protocol.makeConnection(process)
+        return process
+
+
+@implementer(IListeningPort)
+class FakePort:
+    def __init__(self, host: Any = None) -> None:
+        self.host = host or IPv4Address("TCP", "127.0.0.1", 8443)
+        self.reading, self.closed = True, False
+
+    def fileno(self) -> int:
+        return 42
+
+    def getHost(self) -> Any:
+        return self.host
+
+    def startListening(self) -> None:
+        pass
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def stopListening(self) -> Deferred[None]:
+        self.closed = True
+        return succeed(None)
+
+
+@attrs.define
+class FakeEndpoint:
+    port: FakePort = attrs.Factory(FakePort)
+    factory: Any = None
+
+    def listen(self, factory: Any) -> Deferred[FakePort]:
+        self.factory = factory
+        return succeed(self.port)
+
+
+class FailingEndpoint:
+    def listen(self, factory: Any) -> Deferred[Any]:
+        return fail(CannotListenError("", 443, "in use"))
+
+
+class RecordingNotifier(Service):
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def ready(self) -> None:
+        self.sent.append("READY=1")
+
+    def reloading(self) -> None:
+        self.sent.append("RELOADING=1")
+
+    def stopping(self) -> None:
+        self.sent.append("STOPPING=1")
+
+
+def master(count: int = 2, environ: dict[str, str] | None = None, endpoint: Any = None,
+           notifier: Any = None) -> tuple[workers.Master, ProcessReactor, FakeEndpoint]:
+    fake = ProcessReactor()
+    endpoint = endpoint or FakeEndpoint()
+    supervisor = workers.Master(fake, endpoint, count,
+                                lambda listen: ["--config=/etc/ssp.toml", f"--listen={listen}"],
+                                drain_timeout=30.0, environ=environ or {"PATH": "/bin"},
+                                backoff=workers.Backoff(initial=0.5, maximum=4.0,
+                                                        stable_after=10.0),
+                                notifier=notifier)
+    return supervisor, fake, endpoint
+
+
+class MasterTests(unittest.TestCase):
+    def test_binds_once_and_never_accepts(self):
+        """
+        The master listens through the configured endpoint, stops reading
+        at once, and passes the socket to every worker as fd 3, with the
+        endpoint string that adopts it.
+        """
+        supervisor, fake, endpoint = master()
+        supervisor.privilegedStartService()
+        supervisor.startService()
+        self.assertFalse(endpoint.port.reading)
+        self.assertIsNone(endpoint.factory.buildProtocol(None))
+        self.assertEqual([s.worker for s in fake.spawned], [0, 1])
+        for spawned in fake.spawned:
+            self.assertEqual(spawned.fds, {0: "w", 1: "r", 2: "r", 3: 42, 4: "r"})
+            self.assertIn("--listen=ssp-inherit:fd=3:domain=INET", spawned.args)
+            self.assertIn("--config=/etc/ssp.toml", spawned.args)
+            self.assertEqual(spawned.args[spawned.args.index("--logger") + 1],
+                             "ssp.workers.worker_observer")
+        self.assertEqual(supervisor.pids(), {0: 1000, 1: 1001})
+
+    def test_worker_environment(self):
+        """
+        Socket activation and sd_notify variables are the master's alone.
+        """
+        supervisor, fake, _ = master(environ={
+            "PATH": "/bin", "PYTHONPATH": "/srv", "LISTEN_PID": "1", "LISTEN_FDS": "1",
+            "LISTEN_FDNAMES": "ssp-https", "NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "5",
+            "WATCHDOG_PID": "1",
+        })
+        supervisor.startService()
+        self.assertEqual(fake.spawned[0].env, {"PATH": "/bin", "PYTHONPATH": "/srv"})
+
+    def test_bind_failure_fails_start(self):
+        supervisor, fake, _ = master(endpoint=FailingEndpoint())
+        self.assertRaises(CannotListenError, supervisor.privilegedStartService)
+        self.assertEqual(fake.spawned, [])
+
+    def test_inherited_domain(self):
+        for host, domain in [(IPv6Address("TCP", "::1", 1), "INET6"),
+                             (UNIXAddress("/run/ssp.sock"), "UNIX")]:
+            self.assertEqual(workers.inherited_endpoint(FakePort(host)),
+                             f"ssp-inherit:fd=3:domain={domain}")
+
+    def test_listening_once_every_worker_listens(self):
+        supervisor, fake, endpoint = master()
+        supervisor.startService()
+        ready = supervisor.listening()
+        fake.spawned[0].protocol.childDataReceived(4, b"listening\n")
+        self.assertNoResult(ready)
+        fake.spawned[1].protocol.childDataReceived(4, b"listening\n")
+        self.assertIs(self.successResultOf(ready), endpoint.port)
+
+    def test_dead_worker_replaced_at_once_after_a_stable_run(self):
+        supervisor, fake, _ = master()
+        supervisor.startService()
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        fake.advance(60)
+        fake.spawned[0].end(ProcessTerminated(signal=9))
+        fake.advance(0)
+        self.assertEqual([s.worker for s in fake.spawned], [0, 1, 0])
+        self.assertEqual(supervisor.pids(), {0: 1002, 1: 1001})
+        died = [e for e in logged if e["log_level"] is LogLevel.error]
+        self.assertEqual((died[0]["worker"], died[0]["pid"], died[0]["status"]),
+                         (0, 1000, "signal 9"))
+
+    def test_crash_loop_backs_off(self):
+        """
+        A worker that keeps dying young is replaced after 0.5, 1, 2, 4, 4
+        seconds; a stable run resets the delay.
+        """
+        supervisor, fake, _ = master(count=1)
+        supervisor.startService()
+        for delay in [0.5, 1, 2, 4, 4]:
+            count = len(fake.spawned)
+            fake.spawned[-1].end(ProcessDone(0))
+            fake.advance(delay - 0.01)
+            self.assertEqual(len(fake.spawned), count)
+            fake.advance(0.01)
+            self.assertEqual(len(fake.spawned), count + 1)
+        fake.advance(10)
+        fake.spawned[-1].end(ProcessDone(0))
+        fake.advance(0)
+        self.assertEqual(len(fake.spawned), 7)
+
+    def test_reload_forwards_sighup_to_serving_workers(self):
+        supervisor, fake, _ = master()
+        supervisor.startService()
+        fake.spawned[1].protocol.childDataReceived(4, b"listening\n")
+        supervisor.reload()
+        self.assertEqual([s.process.signals for s in fake.spawned], [[], ["HUP"]])
+
+    def test_stop_closes_the_socket_and_waits_for_the_workers(self):
+        supervisor, fake, endpoint = master()
+        supervisor.startService()
+        stopped = supervisor.stopService()
+        self.assertTrue(endpoint.port.closed)
+        self.assertEqual([s.process.signals for s in fake.spawned], [["TERM"], ["TERM"]])
+        fake.spawned[0].end(ProcessTerminated(signal=15))
+        self.assertNoResult(stopped)
+        fake.spawned[1].end(ProcessDone(0))
+        self.successResultOf(stopped)
+        fake.advance(60)
+        self.assertEqual(len(fake.spawned), 2)
+        self.assertEqual(fake.getDelayedCalls(), [])
+
+    def test_stop_kills_what_outlives_the_drain_timeout(self):
+        supervisor, fake, _ = master()
+        supervisor.startService()
+        stopped = supervisor.stopService()
+        fake.spawned[0].end(ProcessDone(0))
+        fake.advance(34.9)
+        self.assertEqual(fake.spawned[1].process.signals, ["TERM"])
+        fake.advance(0.1)
+        self.assertEqual(fake.spawned[1].process.signals, ["TERM", "KILL"])
+        fake.spawned[1].end(ProcessTerminated(signal=9))
+        self.successResultOf(stopped)
+
+    def test_service_manager_notifications(self):
+        """
+        READY=1 once every worker listens, around a reload, STOPPING=1 at
+        once on stop; the notifier (and its watchdog) runs until the
+        workers are gone.
+        """
+        notifier = RecordingNotifier()
+        supervisor, fake, _ = master(notifier=notifier)
+        supervisor.startService()
+        self.assertTrue(notifier.running)
+        fake.spawned[0].protocol.childDataReceived(4, b"listening\n")
+        self.assertEqual(notifier.sent, [])
+        fake.spawned[1].protocol.childDataReceived(4, b"listening\n")
+        supervisor.reload()
+        stopped = supervisor.stopService()
+        self.assertEqual(notifier.sent, ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"])
+        self.assertTrue(notifier.running)
+        for spawned in fake.spawned:
+            spawned.end(ProcessTerminated(signal=15))
+        self.successResultOf(stopped)
+        self.assertFalse(notifier.running)
+
+    def test_stop_cancels_a_pending_replacement(self):
+        supervisor, fake, _ = master(count=1)
+        supervisor.startService()
+        fake.spawned[0].end(ProcessDone(1))
+        self.successResultOf(supervisor.stopService())
+        fake.advance(60)
+        self.assertEqual(len(fake.spawned), 1)
+
+
+class RelayTests(unittest.TestCase):
+    def setUp(self):
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def test_worker_records_keep_level_and_namespace(self):
+        supervisor, fake, _ = master()
+        supervisor.startService()
+        protocol = fake.spawned[1].protocol
+        line = json.dumps({"level": "warn", "namespace": "ssp.audit", "text": "disk {full}"})
+        protocol.childDataReceived(1, line[:10].encode())
+        protocol.childDataReceived(1, line[10:].encode() + b"\n")
+        (event,) = [e for e in self.logged if e.get("worker") == 1 and "text" in e]
+        self.assertEqual((event["log_level"], event["log_namespace"], event["text"]),
+                         (LogLevel.warn, "ssp.audit", "disk {full}"))
+        self.assertIn("[worker 1] disk {full}", _text(event))
+
+    def test_raw_output_and_a_final_partial_line(self):
+        supervisor, fake, _ = master()
+        supervisor.startService()
+        spawned = fake.spawned[0]
+        spawned.protocol.childDataReceived(2, b"Traceback (most recent call last):\nboom")
+        spawned.end(ProcessDone(1))
+        relayed = [(e["log_level"], e["text"]) for e in self.logged if e.get("worker") == 0
+                   and "text" in e]
+        self.assertEqual(relayed, [(LogLevel.warn, "Traceback (most recent call last):"),
+                                   (LogLevel.warn, "boom")])
+
+    def test_worker_observer_writes_one_json_line_per_event(self):
+        out = io.StringIO()
+        observer = workers.worker_observer(out)
+        log = Logger(namespace="ssp.x", observer=observer)
+        log.info("hello {who}", who="there")
+        try:
+            raise ZeroDivisionError("no")
+        except ZeroDivisionError:
+            log.failure("it {broke}", broke="broke")
+        first, second = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual(first, {"level": "info", "namespace": "ssp.x", "text": "hello there"})
+        self.assertEqual(second["level"], "critical")
+        self.assertIn("ZeroDivisionError", second["text"])
+
+
+def _text(event: dict[str, Any]) -> str:
+    from twisted.logger import formatEvent
+
+    return formatEvent(event)
+
+
+class WorkerConfigTests(unittest.TestCase):
+    def test_admin_endpoint_per_worker(self):
+        cases = [
+            ("tcp:8081:interface=127.0.0.1", "tcp:8083:interface=127.0.0.1"),
+            ("tcp:interface=127.0.0.1:port=8081", "tcp:interface=127.0.0.1:port=8083"),
+            (r"tcp6:8081:interface=\:\:1", r"tcp6:8083:interface=\:\:1"),
+            ("tcp:0", "tcp:0"),
+            ("unix:/run/ssp/admin.sock:mode=600", "unix:/run/ssp/admin.sock.2:mode=600"),
+            ("unix:address=/run/a", "unix:address=/run/a.2"),
+            ("", ""),
+            (None, None),
+        ]
+        self.assertEqual([workers.admin_endpoint(e, 2) for e, _ in cases], [w for _, w in cases])
+        self.assertEqual(workers.admin_endpoint("systemd:domain=INET:index=1", 0),
+                         "systemd:domain=INET:index=1")
+        error = self.assertRaises(ConfigError, workers.admin_endpoint,
+                                  "systemd:domain=INET:index=1", 1)
+        self.assertIn("admin.endpoint", str(error))
+        self.assertRaises(ConfigError, workers.admin_endpoint, "tcp:http", 1)
+
+    def test_worker_config(self):
+        config = demo.demo_config(ROOT, DevelopmentPKI(ROOT / "certs"), 1)
+        config = attrs.evolve(config, listen=attrs.evolve(config.listen, workers=4))
+        mine = workers.worker_config(config, 3)
+        self.assertEqual(mine.audit.directory, config.audit.directory / "worker-3")
+        self.assertEqual(mine.admin.endpoint, "tcp:8084:interface=127.0.0.1")
+        self.assertEqual(mine.listen.workers, 1)
+        self.assertEqual(mine.listen.endpoint, config.listen.endpoint)
+
+    def test_memory_store_warns_with_several_workers(self):
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        config = demo.demo_config(ROOT, DevelopmentPKI(ROOT / "certs"), 1)
+        workers.per_worker_warning(config, 1)
+        workers.per_worker_warning(attrs.evolve(config, throttle=ThrottleConfig(store="redis")), 2)
+        self.assertEqual(len(logged), 0)
+        workers.per_worker_warning(config, 3)
+        self.assertIn("per worker", _text(logged[0]))
+        self.assertEqual(logged[0]["log_level"], LogLevel.warn)
+
+
+class InheritedEndpointTests(unittest.TestCase):
+    def test_parse(self):
+        endpoint = serverFromString(reactor, "ssp-inherit:fd=7:domain=INET6")
+        self.assertIsInstance(endpoint, AdoptedStreamServerEndpoint)
+        self.assertEqual((endpoint.fileno, endpoint.addressFamily), (7, socket.AF_INET6))
+        self.assertRaises(ValueError, serverFromString, reactor, "ssp-inherit:fd=7:domain=NOPE")
+
+    async def test_serves_on_the_inherited_socket(self):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        self.addCleanup(listener.close)
+
+        class Greet(Protocol):
+            def connectionMade(self):
+                self.transport.write(b"hello")
+                self.transport.loseConnection()
+
+        endpoint = serverFromString(reactor, f"ssp-inherit:fd={os.dup(listener.fileno())}")
+        port = await endpoint.listen(Factory.forProtocol(Greet))
+        self.addCleanup(port.stopListening)
+        self.assertEqual(port.getHost().port, listener.getsockname()[1])
+
+        def fetch() -> bytes:
+            with socket.create_connection(listener.getsockname(), timeout=5) as s:
+                return s.recv(10)
+
+        self.assertEqual(await deferToThread(fetch), b"hello")
+
+
+class _Recorder:
+    """
+    The real reactor, except that stopping and start-up hooks are recorded.
+    """
+
+    def __init__(self) -> None:
+        self.stops = 0
+        self.when_running: list[Any] = []
+
+    def stop(self) -> None:
+        self.stops += 1
+
+    def callWhenRunning(self, f: Any, *a: Any) -> None:
+        self.when_running.append(f)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(reactor, name)
+
+
+class WorkerLinkTests(unittest.TestCase):
+    def link(self) -> tuple[workers.WorkerLink, _Recorder, Deferred[None], int, int]:
+        lifeline_r, lifeline_w = os.pipe()
+        status_r, status_w = os.pipe()
+        recorder = _Recorder()
+        listening: Deferred[None] = Deferred()
+        link = workers.WorkerLink(recorder, lambda: listening, stdin=lifeline_r, status=status_w)
+        link.startService()
+        self.addCleanup(lambda: link._io.loseConnection())
+        self.addCleanup(os.close, status_r)
+        return link, recorder, listening, lifeline_w, status_r
+
+    async def test_reports_listening_and_stops_when_the_master_goes(self):
+        _, recorder, listening, lifeline_w, status_r = self.link()
+        listening.callback(None)
+        self.assertEqual(await deferToThread(os.read, status_r, 100), b"listening\n")
+        os.close(lifeline_w)
+        for _ in range(100):
+            if recorder.stops:
+                break
+            await _tick()
+        self.assertEqual(recorder.stops, 1)
+
+    async def test_no_stop_when_already_stopping(self):
+        link, recorder, _, lifeline_w, _ = self.link()
+        link.stopService()
+        os.close(lifeline_w)
+        for _ in range(20):
+            await _tick()
+        self.assertEqual(recorder.stops, 0)
+
+    def test_second_stop_signal_is_ignored(self):
+        link = workers.WorkerLink(_Recorder(), lambda: Deferred())
+        calls = []
+        handler = link._once(lambda number, frame: calls.append(number))
+        handler(signal.SIGINT, None)
+        handler(signal.SIGTERM, None)
+        self.assertEqual(calls, [signal.SIGINT])
+
+
+def _tick() -> Deferred[None]:
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, 0.01)
+
+
+# Integration: real twistd masters.
+
+
+@attrs.define
+class MasterProcess:
+    """
+    C{twistd ssp} as a master process, its log, and its workers' pids as
+    it reports them.
+    """
+
+    workdir: Path
+    args: list[str]
+    environ: dict[str, str] = attrs.Factory(dict)
+    activation: socket.socket | None = None
+    process: subprocess.Popen | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "twistd.log"
+
+    def start(self, case: unittest.TestCase) -> None:
+        command, fds = TWISTD + ["-n", "--pidfile=", "ssp", *self.args], ()
+        if self.activation is not None:
+            fds = (self.activation.fileno(),)
+            command = [command[0], "-c", ACTIVATE, str(fds[0]), *command[1:]]
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                command, cwd=self.workdir, pass_fds=fds,
+                env={**os.environ, "PYTHONPATH": str(ROOT), **self.environ}, stdout=out,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        case.addCleanup(self.kill)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = 30.0) -> list[re.Match]:
+        """
+        Block until the log matches C{pattern} C{count} times.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            found = list(re.finditer(pattern, self.text()))
+            if len(found) >= count:
+                return found
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no {count} x {pattern!r} in the log "
+                                     f"(exit {self.process.poll()}):\n{self.text()[-4000:]}")
+            time.sleep(0.05)
+
+    def pids(self) -> dict[int, int]:
+        return {int(m[1]): int(m[2])
+                for m in re.finditer(r"Worker (\d+) started, pid (\d+)", self.text())}
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for pid in self.pids().values():
+            _kill(pid)
+
+
+# What systemd does for a socket-activated service: the socket as fd 3, and
+# LISTEN_PID naming the process it execs (exec keeps the pid).
+ACTIVATE = (
+    "import os, sys; fd = int(sys.argv[1]); fd == 3 or (os.dup2(fd, 3), os.close(fd)); "
+    "os.execve(sys.executable, [sys.executable, *sys.argv[2:]], {**os.environ, "
+    "'LISTEN_PID': str(os.getpid()), 'LISTEN_FDS': '1', 'LISTEN_FDNAMES': 'ssp-https'})"
+)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _two_free_ports() -> int:
+    """
+    A port P with P + 1 free too, for two workers' admin listeners.
+    """
+    while True:
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+
+
+def _completed(audit_dir: Path) -> int:
+    if not audit_dir.exists():
+        return 0
+    return sum(1 for r in audit.read_records(audit.audit_files(audit_dir))
+               if r["event"] == "completed")
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.status, response.read()
+
+
+class WorkersTests(unittest.TestCase):
+    timeout = 120
+
+    def setUp(self):
+        self.provider = Provider(self)
+        self.workdir = Path(self.mktemp()).resolve()
+        self.workdir.mkdir()
+        self.port = free_port()
+        self.admin = _two_free_ports()
+        self.config = self.workdir / "ssp.toml"
+        self.write(agreements=True)
+
+    def write(self, agreements: bool) -> None:
+        write_config(self.config, self.port, self.provider.port.getHost().port,
+                     self.workdir / "audit")
+        text = self.config.read_text().replace(
+            '[admin]\nendpoint = ""', f'[admin]\nendpoint = "tcp:{self.admin}:interface=127.0.0.1"')
+        if not agreements:
+            text = text[:text.index("[[agreements]]")]
+        self.config.write_text(text)
+
+    async def start(self, **environ: str) -> MasterProcess:
+        proxy = MasterProcess(self.workdir, ["--config", str(self.config), "--workers", "2"],
+                              environ)
+        proxy.start(self)
+        await deferToThread(proxy.wait_for, r"Worker \d listening", 2)
+        return proxy
+
+    async def test_two_workers_serve_reload_drain_and_stop(self):
+        """
+        Both workers serve the one port, each with its own audit chain and
+        admin listener; SIGHUP reaches both without dropping an in-flight
+        request; SIGTERM lets that request finish, then everything exits.
+        Only the master talks to systemd.
+        """
+        manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(manager.close)
+        manager.bind(str(self.workdir / "notify"))
+        manager.settimeout(10)
+        proxy = await self.start(NOTIFY_SOCKET=str(self.workdir / "notify"))
+        self.assertEqual(await deferToThread(manager.recv, 100), b"READY=1")
+        self.assertIn("limit applies per worker", proxy.text())
+        for k in range(2):
+            status, body = await deferToThread(_get, f"http://127.0.0.1:{self.admin + k}/healthz")
+            self.assertEqual((status, body), (200, b"ok\n"))
+        consumer = Consumer(self.port, pki(), "consumer-0")
+        audit_dirs = [self.workdir / "audit" / f"worker-{k}" for k in range(2)]
+        for _ in range(200):
+            reply = await consumer.get("metadata")
+            self.assertEqual(reply.status, 200)
+            if all(_completed(d) for d in audit_dirs):
+                break
+        self.assertTrue(all(_completed(d) for d in audit_dirs), "one worker served everything")
+        self.assertEqual(audit.audit_files(self.workdir / "audit"), [])
+
+        stalled = consumer.get("stall")
+        for _ in range(500):
+            if hasattr(self.provider.resource, "stalled"):
+                break
+            await _tick()
+        self.write(agreements=False)
+        os.kill(proxy.process.pid, signal.SIGHUP)
+        await deferToThread(proxy.wait_for, r"\[worker \d\] Configuration reloaded", 2)
+        self.assertEqual([await deferToThread(manager.recv, 100) for _ in range(2)],
+                         [b"RELOADING=1", b"READY=1"])
+        self.assertEqual(sorted(re.findall(r"\[worker (\d)\] Configuration reloaded",
+                                           proxy.text())), ["0", "1"])
+        self.assertNotIn("takes effect on restart", proxy.text())
+        refused = await consumer.get("metadata")
+        self.assertEqual(refused.status, 403)
+
+        os.kill(proxy.process.pid, signal.SIGTERM)
+        await deferToThread(proxy.wait_for, r"\[worker \d\] Received SIGTERM", 2)
+        self.assertIsNone(proxy.process.poll(), "master left before the workers drained")
+        self.provider.resource.stalled.write(b"late")
+        self.provider.resource.stalled.finish()
+        reply = await stalled
+        self.assertEqual((reply.status, reply.body), (200, b"late"))
+        self.assertEqual(await deferToThread(proxy.process.wait, 30), -signal.SIGTERM)
+        self.assertEqual([pid for pid in proxy.pids().values() if _alive(pid)], [])
+        self.assertNotIn("Traceback", proxy.text())
+        self.assertEqual(await deferToThread(manager.recv, 100), b"STOPPING=1")
+        manager.setblocking(False)
+        self.assertRaises(BlockingIOError, manager.recv, 100)
+
+    async def test_killed_worker_is_replaced(self):
+        proxy = await self.start()
+        before = proxy.pids()
+        os.kill(before[0], signal.SIGKILL)
+        consumer = Consumer(self.port, pki(), "consumer-0")
+        statuses = [(await consumer.get("metadata")).status for _ in range(10)]
+        self.assertEqual(statuses, [200] * 10)
+        await deferToThread(proxy.wait_for, r"Worker 0 listening", 2)
+        self.assertIn(f"Worker 0 (pid {before[0]}) died: signal 9", proxy.text())
+        after = proxy.pids()
+        self.assertNotEqual(after[0], before[0])
+        self.assertEqual(after[1], before[1])
+        self.assertEqual((await consumer.get("metadata")).status, 200)
+
+
+class ActivatedWorkersTests(unittest.TestCase):
+    timeout = 120
+
+    async def test_socket_activation(self):
+        """
+        Under systemd the master takes the activated socket and the
+        workers serve it.
+        """
+        provider = Provider(self)
+        workdir = Path(self.mktemp()).resolve()
+        workdir.mkdir()
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        write_config(workdir / "ssp.toml", port, provider.port.getHost().port, workdir / "audit")
+        proxy = MasterProcess(workdir, ["--config", str(workdir / "ssp.toml"), "--workers", "2",
+                                        "--listen", "systemd:domain=INET:name=ssp-https"],
+                              activation=listening)
+        proxy.start(self)
+        await deferToThread(proxy.wait_for, r"Worker \d listening", 2)
+        self.assertIn(f"Shared socket for the workers starting on {port}", proxy.text())
+        reply = await Consumer(port, pki(), "consumer-0").get("metadata")
+        self.assertEqual(reply.status, 200)
+
+
+class DemoWorkersTests(unittest.TestCase):
+    timeout = 120
+
+    async def test_demo_with_two_workers(self):
+        """
+        The README demo (no --config) runs under a master too.
+        """
+        workdir = Path(self.mktemp()).resolve()
+        (workdir / "etc").mkdir(parents=True)
+        shutil.copy(ROOT / "etc" / "demo-sds.ldif", workdir / "etc")
+        port, admin = free_port(), _two_free_ports()
+        proxy = MasterProcess(workdir, ["--workers", "2",
+                                        "--listen", f"tcp:{port}:interface=127.0.0.1",
+                                        "--admin", f"tcp:{admin}:interface=127.0.0.1"])
+        proxy.start(self)
+        await deferToThread(proxy.wait_for, "SSP demo is listening")
+        self.assertIn(f"https://localhost:{port}/", proxy.text())
+        consumer = Consumer(port, DevelopmentPKI(workdir / "certs"), "consumer-0")
+        reply = await consumer.get("metadata")
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.outcome()["resourceType"], "CapabilityStatement")
+        for k in range(2):
+            self.assertEqual(await deferToThread(_get, f"http://127.0.0.1:{admin + k}/healthz"),
+                             (200, b"ok\n"))
 
 
 class SharedThrottleTests(unittest.TestCase):
@@ -26,7 +769,7 @@ class SharedThrottleTests(unittest.TestCase):
         server = redis.RedisServer.start_for(self)
         provider = Provider(self)
         ports = []
-        for n in range(2):
+        for _ in range(2):
             workdir = Path(self.mktemp()).resolve()
             workdir.mkdir()
             port = free_port()

@@ -1,0 +1,72 @@
+"""
+The configuration reference: every key documented, environment variables
+in paths.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from pathlib import Path
+
+import attrs
+from twisted.trial import unittest
+
+from ssp import config
+from tests.support import ROOT, certificates_toml
+
+
+class ReferenceTests(unittest.TestCase):
+    def test_every_key_documented(self) -> None:
+        """
+        C{docs/configuration.md} has a row for every key the loader accepts.
+        """
+        hints = typing.get_type_hints(config.Config)
+        documented = (ROOT / "docs" / "configuration.md").read_text()
+        missing = []
+        for field in attrs.fields(config.Config):
+            section = hints[field.name]
+            names = ([f"{field.name}.{f.name}" for f in attrs.fields(section)]
+                     if attrs.has(section) else [field.name])
+            missing += [n for n in names if f"| `{n}` |" not in documented]
+        self.assertEqual(missing, [])
+
+
+class PathTests(unittest.TestCase):
+    def write(self, body: str) -> Path:
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(body)
+        return path
+
+    def test_environment_variable(self) -> None:
+        """
+        C{$CREDENTIALS_DIRECTORY} (systemd C{LoadCredential}) is expanded in
+        paths.
+        """
+        os.environ["SSP_TEST_CREDENTIALS"] = "/run/credentials/ssp.service"
+        self.addCleanup(os.environ.pop, "SSP_TEST_CREDENTIALS")
+        body = certificates_toml().replace(
+            'private_key = "', 'private_key = "$SSP_TEST_CREDENTIALS/ignored', 1)
+        loaded = config.load(self.write(body))
+        self.assertEqual(str(loaded.tls.private_key).split("ignored")[0],
+                         "/run/credentials/ssp.service/")
+
+    def test_unset_variable(self) -> None:
+        body = certificates_toml().replace('private_key = "', 'private_key = "$SSP_UNSET_X/', 1)
+        with self.assertRaises(config.ConfigError) as caught:
+            config.load(self.write(body))
+        self.assertIn("tls.private_key: unset environment variable", str(caught.exception))
+
+
+class ExampleTests(unittest.TestCase):
+    def test_example_parses(self) -> None:
+        """
+        The commented example C{etc/ssp.toml} is a valid configuration once
+        systemd provides C{$CREDENTIALS_DIRECTORY}.
+        """
+        if "CREDENTIALS_DIRECTORY" not in os.environ:
+            os.environ["CREDENTIALS_DIRECTORY"] = "/run/credentials/ssp.service"
+            self.addCleanup(os.environ.pop, "CREDENTIALS_DIRECTORY")
+        loaded = config.load(ROOT / "etc" / "ssp.toml")
+        self.assertEqual(loaded.tls.private_key.name, "ssp.key")
