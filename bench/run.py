@@ -520,7 +520,7 @@ class _Sink(asyncio.Protocol):
         self.status = 0
         self.length: int | None = None
         self.chunked = False
-        self.line = b""  # chunked: bytes of the CRLF + size line being read
+        self.line = b""  # chunked: the start of a size line split across reads
         self.chunk_left = 0
         self.received = 0
 
@@ -547,26 +547,28 @@ class _Sink(asyncio.Protocol):
                 self._finish()
 
     def _chunks(self, data: bytes) -> None:
-        at = 0
-        while at < len(data):
+        """
+        Skip chunk data (and its CRLF) without copying it; only a size line
+        split across reads is buffered.
+        """
+        at, end = 0, len(data)
+        while at < end:
             if self.chunk_left:
-                take = min(self.chunk_left, len(data) - at)
-                self.received += take
+                take = min(self.chunk_left, end - at)
                 self.chunk_left -= take
                 at += take
                 continue
-            self.line += data[at:]
-            at = len(data)
-            size_line = self.line.lstrip(b"\r\n")
-            if b"\r\n" not in size_line:
-                continue
-            size_text, _, rest = size_line.partition(b"\r\n")
-            self.line = b""
-            self.chunk_left = int(size_text.split(b";")[0], 16)
-            if not self.chunk_left:
+            newline = data.find(b"\n", at)
+            if newline < 0:
+                self.line += data[at:]
+                return
+            size_line, self.line, at = self.line + data[at:newline], b"", newline + 1
+            size = int(size_line.strip().split(b";")[0], 16)
+            if not size:
                 self._finish()
                 return
-            data, at = rest, 0
+            self.received += size
+            self.chunk_left = size + 2
 
     def _finish(self) -> None:
         if self.length is None:

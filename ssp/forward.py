@@ -70,8 +70,19 @@ class ProviderEndpoints:
     tls: UpstreamTLS
     resolve: dict[str, str]
     connect_timeout: float
+    # One per provider (only SDS-registered hosts get this far): building
+    # one costs an IDNA encoding of the host name per request.
+    _built: dict[tuple[bytes, int], Any] = attrs.field(factory=dict, init=False, eq=False,
+                                                       repr=False)
 
     def endpointForURI(self, uri: Any) -> Any:
+        key = (uri.host, uri.port)
+        endpoint = self._built.get(key)
+        if endpoint is None:
+            endpoint = self._built[key] = self._endpoint(uri)
+        return endpoint
+
+    def _endpoint(self, uri: Any) -> Any:
         host = uri.host.decode("ascii")
         address, port = host.strip("[]"), uri.port
         mapped = self.resolve.get(f"{host}:{port}")
@@ -164,6 +175,12 @@ class _ProviderProtocol(HTTP11ClientProtocol):
         super()._finishResponse_WAITING(rest)
 
     _finishResponse_TRANSMITTING = _finishResponse_WAITING
+
+    def _giveUp(self, reason: Failure) -> None:
+        # A clean TLS close waits for the provider's close_notify while still
+        # reading; a provider sending without end would be read for ever.
+        super()._giveUp(reason)
+        self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure) -> None:
         response = getattr(self._parser, "response", None)

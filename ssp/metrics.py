@@ -33,11 +33,16 @@ class Metrics:
 
     def __init__(self, in_flight: Callable[[], float] = lambda: 0,
                  audit_pending: Callable[[], float] = lambda: 0,
-                 directory: Callable[[], IDirectory | None] = lambda: None) -> None:
+                 directory: Callable[[], IDirectory | None] = lambda: None,
+                 connections: Callable[[], float] = lambda: 0,
+                 refused_connections: Callable[[], float] = lambda: 0) -> None:
         """
         @param in_flight: the number of requests in progress.
         @param audit_pending: L{IAuditSink.pending} of the audit sink.
         @param directory: the directory in use (it changes on reload).
+        @param connections: open consumer connections.
+        @param refused_connections: connections refused so far for being
+            over the connection caps.
         """
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -69,7 +74,11 @@ class Metrics:
                         "Audit records accepted but not yet durable (the queue depth).",
                         registry=self.registry)
         pending.set_function(audit_pending)
+        open_connections = Gauge("ssp_connections", "Open consumer connections.",
+                                 registry=self.registry)
+        open_connections.set_function(connections)
         self.registry.register(_CacheCollector(directory))
+        self.registry.register(_RefusedConnections(refused_connections))
 
     def counting(self, throttle: IThrottle) -> IThrottle:
         """
@@ -137,6 +146,17 @@ class _CacheCollector:
             lookups.add_metric(["miss"], directory.misses)
             lookups.add_metric(["stale"], directory.stale_served)
             yield lookups
+
+
+@attrs.frozen
+class _RefusedConnections:
+    refused: Callable[[], float]
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "ssp_connections_refused", "Connections closed at once for being over the caps.")
+        family.add_metric([], self.refused())
+        yield family
 
 
 def _reason(token: str) -> str:

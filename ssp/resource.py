@@ -28,7 +28,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
-from twisted.web.iweb import IBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.resource import Resource
 
 from ssp import cors, errors, forward, headers, token
@@ -657,6 +657,9 @@ class Proxy:
         for name, values in headers.downstream_headers(response.headers):
             request.responseHeaders.setRawHeaders(name, values)
         self._add_response_headers(request, found)
+        if response.length is not UNKNOWN_LENGTH and response.code not in (204, 304):
+            # Relay the provider's framing rather than re-chunking its body.
+            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % response.length])
         done, relaying = forward.relay(response, request, self.clock, self.idle_timeout,
                                        url.text)
         try:

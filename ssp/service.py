@@ -160,6 +160,8 @@ class SSPService(MultiService):
             in_flight=lambda: self.proxy.in_flight if self.proxy else 0,
             audit_pending=lambda: audit.pending,
             directory=lambda: self.proxy.checks.directory if self.proxy else None,
+            connections=lambda: len(self.site.channels) if self.site else 0,
+            refused_connections=lambda: self.site.refused_connections if self.site else 0,
         )
         self.proxy = Proxy(
             self._checks(config, directory, throttle), upstream, audit, self.reactor,

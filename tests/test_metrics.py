@@ -64,14 +64,19 @@ class ObserveTests(unittest.TestCase):
 
     def test_gauges(self) -> None:
         """
-        In-flight requests and the audit queue depth are read when scraped.
+        In-flight requests, the audit queue depth and connection counts are
+        read when scraped.
         """
-        state = {"in_flight": 3, "pending": 7}
+        state = {"in_flight": 3, "pending": 7, "open": 4, "refused": 2}
         metrics = Metrics(in_flight=lambda: state["in_flight"],
-                          audit_pending=lambda: state["pending"])
+                          audit_pending=lambda: state["pending"],
+                          connections=lambda: state["open"],
+                          refused_connections=lambda: state["refused"])
         state["pending"] = 9
         found = samples(metrics.exposition())
-        self.assertEqual((found[("ssp_in_flight", ())], found[("ssp_audit_pending", ())]), (3, 9))
+        self.assertEqual([found[(name, ())] for name in (
+            "ssp_in_flight", "ssp_audit_pending", "ssp_connections",
+            "ssp_connections_refused_total")], [3, 9, 4, 2])
 
 
 class ThrottleDecisionTests(unittest.TestCase):

@@ -22,6 +22,7 @@ from twisted.internet.ssl import Certificate, PrivateCertificate, TLSVersion
 from twisted.internet.testing import waitUntilAllDisconnected
 from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 from zope.interface import implementer
 
@@ -303,6 +304,12 @@ class ProviderFaultTests(unittest.TestCase):
         new = [(r.status, r.token, r.decision) for r in proxy.audit.completed()[records:]]
         if new != [fault.audited]:
             wrong.append(f"audited {new}")
+        # A refused provider must be cut off, not read on and on (a clean
+        # TLS close would wait for its close_notify while it keeps sending).
+        written = provider.written
+        await deferLater(reactor, 0.05, lambda: None)
+        if provider.written - written > 1 << 20:
+            wrong.append("the provider is still streaming into the proxy")
         return wrong
 
     async def test_catalogue(self):

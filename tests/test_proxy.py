@@ -122,6 +122,21 @@ class ForwardingTests(ProxyTestCase):
         self.assertIsNone(reply.header("Connection"))
         self.assertEqual(reply.header("X-Unicode").encode("latin-1"), "caf\u00e9".encode("utf-8"))
 
+    async def test_response_framing_relayed(self):
+        """
+        A provider's C{Content-Length} reaches the consumer as it was sent;
+        a chunked response stays chunked.
+        """
+        provider, proxy = await self.setup()
+        consumer = proxy.consumer()
+        sized = await consumer.get("big?n=5000")
+        chunked = await consumer.get("big?n=5000&chunked=1")
+        self.assertEqual((sized.header("Content-Length"), sized.header("Transfer-Encoding")),
+                         ("5000", None))
+        self.assertEqual((chunked.header("Content-Length"), chunked.header("Transfer-Encoding")),
+                         (None, "chunked"))
+        self.assertEqual((len(sized.body), len(chunked.body)), (5000, 5000))
+
     async def test_gzip_body_untouched(self):
         provider, proxy = await self.setup()
         headers = spine_headers(**{"Accept-Encoding": "gzip"})
