@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import interfaces
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import (
     Certificate,
@@ -48,14 +49,37 @@ _TLS_RECORD_HANDSHAKE = 0x16
 IDENTITY_CACHE_SIZE = 1024
 
 
+def read_pem(path: Path) -> bytes:
+    """
+    A PEM file's bytes; the error names the file (OpenSSL's would not).
+    """
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e.strerror}") from e
+
+
 def read_certificates(path: Path) -> list[x509.Certificate]:
     """
     Every certificate in a PEM bundle.
     """
-    certificates = x509.load_pem_x509_certificates(path.read_bytes())
-    if not certificates:
-        raise ValueError(f"{path}: no certificate found")
-    return certificates
+    data = read_pem(path)
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: no certificate found") from e
+
+
+def read_private_key(path: Path) -> crypto.PKey:
+    """
+    An unencrypted PEM private key.
+    """
+    data = read_pem(path)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not an unencrypted PEM private key") from e
+    return crypto.PKey.from_cryptography_key(key)
 
 
 def _server_context(config: ServerTLSConfig, verify: Callable[..., bool]) -> SSL.Context:
@@ -69,7 +93,7 @@ def _server_context(config: ServerTLSConfig, verify: Callable[..., bool]) -> SSL
     context.use_certificate(crypto.X509.from_cryptography(chain[0]))
     for extra in chain[1:]:
         context.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
-    context.use_privatekey_file(str(config.private_key))
+    context.use_privatekey(read_private_key(config.private_key))
     context.check_privatekey()
     store = context.get_cert_store()
     authorities = read_certificates(config.client_ca)
@@ -219,11 +243,21 @@ class _TLSOrPlain(Protocol):
     def __init__(self, factory: TLSOrPlainFactory) -> None:
         self._factory = factory
         self._tls: Protocol | None = None
+        self._silence: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        # Until its first byte a connection is invisible to the site's
+        # limits and timers: a silent one is cut off here.
+        factory = self._factory
+        self._silence = factory.clock.callLater(factory.first_byte_timeout,
+                                                self.transport.abortConnection)
 
     def dataReceived(self, data: bytes) -> None:
         if self._tls is not None:
             self._tls.dataReceived(data)
             return
+        if self._silence is not None and self._silence.active():
+            self._silence.cancel()
         if data[0] != _TLS_RECORD_HANDSHAKE:
             self._factory.refuse_plain(self.transport)
             return
@@ -235,6 +269,8 @@ class _TLSOrPlain(Protocol):
         self._tls.dataReceived(data)
 
     def connectionLost(self, reason: Failure) -> None:
+        if self._silence is not None and self._silence.active():
+            self._silence.cancel()
         if self._tls is None:
             return
         handle = self._tls.getHandle()
@@ -247,17 +283,24 @@ class TLSOrPlainFactory(Factory):
     """
     The listening factory: TLS for the site, 497 for plain HTTP, and hooks
     for handshakes that fail and plain requests (audited by the service).
+
+    @ivar first_byte_timeout: seconds a new connection may stay silent
+        before it is aborted (unaudited: nothing was said).
     """
 
     def __init__(
         self,
         tls: TLSMemoryBIOFactory,
         hsts: bytes,
+        clock: IReactorTime,
+        first_byte_timeout: float,
         on_handshake_failure: Callable[[object, Failure], None] = lambda peer, reason: None,
         on_plain_http: Callable[[object], None] = lambda peer: None,
     ) -> None:
         self.tls = tls
         self.hsts = hsts
+        self.clock = clock
+        self.first_byte_timeout = first_byte_timeout
         self.on_handshake_failure = on_handshake_failure
         self.on_plain_http = on_plain_http
 
@@ -296,7 +339,7 @@ class UpstreamTLS:
              for c in read_certificates(config.ca)]
         )
         self._client = PrivateCertificate.loadPEM(
-            config.certificate.read_bytes() + config.private_key.read_bytes()
+            read_pem(config.certificate) + read_pem(config.private_key)
         )
         self._creators: dict[str, interfaces.IOpenSSLClientConnectionCreator] = {}
 

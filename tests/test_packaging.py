@@ -17,7 +17,7 @@ from pathlib import Path
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from tests.support import ROOT, certificates_toml
+from tests.support import ROOT, certificates_toml, pki
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
@@ -119,3 +119,19 @@ ldif = "{ROOT}/etc/demo-sds.ldif"
                                   'private_key = "b"\nca = "c"\n')
         self.assertEqual(result.returncode, 1)
         self.assertIn("nope.pem", result.stderr)
+
+    def test_unreadable_private_key_is_named(self):
+        """
+        A key that is missing or not a key is reported with its path, not
+        as a bare OpenSSL error.
+        """
+        certs = pki().directory
+        for key, problem in ((f"{certs}/missing.key", "cannot read"),
+                             (f"{certs}/proxy.pem", "not an unencrypted PEM private key")):
+            result, path = self.check(certificates_toml().replace(
+                f'private_key = "{certs}/proxy.key"', f'private_key = "{key}"') + f"""
+[directory]
+ldif = "{ROOT}/etc/demo-sds.ldif"
+""")
+            self.assertEqual(result.returncode, 1)
+            self.assertIn(f"{key}: {problem}", result.stderr)

@@ -411,3 +411,27 @@ class ClockedTimeouts(unittest.SynchronousTestCase):
         again, transport = self.connect("192.0.2.1")
         self.assertIsInstance(again, type(first))
         self.assertFalse(transport.disconnecting)
+
+
+class SilentTCPTests(unittest.TestCase):
+    timeout = 30
+
+    async def test_silent_tcp_connection_cut_off(self):
+        """
+        A TCP connection that never sends its first byte (no TLS handshake,
+        so the site never sees it) is aborted after C{header_timeout}.
+        """
+        provider = Provider(self)
+        proxy = await Proxy(self, provider, listen={"header_timeout": 0.3}).start()
+
+        def wait_for_close() -> float:
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw:
+                started = time.monotonic()
+                try:
+                    raw.recv(1)
+                except ConnectionResetError:
+                    pass
+                return time.monotonic() - started
+
+        self.assertLess(await deferToThread(wait_for_close), 2.0)
+        self.assertEqual(proxy.audit.records, [])

@@ -481,5 +481,5 @@ class ActivationTests(unittest.TestCase):
         status = await proxy.ended()
         self.manager.drain()
         self.assertNotEqual(status.exitCode, 0)
-        self.assertIn(b"use_privatekey_file", proxy.output)
+        self.assertIn(b"missing.key: cannot read", proxy.output)
         self.assertNotIn(b"READY=1", self.manager.messages)
