@@ -10,7 +10,8 @@ Run by hand from the repository root::
 Everything runs on loopback in a throw-away directory: the demo provider
 (one Twisted process, which also serves a 1 GiB body), nginx (one worker,
 unprivileged, configuration generated from C{bench/nginx.conf.in}), the
-proxy with every check on, and later two proxy processes sharing the port.
+proxy with every check on, and for the workers row the real
+C{twistd ssp --workers 1} and C{--workers N}.
 This process is the load generator (asyncio + ssl, raw HTTP/1.1).  See
 bench/README.md for what each number means and docs/performance.md for
 results.  Not a test: nothing under tests/ imports it.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import http.client
 import json
 import os
 import platform
@@ -108,34 +110,39 @@ def provider_main(root: Path) -> None:
     reactor.run()
 
 
-def proxy_main(root: Path, provider_port: int, fd: int, index: int) -> None:
+def bench_config(root: Path, provider_port: int, listen: str = "systemd:domain=INET:index=0",
+                 admin: str | None = None) -> Any:
     """
-    The demo proxy (LDIF directory, JWT validation, in-memory throttle with
-    limits far above the load, file audit with fsync "always", access
-    log) in front of the provider, accepting on the inherited listening
-    socket C{fd} as systemd socket activation would hand it over; prints
-    C{PORT n} once serving.
+    The proxy's configuration in this benchmark: the demo's (LDIF
+    directory, JWT validation, file audit) with fsync "always" and an
+    in-memory throttle whose limits are far above the load.
     """
-    os.dup2(fd, 3)
-    os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="ssp")
     import attrs
-    from twisted.internet import reactor
 
     from ssp import demo
     from ssp.config import LimitSet, RateLimit, ThrottleConfig
+
+    config = demo.demo_config(root, demo.ensure_pki(root), provider_port, listen=listen,
+                              admin=admin)
+    high = LimitSet(default=RateLimit(rate=1_000_000, period=1.0, burst=1_000_000))
+    return attrs.evolve(config, audit=attrs.evolve(config.audit, durability="always"),
+                        throttle=ThrottleConfig(store="memory", consumer=high, provider=high))
+
+
+def proxy_main(root: Path, provider_port: int, fd: int) -> None:
+    """
+    The proxy of L{bench_config}, with its access log, in front of the
+    provider, accepting on the inherited listening socket C{fd} as systemd
+    socket activation would hand it over; prints C{PORT n} once serving.
+    """
+    os.dup2(fd, 3)
+    os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="ssp")
+    from twisted.internet import reactor
+
     from ssp.service import SSPService
 
-    _child_logging(root, f"proxy-{index}")
-    config = demo.demo_config(root, demo.ensure_pki(root), provider_port,
-                              listen="systemd:domain=INET:index=0", admin=None)
-    high = LimitSet(default=RateLimit(rate=1_000_000, period=1.0, burst=1_000_000))
-    config = attrs.evolve(
-        config,
-        audit=attrs.evolve(config.audit, directory=root / "var" / f"audit-{index}",
-                           durability="always"),
-        throttle=ThrottleConfig(store="memory", consumer=high, provider=high),
-    )
-    service = SSPService(config, reactor)
+    _child_logging(root, "proxy")
+    service = SSPService(bench_config(root, provider_port), reactor)
 
     def start() -> None:
         service.startService()
@@ -157,11 +164,10 @@ def spawn(args: list[str], root: Path, timeout: float = 30.0,
     """
     Start this script in a child role and wait for its C{PORT n} line.
     """
-    name = "-".join(args[:1] + args[4:5])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    name = args[0]
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve())] + args,
-                            cwd=root, env=env, stdout=subprocess.PIPE, pass_fds=pass_fds,
+                            cwd=root, env=_child_env(), stdout=subprocess.PIPE,
+                            pass_fds=pass_fds,
                             stderr=open(root / f"{name}.stderr", "w"))
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
@@ -181,46 +187,148 @@ def spawn(args: list[str], root: Path, timeout: float = 30.0,
     return proc, int(line.split()[1])
 
 
-def reuseport_socket(port: int = 0) -> socket.socket:
+def _child_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+
+
+def start_proxy(root: Path, provider_port: int) -> tuple[subprocess.Popen, int]:
     """
-    A listening loopback socket with C{SO_REUSEPORT}, so that several
-    processes can each hold one on the same port and the kernel spreads
-    new connections between them.
+    One L{proxy_main} process on a listening socket made here.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(1024)
-    return sock
-
-
-def start_proxy_workers(root: Path, provider_port: int, workers: int,
-                        first_index: int = 0) -> tuple[list[subprocess.Popen], int]:
-    """
-    C{workers} proxy processes accepting on one port.
-
-    Hook: this stands in for C{twistd ssp --workers N} until that option
-    exists; each process gets its own C{SO_REUSEPORT} socket (as a
-    pre-fork server would) and its own audit directory.  Replace the body
-    with one C{twistd -n ssp --config ... --workers N} spawn once it lands.
-    """
-    sockets = [reuseport_socket()]
-    port = sockets[0].getsockname()[1]
-    sockets += [reuseport_socket(port) for _ in range(workers - 1)]
-    procs = []
     try:
-        for n, sock in enumerate(sockets):
-            proc, _ = spawn(["_proxy", str(root), str(provider_port), str(sock.fileno()),
-                             str(first_index + n)], root, pass_fds=(sock.fileno(),))
-            procs.append(proc)
-    except BaseException:
-        stop(procs)
-        raise
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1024)
+        proc, port = spawn(["_proxy", str(root), str(provider_port), str(sock.fileno())], root,
+                           pass_fds=(sock.fileno(),))
     finally:
-        for sock in sockets:
-            sock.close()
-    return procs, port
+        sock.close()
+    return proc, port
+
+
+def workers_toml(root: Path, provider_port: int, port: int, admin_port: int,
+                 audit: Path) -> str:
+    """
+    A configuration file for C{twistd ssp} equal to L{bench_config} except
+    for the listen and admin endpoints, the audit directory, a 5 s drain
+    and no access log (workers' logs cross a pipe to the master).
+    """
+    from ssp import demo
+
+    certs = root / "certs"
+    high = "rate = 1000000\nperiod = 1.0\nburst = 1000000"
+    return f"""\
+[listen]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+drain_timeout = 5.0
+[tls]
+certificate = "{certs}/proxy.pem"
+private_key = "{certs}/proxy.key"
+client_ca = "{certs}/spine-ca.pem"
+crls = ["{certs}/spine-ca.crl.pem"]
+[upstream]
+certificate = "{certs}/proxy-client.pem"
+private_key = "{certs}/proxy-client.key"
+ca = "{certs}/spine-ca.pem"
+[upstream.resolve]
+"{demo.PROVIDER_HOST}:443" = "127.0.0.1:{provider_port}"
+[directory]
+kind = "ldif"
+ldif = "{root}/etc/demo-sds.ldif"
+[token]
+validate = true
+[audit]
+directory = "{audit}"
+durability = "always"
+[throttle]
+store = "memory"
+[throttle.consumer.default]
+{high}
+[throttle.provider.default]
+{high}
+[admin]
+endpoint = "tcp:{admin_port}:interface=127.0.0.1"
+[log]
+access_log = false
+[[agreements]]
+sender = "{demo.CONSUMER_ASID}"
+receiver = "{demo.PROVIDER_ASID}"
+"""
+
+
+def free_ports(count: int) -> int:
+    """
+    A loopback port P with P + 1 ... P + count - 1 free too (admin
+    listeners of C{count} workers).
+    """
+    while True:
+        port = free_port()
+        try:
+            for k in range(1, count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + k))
+            return port
+        except OSError:
+            continue
+
+
+def start_twistd_workers(root: Path, provider_port: int,
+                         workers: int) -> tuple[subprocess.Popen, int]:
+    """
+    C{twistd -n ssp --config FILE --workers N} with a L{workers_toml}
+    configuration: with N > 1 a master binding the port and N workers on
+    the inherited socket, each auditing into C{audit-wN/worker-K}; with 1,
+    the proxy in the twistd process itself.  Ready once every worker's
+    C{/healthz} (admin port + K) answers 200.
+    """
+    import attrs
+
+    from ssp import config as ssp_config
+
+    port, admin = free_port(), free_ports(workers)
+    audit = root / "var" / f"audit-w{workers}"
+    path = root / f"ssp-w{workers}.toml"
+    path.write_text(workers_toml(root, provider_port, port, admin, audit))
+    expected = bench_config(root, provider_port, f"tcp:{port}:interface=127.0.0.1",
+                            f"tcp:{admin}:interface=127.0.0.1")
+    expected = attrs.evolve(
+        expected, listen=attrs.evolve(expected.listen, drain_timeout=5.0),
+        audit=attrs.evolve(expected.audit, directory=audit),
+        log=attrs.evolve(expected.log, access_log=False))
+    if ssp_config.load(path) != expected:
+        raise SystemExit(f"{path} does not match bench_config(); update workers_toml()")
+    log = root / f"twistd-w{workers}.log"
+    with open(root / f"twistd-w{workers}.stderr", "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+             "--pidfile=", "--logfile", str(log), "ssp", "--config", str(path),
+             "--workers", str(workers)],
+            cwd=root, env=_child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=stderr)
+    waiting = list(range(workers))
+    deadline = time.monotonic() + 60
+    while waiting:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop([proc])
+            raise SystemExit(f"twistd ssp --workers {workers} did not start:\n"
+                             + (_tail(log) + _tail(root / f"twistd-w{workers}.stderr"))[-3000:])
+        if _healthy(admin + waiting[0]):
+            waiting.pop(0)
+        else:
+            time.sleep(0.1)
+    return proc, port
+
+
+def _healthy(port: int) -> bool:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+    try:
+        connection.request("GET", "/healthz")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
 
 
 def free_port() -> int:
@@ -283,16 +391,40 @@ def _tail(path: Path) -> str:
     return path.read_text()[-2000:] if path.exists() else ""
 
 
-def stop(procs: list[subprocess.Popen]) -> None:
+def stop(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
+    """
+    C{SIGTERM} each process and wait for it and its descendants (nginx's
+    and twistd's workers); C{SIGKILL} whatever is left after C{timeout}.
+    """
+    trees = {p.pid: process_tree(p.pid) for p in procs if p.poll() is None}
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
     for p in procs:
         try:
-            p.wait(5)
+            p.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+    left = [pid for tree in trees.values() for pid in tree[1:]]
+    while left:
+        left = [pid for pid in left if _alive(pid)]
+        if left and time.monotonic() > deadline:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            break
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def process_tree(pid: int) -> list[int]:
@@ -678,8 +810,9 @@ class Bench:
             self.procs.append(self.nginx)
         else:
             self.notes.append(f"nginx row not available: {why}")
-        self.proxies, proxy_port = start_proxy_workers(self.root, self.provider_port, 1)
-        self.procs += self.proxies
+        proxy, proxy_port = start_proxy(self.root, self.provider_port)
+        self.proxies = [proxy]
+        self.procs.append(proxy)
         as_proxy, as_consumer = contexts(self.root / "certs")
         direct_req, _ = requests_for(lambda: 0)
         self.targets = [Target("direct", self.provider_port, "orange.testlab.nhs.uk", as_proxy,
@@ -691,13 +824,20 @@ class Bench:
                                        lambda: process_tree(nginx.pid)[1:] or [nginx.pid]))
         self.targets.append(Target("ssp", proxy_port, "localhost", as_consumer,
                                    requests_for(lambda: proxy_port)[1],
-                                   lambda: [p.pid for p in self.proxies]))
+                                   self.ssp_pids))
         print(f"provider :{self.provider_port}, nginx :{nginx_port or '-'}, "
               f"ssp :{proxy_port} (pid {self.proxies[0].pid}), work dir {self.root}",
               file=sys.stderr)
 
+    def ssp_pids(self) -> list[int]:
+        """
+        The proxy processes now serving: one, or a twistd master and its
+        workers.
+        """
+        return [pid for p in self.proxies for pid in process_tree(p.pid)]
+
     def pids(self) -> dict[str, list[int]]:
-        groups = {"provider": [self.provider.pid], "ssp": [p.pid for p in self.proxies],
+        groups = {"provider": [self.provider.pid], "ssp": self.ssp_pids(),
                   "loadgen": [os.getpid()]}
         if self.nginx is not None:
             groups["nginx"] = process_tree(self.nginx.pid)
@@ -751,29 +891,33 @@ class Bench:
 
     async def measure_workers(self) -> dict:
         """
-        Keep-alive throughput of one proxy process and of C{--workers}
-        processes sharing a port, at a concurrency high enough to keep
-        every worker busy.
+        Keep-alive throughput of C{twistd ssp --workers 1} and of
+        C{--workers N}, at a concurrency high enough to keep every worker
+        busy.  The first proxy is stopped first: only one runs at a time.
         """
         a = self.args
         ssp = self.targets[-1]
         concurrency = a.concurrency * a.workers
-        result = {"concurrency": concurrency}
-        result["1"] = await self.phase(
-            "keep-alive ssp x1",
-            closed_loop(ssp, a.requests, concurrency, True, a.phase_limit))
+        result: dict[str, Any] = {"concurrency": concurrency}
+        for count in (1, a.workers):
+            stop(self.proxies)
+            self.procs = [p for p in self.procs if p not in self.proxies]
+            proc, port = start_twistd_workers(self.root, self.provider_port, count)
+            self.proxies = [proc]
+            self.procs.append(proc)
+            target = Target(f"ssp-w{count}", port, "localhost", ssp.ctx,
+                            requests_for(lambda port=port: port)[1], self.ssp_pids)
+            await closed_loop(target, max(100, concurrency * 10), concurrency, True, 10)
+            # With one worker twistd serves itself; with more, its children do.
+            workers = process_tree(proc.pid)[1:] if count > 1 else [proc.pid]
+            before = {pid: cpu_seconds(pid) for pid in [proc.pid, *workers]}
+            result[str(count)] = phase = await self.phase(
+                f"keep-alive ssp --workers {count}",
+                closed_loop(target, a.requests * count, concurrency, True, a.phase_limit))
+            used = {pid: round(cpu_seconds(pid) - b, 2) for pid, b in before.items()}
+            phase["cpu_split_s"] = [used[pid] for pid in workers]
+            phase["master_cpu_s"] = used[proc.pid] if count > 1 else 0.0
         stop(self.proxies)
-        self.proxies, port = start_proxy_workers(self.root, self.provider_port, a.workers, 1)
-        self.procs += self.proxies
-        workers = Target("ssp-workers", port, "localhost", ssp.ctx,
-                         requests_for(lambda: port)[1], ssp.pids)
-        await closed_loop(workers, max(100, concurrency * 10), concurrency, True, 10)
-        before = [cpu_seconds(p.pid) for p in self.proxies]
-        result[str(a.workers)] = await self.phase(
-            f"keep-alive ssp x{a.workers}",
-            closed_loop(workers, a.requests * a.workers, concurrency, True, a.phase_limit))
-        result["cpu_split_s"] = [round(cpu_seconds(p.pid) - b, 2)
-                                 for p, b in zip(self.proxies, before)]
         return result
 
 
@@ -880,11 +1024,14 @@ def table(r: dict) -> str:
     if "workers" in r:
         w = r["workers"]
         n = str(r["args"]["workers"])
-        rows.append(row(f"keep-alive req/s C={w['concurrency']}: 1 / {n} workers",
+        rows.append(row(f"keep-alive req/s C={w['concurrency']}: twistd --workers 1 / {n}",
                         {"ssp": f"{w['1']['rps']:.0f} / {w[n]['rps']:.0f}"}))
-        rows.append(row(f"  {n}-worker hop CPU ms/req (CPU s per worker)",
-                        {"ssp": f"{w[n]['cpu_ms_per_request']['ssp']:.3f} "
-                                f"({' / '.join(f'{c:.1f}' for c in w['cpu_split_s'])})"}))
+        rows.append(row("  hop CPU ms/req (master included)",
+                        {"ssp": f"{w['1']['cpu_ms_per_request']['ssp']:.3f} / "
+                                f"{w[n]['cpu_ms_per_request']['ssp']:.3f}"}))
+        rows.append(row(f"  {n} workers: CPU s each (master)",
+                        {"ssp": " / ".join(f"{c:.1f}" for c in w[n]["cpu_split_s"])
+                                + f" ({w[n]['master_cpu_s']:.1f})"}))
     widths = [max(len(x[i]) for x in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -928,7 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
         provider_main(Path(argv[1]))
         return 0
     if argv[:1] == ["_proxy"]:
-        proxy_main(Path(argv[1]), int(argv[2]), int(argv[3]), int(argv[4]))
+        proxy_main(Path(argv[1]), int(argv[2]), int(argv[3]))
         return 0
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -968,7 +1115,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json = BENCH / f"results-{stamp:%Y%m%dT%H%M%SZ}.json"
 
     sys.path.insert(0, str(REPO))
-    root = Path(tempfile.mkdtemp(prefix="ssp-bench-"))
+    root = Path(tempfile.mkdtemp(prefix="ssp-bench-")).resolve()
     bench = Bench(args, root)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored

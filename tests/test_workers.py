@@ -18,6 +18,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -645,9 +646,12 @@ class WorkersTests(unittest.TestCase):
         """
         manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.addCleanup(manager.close)
-        manager.bind(str(self.workdir / "notify"))
+        # Abstract namespace: a path under the trial directory can exceed
+        # the 108 bytes AF_UNIX allows.
+        name = f"ssp-workers-{uuid.uuid4().hex}"
+        manager.bind("\0" + name)
         manager.settimeout(10)
-        proxy = await self.start(NOTIFY_SOCKET=str(self.workdir / "notify"))
+        proxy = await self.start(NOTIFY_SOCKET="@" + name)
         self.assertEqual(await deferToThread(manager.recv, 100), b"READY=1")
         self.assertIn("limit applies per worker", proxy.text())
         for k in range(2):
