@@ -320,6 +320,25 @@ def start_twistd_workers(root: Path, provider_port: int,
     return proc, port
 
 
+def authorised_records(directory: Path) -> int:
+    """
+    Requests a proxy has forwarded, from its audit trail in C{directory}:
+    one C{authorised} record each, on disk before the request went
+    upstream, so before its response arrived.
+    """
+    return sum(json.loads(line).get("event") == "authorised"
+               for path in sorted(directory.glob("*.jsonl"))
+               for line in path.read_text().splitlines() if line)
+
+
+def worker_number(pid: int) -> int:
+    """
+    K of the C{twistd ssp --worker K} process C{pid}.
+    """
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return int(argv[argv.index(b"--worker") + 1])
+
+
 def _healthy(port: int) -> bool:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
     try:
@@ -909,15 +928,20 @@ class Bench:
                             requests_for(lambda port=port: port)[1], self.ssp_pids)
             await closed_loop(target, max(100, concurrency * 10), concurrency, True, 10)
             # With one worker twistd serves itself; with more, its children do.
-            workers = process_tree(proc.pid)[1:] if count > 1 else [proc.pid]
+            workers = (sorted(process_tree(proc.pid)[1:], key=worker_number) if count > 1
+                       else [proc.pid])
+            audit = self.root / "var" / f"audit-w{count}"
+            trails = [audit / f"worker-{k}" for k in range(count)] if count > 1 else [audit]
             before = {pid: cpu_seconds(pid) for pid in [proc.pid, *workers]}
+            served = [authorised_records(d) for d in trails]
             result[str(count)] = phase = await self.phase(
                 f"keep-alive ssp --workers {count}",
                 closed_loop(target, a.requests * count, concurrency, True, a.phase_limit))
             used = {pid: round(cpu_seconds(pid) - b, 2) for pid, b in before.items()}
             phase["cpu_split_s"] = [used[pid] for pid in workers]
             phase["master_cpu_s"] = used[proc.pid] if count > 1 else 0.0
-        stop(self.proxies)
+            stop(self.proxies)
+            phase["requests_split"] = [authorised_records(d) - n for d, n in zip(trails, served)]
         return result
 
 
@@ -1029,6 +1053,8 @@ def table(r: dict) -> str:
         rows.append(row("  hop CPU ms/req (master included)",
                         {"ssp": f"{w['1']['cpu_ms_per_request']['ssp']:.3f} / "
                                 f"{w[n]['cpu_ms_per_request']['ssp']:.3f}"}))
+        rows.append(row(f"  {n} workers: requests each",
+                        {"ssp": " / ".join(str(c) for c in w[n]["requests_split"])}))
         rows.append(row(f"  {n} workers: CPU s each (master)",
                         {"ssp": " / ".join(f"{c:.1f}" for c in w[n]["cpu_split_s"])
                                 + f" ({w[n]['master_cpu_s']:.1f})"}))
@@ -1066,6 +1092,12 @@ def table(r: dict) -> str:
         lines.append(f"WARNING: {errors} failed requests")
     if truncated:
         lines.append(f"WARNING: hit the per-phase time limit: {', '.join(truncated)}")
+    if "workers" in r:
+        split = r["workers"][str(r["args"]["workers"])]["requests_split"]
+        if min(split) < 0.5 * sum(split) / len(split):
+            lines.append(f"WARNING: workers served {' / '.join(map(str, split))} requests: the "
+                         "kernel gave most keep-alive connections to some workers, so the "
+                         "workers ratio measures that split, not capacity")
     return "\n".join(lines)
 
 
@@ -1094,11 +1126,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-bytes", type=int, default=GiB,
                         help="size of the streamed response (default 1 GiB; 0 skips it)")
     parser.add_argument("--workers", type=int, default=2,
-                        help="proxy processes for the workers row (default 2; 1 skips it)")
+                        help="N of twistd ssp --workers N in the workers row (default 2; 1 skips it)")
     parser.add_argument("--no-nginx", dest="nginx", action="store_false",
                         help="leave out the nginx baseline")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: few requests, 64 MiB stream (about 1 minute)")
+                        help="a smoke run: few requests, 64 MiB stream (about 15 s)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work directory (logs, audit, nginx files)")
     parser.add_argument("--json", type=Path, default=None,
