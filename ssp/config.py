@@ -46,6 +46,7 @@ class ListenConfig:
     max_connections: int = attrs.field(default=10000, validator=ge(1))
     max_connections_per_address: int = attrs.field(default=256, validator=ge(1))
     workers: int = attrs.field(default=1, validator=ge(1))
+    reuse_port: bool = False
 
 
 @attrs.frozen

@@ -395,8 +395,8 @@ class _Parts:
 
 
 # What a reload cannot change in a running process.
-_RESTART_KEYS = ("listen.endpoint", "listen.proxy_protocol", "listen.workers", "admin", "audit",
-                 "log")
+_RESTART_KEYS = ("listen.endpoint", "listen.proxy_protocol", "listen.workers", "listen.reuse_port",
+                 "admin", "audit", "log")
 
 
 def _setting(config: Config, key: str) -> Any:
