@@ -42,7 +42,7 @@ from zope.interface import implementer
 from ssp.config import UpstreamConfig
 from ssp.errors import UpstreamFailed, UpstreamTimeout
 from ssp.interfaces import IUpstream
-from ssp.tls import UpstreamTLS
+from ssp.tls import UpstreamTLS, send_now
 
 log = Logger()
 
@@ -163,6 +163,7 @@ class _ProviderProtocol(HTTP11ClientProtocol):
 
     def request(self, request: Any) -> Deferred[Any]:
         result = super().request(request)
+        send_now(self.transport)
         parser = self._parser
         if parser is not None and parser is not self._guarded:
             self._guarded = parser

@@ -44,6 +44,7 @@ from ssp.errors import (
 from ssp.interfaces import IAuditSink, IUpstream
 from ssp.model import AuditRecord, Claims, ClientIdentity
 from ssp.pipeline import Checks, Findings, Inbound, admit
+from ssp.tls import send_now
 
 log = Logger()
 
@@ -156,7 +157,9 @@ class ProxyRequest(server.Request):
             self.channel.persistent = False
             if not self.startedWriting:
                 self.setHeader(b"Connection", b"close")
+        transport = self.channel.transport
         super().finish()
+        send_now(transport)
 
 
 class ProxyChannel(http.HTTPChannel):

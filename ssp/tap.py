@@ -69,9 +69,11 @@ def check_config(path: Path) -> int:
 
     try:
         loaded = ssp_config.load(path)
-        SSPService(loaded, reactor, path).validate()
         for k in range(1, loaded.listen.workers):
             workers.worker_config(loaded, k)
+        if loaded.listen.workers > 1:
+            workers.master_endpoint(reactor, loaded)
+        SSPService(loaded, reactor, path).validate()
     except Exception as e:
         print(f"{e}", file=sys.stderr)
         return 1
@@ -123,11 +125,10 @@ def _worker_service(reactor: Any, options: Options, config: ssp_config.Config | 
 def _master_service(reactor: Any, options: Options, config: ssp_config.Config | None,
                     count: int) -> IService:
     """
-    The C{--workers} master: binds the listen endpoint and runs C{count}
-    workers with the same options.
+    The C{--workers} master: binds the listen endpoint (unless each worker
+    binds its own, with C{listen.reuse_port}) and runs C{count} workers
+    with the same options.
     """
-    from twisted.internet.endpoints import serverFromString
-
     from ssp.systemd import SystemdNotifier
 
     passed = [f"--{name}={options[name]}" for name in ("config", "admin") if options[name]]
@@ -138,11 +139,12 @@ def _master_service(reactor: Any, options: Options, config: ssp_config.Config | 
     try:
         for k in range(1, count):
             workers.worker_config(config, k)
+        endpoint = workers.master_endpoint(reactor, config)
     except ssp_config.ConfigError as e:
         raise SystemExit(str(e)) from None
     workers.per_worker_warning(config, count)
     master = workers.Master(
-        reactor, serverFromString(reactor, config.listen.endpoint), count,
+        reactor, endpoint, count,
         lambda listen: [*passed, f"--listen={listen}"], config.listen.drain_timeout,
         notifier=SystemdNotifier(reactor, os.environ),
     )

@@ -1,12 +1,20 @@
 # -*- test-case-name: tests.test_workers -*-
 """
-C{twistd ssp --workers N}: one listening socket, N worker processes.
+C{twistd ssp --workers N}: N worker processes serving one address.
 
-The master binds the configured endpoint once (C{tcp:}, C{systemd:}, any
-endpoint string), never accepts on it, and hands the descriptor to each
-worker as fd 3.  A worker is C{twistd ssp --worker K} listening on
-C{ssp-inherit:fd=3} (L{twisted.plugins.ssp_endpoints}), so it runs the
-whole proxy unchanged; the kernel spreads connections over the workers.
+By default the master binds the configured endpoint once (C{tcp:},
+C{systemd:}, any endpoint string), never accepts on it, and hands the
+descriptor to each worker as fd 3.  A worker is C{twistd ssp --worker K}
+listening on C{ssp-inherit:fd=3} (L{twisted.plugins.ssp_endpoints}), so it
+runs the whole proxy unchanged; the workers take turns in C{accept}, and a
+burst of new connections can all go to whichever worker wakes first.
+
+With C{listen.reuse_port} (a C{tcp:} endpoint only) the master binds
+nothing: each worker listens on C{ssp-reuseport:} (L{ReusePortEndpoint}),
+a socket of its own with C{SO_REUSEPORT}, and the kernel picks the socket
+of each new connection by a hash of its addresses, so even a burst is
+spread evenly.  The master must hold no listening socket then: one it
+never accepts on would take its share of the connections.
 
 Per worker K the configuration is adjusted by L{worker_config}: its own
 audit chain in C{<audit.directory>/worker-K} (one hash chain must have one
@@ -16,7 +24,7 @@ Between master and worker::
 
     fd 0  lifeline, master -> worker: end of file means the master is gone
     fd 1  worker log as JSON lines (L{worker_observer}), fd 2 raw stderr
-    fd 3  the shared listening socket
+    fd 3  the shared listening socket (not passed with reuse_port)
     fd 4  status, worker -> master: C{listening\\n} once it serves
 """
 
@@ -26,15 +34,18 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import attrs
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet import error
+from twisted.internet import error, tcp
+from twisted.internet.abstract import isIPv6Address
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, execute, succeed
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import (
@@ -55,6 +66,7 @@ log = Logger()
 INHERITED_FD = 3
 STATUS_FD = 4
 LISTENING = b"listening\n"
+REUSE_PORT = "ssp-reuseport"
 
 # What the service manager gave the master alone: a worker must not act on it.
 _MASTER_ONLY_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES",
@@ -122,6 +134,100 @@ def inherited_endpoint(port: IListeningPort) -> str:
     host = port.getHost()
     domain = {IPv4Address: "INET", IPv6Address: "INET6", UNIXAddress: "UNIX"}[type(host)]
     return f"ssp-inherit:fd={INHERITED_FD}:domain={domain}"
+
+
+def master_endpoint(reactor: Any, config: Config) -> IStreamServerEndpoint:
+    """
+    What the master of several workers listens through: the configured
+    endpoint, bound once and shared; with C{listen.reuse_port}, a
+    L{ReusePortEndpoint} that each worker binds for itself.
+
+    @raise ConfigError: for C{reuse_port} with an endpoint other than
+        C{tcp:} (C{systemd:} hands over one socket, which can only be
+        shared) or with port 0 (each worker would get a port of its own).
+    """
+    endpoint = config.listen.endpoint
+    if not config.listen.reuse_port:
+        return serverFromString(reactor, endpoint)
+    kind, _, arguments = endpoint.partition(":")
+    if kind != "tcp":
+        raise ConfigError(
+            f"listen.reuse_port: needs a tcp: listen.endpoint, not {endpoint!r}: each worker "
+            "binds a socket of its own, and a systemd: (socket-activated) or other endpoint is "
+            "one socket, which the workers can only share. Set reuse_port = false, or listen on "
+            r"tcp:PORT (tcp:PORT:interface=\:\: for IPv6)")
+    try:
+        reusing = serverFromString(reactor, f"{REUSE_PORT}:{arguments}")
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"listen.endpoint: {endpoint!r}: {e}") from None
+    if reusing.port == 0:
+        raise ConfigError("listen.reuse_port: needs a fixed port in listen.endpoint, not 0 "
+                          "(each worker would listen on a port of its own)")
+    return reusing
+
+
+class _ReusePort(tcp.Port):
+    """
+    A TCP port whose socket has C{SO_REUSEPORT} besides C{SO_REUSEADDR}.
+    """
+
+    def createInternetSocket(self) -> socket.socket:
+        s: socket.socket = super().createInternetSocket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return s
+
+
+@implementer(IStreamServerEndpoint)
+@attrs.frozen
+class ReusePortEndpoint:
+    """
+    C{ssp-reuseport:PORT[:interface=ADDRESS][:backlog=N]}, the arguments of
+    C{tcp:}: a listening socket with C{SO_REUSEPORT}, so that several
+    processes of one user listen on the same address, each with an accept
+    queue of its own.  The kernel chooses the socket of each new
+    connection by a hash of its addresses: an even spread that does not
+    depend on which process wakes first.  When a socket closes, the
+    connections still queued on it are reset (unless
+    C{net.ipv4.tcp_migrate_req} moves them to another socket).
+    """
+
+    reactor: Any
+    port: int
+    interface: str = ""
+    backlog: int = 50
+
+    def listen(self, factory: Factory) -> Deferred[IListeningPort]:
+        def bind() -> IListeningPort:
+            port = _ReusePort(self.port, factory, self.backlog, self.interface, self.reactor)
+            port.startListening()
+            return port
+
+        return execute(bind)
+
+    def probe(self) -> None:
+        """
+        Bind a socket as L{listen} does and close it again, without
+        listening, so that it takes no connection: tells now, as the user
+        the workers run as, whether they will be able to listen.
+
+        @raise error.CannotListenError: if the port is taken (other than
+            by C{SO_REUSEPORT} sockets of this user) or may not be bound.
+        """
+        family = socket.AF_INET6 if isIPv6Address(self.interface) else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                probe.bind((self.interface, self.port))
+            except OSError as e:
+                raise error.CannotListenError(self.interface, self.port, e) from None
+
+    def description(self) -> str:
+        """
+        The endpoint string that parses back into this endpoint.
+        """
+        interface = self.interface.replace("\\", "\\\\").replace(":", "\\:")
+        return f"{REUSE_PORT}:{self.port}:interface={interface}:backlog={self.backlog}"
 
 
 def worker_environment(environ: dict[str, str]) -> dict[str, str]:
@@ -277,7 +383,8 @@ class Master(MultiService):
     Binds the shared socket, runs and supervises the workers; serves
     nothing itself.
 
-    @ivar port: the shared listening port, once bound.
+    @ivar port: the shared listening port, once bound; L{None} with a
+        L{ReusePortEndpoint}, where the master binds nothing.
     """
 
     def __init__(
@@ -294,7 +401,9 @@ class Master(MultiService):
     ) -> None:
         """
         @param reactor: provides C{spawnProcess} and C{IReactorTime}.
-        @param endpoint: the configured listen endpoint.
+        @param endpoint: the configured listen endpoint (L{master_endpoint}):
+            bound here and shared, or, a L{ReusePortEndpoint}, bound by
+            each worker for itself.
         @param arguments: the C{ssp} options of a worker, given the
             inherited endpoint string.
         @param drain_timeout: how long a worker may drain on stop; after
@@ -317,6 +426,7 @@ class Master(MultiService):
         self._exited: dict[int, Deferred[None]] = {}
         self._all_listening: Deferred[IListeningPort] = Deferred()
         self._binding: Deferred[Any] | None = None
+        self._reusing = isinstance(endpoint, ReusePortEndpoint)
         self.port: IListeningPort | None = None
         self._notifier = notifier if notifier is not None else _Silent()
         if notifier is not None:
@@ -325,11 +435,12 @@ class Master(MultiService):
     def privilegedStartService(self) -> None:
         # Bind before twistd sheds privileges (a port below 1024), and fail
         # twistd's start-up, not some later callback, if the bind fails.
-        failed: list[Failure] = []
-        self._binding = self._endpoint.listen(_NeverAccepts())
-        self._binding.addCallbacks(self._bound, failed.append)
-        if failed:
-            failed[0].raiseException()
+        if not self._reusing:
+            failed: list[Failure] = []
+            self._binding = self._endpoint.listen(_NeverAccepts())
+            self._binding.addCallbacks(self._bound, failed.append)
+            if failed:
+                failed[0].raiseException()
         super().privilegedStartService()
 
     def _bound(self, port: IListeningPort) -> IListeningPort:
@@ -338,16 +449,22 @@ class Master(MultiService):
         return port
 
     def startService(self) -> None:
-        if self._binding is None:
+        if self._reusing:
+            # Now, with privileges shed, as the workers will bind: fail the
+            # start rather than have every worker fail in a loop.
+            self._endpoint.probe()
+            self._binding = succeed(None)
+        elif self._binding is None:
             self.privilegedStartService()
-        super().startService()
         assert self._binding is not None
+        super().startService()
         self._binding.addCallback(lambda _: [self._spawn(slot) for slot in self._slots])
 
     def listening(self) -> Deferred[IListeningPort]:
         """
-        Fires with the shared port once every worker has listened (the
-        first time round; replacements do not re-fire it).
+        Fires with the shared port (L{None} with a L{ReusePortEndpoint})
+        once every worker has listened (the first time round; replacements
+        do not re-fire it).
         """
         return self._all_listening
 
@@ -380,8 +497,8 @@ class Master(MultiService):
 
     async def _stop(self) -> None:
         """
-        Close the master's copy of the socket (so it goes away with the
-        last worker's), ask every worker to drain (C{SIGTERM}), and kill
+        Close the master's copy of a shared socket (so it goes away with
+        the last worker's), ask every worker to drain (C{SIGTERM}), and kill
         the ones still there after the drain timeout and the grace.  The
         notifier's watchdog keeps pinging until the workers are gone.
         """
@@ -421,11 +538,15 @@ class Master(MultiService):
 
     def _spawn(self, slot: _Slot) -> None:
         slot.respawn = None
-        assert self.port is not None
-        command = worker_command(slot.number, self._arguments(inherited_endpoint(self.port)))
+        fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", STATUS_FD: "r"}
+        if self._reusing:
+            listen = self._endpoint.description()
+        else:
+            assert self.port is not None
+            listen = inherited_endpoint(self.port)
+            fds[INHERITED_FD] = self.port.fileno()  # type: ignore[attr-defined]
+        command = worker_command(slot.number, self._arguments(listen))
         protocol = _WorkerProtocol(self, slot)
-        fds = {0: "w", 1: "r", 2: "r", INHERITED_FD: self.port.fileno(),  # type: ignore
-               STATUS_FD: "r"}
         slot.started, slot.listening = self._reactor.seconds(), False
         try:
             slot.process = self._reactor.spawnProcess(

@@ -1,9 +1,10 @@
 """
 C{twistd ssp --workers N}: the master's supervision with a fake process
-reactor, the per-worker configuration, the inherited-socket endpoint, and
-real C{twistd} masters serving through two workers.  Also: two proxy
-processes sharing one Redis enforce one combined consumer limit, as
-several workers or hosts must.
+reactor, the per-worker configuration, the inherited-socket and
+C{SO_REUSEPORT} endpoints, and real C{twistd} masters serving through two
+workers, on a shared socket or on one socket each (C{listen.reuse_port}).
+Also: two proxy processes sharing one Redis enforce one combined consumer
+limit, as several workers or hosts must.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from ssp.config import ConfigError, ThrottleConfig
 from ssp.pki import DevelopmentPKI
 from tests import redis
 from tests.ports import free_port
-from tests.support import ROOT, Consumer, Provider, pki
+from tests.support import ENDPOINT, ROOT, Consumer, Provider, pki, spine_headers
 from tests.test_crash import TWISTD, wait_listening, write_config
 
 # Unit tests: the master against a fake reactor.
@@ -311,6 +312,53 @@ class MasterTests(unittest.TestCase):
         self.assertEqual(len(fake.spawned), 1)
 
 
+class ReusePortMasterTests(unittest.TestCase):
+    """
+    With a L{workers.ReusePortEndpoint} the master binds nothing: each
+    worker listens on the C{ssp-reuseport:} endpoint itself.
+    """
+
+    def test_workers_bind_their_own_sockets(self):
+        port = free_port()
+        endpoint = workers.ReusePortEndpoint(reactor, port, "127.0.0.1")
+        supervisor, fake, _ = master(endpoint=endpoint)
+        supervisor.privilegedStartService()
+        supervisor.startService()
+        self.assertIsNone(supervisor.port)
+        for spawned in fake.spawned:
+            self.assertEqual(spawned.fds, {0: "w", 1: "r", 2: "r", 4: "r"})
+            self.assertIn(f"--listen=ssp-reuseport:{port}:interface=127.0.0.1:backlog=50",
+                          spawned.args)
+        ready = supervisor.listening()
+        for spawned in fake.spawned:
+            spawned.protocol.childDataReceived(4, b"listening\n")
+        self.assertIsNone(self.successResultOf(ready))
+        fake.advance(60)
+        fake.spawned[1].end(ProcessTerminated(signal=9))
+        fake.advance(0)
+        self.assertEqual(fake.spawned[-1].fds, {0: "w", 1: "r", 2: "r", 4: "r"})
+        stopped = supervisor.stopService()
+        self.assertEqual([s.process.signals for s in fake.spawned], [["TERM"], [], ["TERM"]])
+        fake.spawned[0].end(ProcessDone(0))
+        fake.spawned[2].end(ProcessDone(0))
+        self.successResultOf(stopped)
+
+    def test_start_fails_if_the_workers_could_not_bind(self):
+        """
+        The master tries the bind first (without listening), so a taken
+        port fails its start instead of every worker's, in a loop.
+        """
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        endpoint = workers.ReusePortEndpoint(reactor, taken.getsockname()[1], "127.0.0.1")
+        supervisor, fake, _ = master(endpoint=endpoint)
+        supervisor.privilegedStartService()
+        self.assertRaises(CannotListenError, supervisor.startService)
+        self.assertEqual(fake.spawned, [])
+
+
 class RelayTests(unittest.TestCase):
     def setUp(self):
         self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
@@ -388,6 +436,29 @@ class WorkerConfigTests(unittest.TestCase):
         self.assertEqual(mine.listen.workers, 1)
         self.assertEqual(mine.listen.endpoint, config.listen.endpoint)
 
+    def test_master_endpoint(self):
+        """
+        Shared by default; with reuse_port a C{tcp:} endpoint becomes the
+        same address with C{SO_REUSEPORT}, for every worker to bind.
+        """
+        config = demo.demo_config(ROOT, DevelopmentPKI(ROOT / "certs"), 1)
+
+        def endpoint(listen: str, reuse: bool = True) -> Any:
+            changed = attrs.evolve(config.listen, endpoint=listen, reuse_port=reuse)
+            return workers.master_endpoint(reactor, attrs.evolve(config, listen=changed))
+
+        self.assertNotIsInstance(endpoint("tcp:8443", reuse=False), workers.ReusePortEndpoint)
+        self.assertEqual(endpoint(r"tcp:8443:interface=\:\:1:backlog=10"),
+                         workers.ReusePortEndpoint(reactor, 8443, "::1", 10))
+        self.assertEqual(endpoint("tcp:interface=127.0.0.1:port=8443").description(),
+                         "ssp-reuseport:8443:interface=127.0.0.1:backlog=50")
+        for refused in ["systemd:domain=INET:name=ssp-https", "tcp6:8443", "unix:/run/ssp"]:
+            error = self.assertRaises(ConfigError, endpoint, refused)
+            self.assertIn("listen.reuse_port: needs a tcp: listen.endpoint", str(error))
+            self.assertIn(refused, str(error))
+        self.assertIn("not 0", str(self.assertRaises(ConfigError, endpoint, "tcp:0")))
+        self.assertIn("listen.endpoint", str(self.assertRaises(ConfigError, endpoint, "tcp:http")))
+
     def test_memory_store_warns_with_several_workers(self):
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         config = demo.demo_config(ROOT, DevelopmentPKI(ROOT / "certs"), 1)
@@ -427,6 +498,79 @@ class InheritedEndpointTests(unittest.TestCase):
                 return s.recv(10)
 
         self.assertEqual(await deferToThread(fetch), b"hello")
+
+
+class _Counting(Factory):
+    protocol = Protocol
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        self.count += 1
+        return super().buildProtocol(addr)
+
+
+class ReusePortEndpointTests(unittest.TestCase):
+    def listen(self, port: int) -> tuple[Any, _Counting]:
+        factory = _Counting()
+        listening = self.successResultOf(
+            workers.ReusePortEndpoint(reactor, port, "127.0.0.1").listen(factory))
+        self.addCleanup(listening.stopListening)
+        return listening, factory
+
+    async def burst(self, port: int, count: int) -> None:
+        def connect() -> list[socket.socket]:
+            return [socket.create_connection(("127.0.0.1", port), timeout=5)
+                    for _ in range(count)]
+
+        for client in await deferToThread(connect):
+            self.addCleanup(client.close)
+
+    async def test_each_socket_takes_a_share(self):
+        """
+        Every socket listening on the port gets a share of a burst, by
+        hash: two that accept split it; one that never accepts (as the
+        master's shared socket does not) keeps its share queued, which is
+        why the master binds nothing with reuse_port.  The chance that 32
+        connections leave one socket fewer than 4 is below 1e-5.
+        """
+        port = free_port()
+        (_, first), (second_port, second) = self.listen(port), self.listen(port)
+        await self.burst(port, 32)
+        for _ in range(500):
+            if first.count + second.count == 32:
+                break
+            await _tick()
+        self.assertEqual(first.count + second.count, 32)
+        self.assertGreaterEqual(min(first.count, second.count), 4, (first.count, second.count))
+
+        second_port.stopReading()
+        queued, before = [], first.count
+        await self.burst(port, 32)
+        second_port.socket.setblocking(False)
+        for _ in range(500):
+            try:
+                while True:
+                    queued.append(second_port.socket.accept()[0])
+            except BlockingIOError:
+                pass
+            if first.count - before + len(queued) == 32:
+                break
+            await _tick()
+        for connection in queued:
+            connection.close()
+        self.assertEqual(first.count - before + len(queued), 32)
+        self.assertGreaterEqual(len(queued), 4)
+
+    def test_a_port_taken_without_reuse_port(self):
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        endpoint = workers.ReusePortEndpoint(reactor, taken.getsockname()[1], "127.0.0.1")
+        self.failureResultOf(endpoint.listen(_Counting()), CannotListenError)
+        self.assertRaises(CannotListenError, endpoint.probe)
 
 
 class _Recorder:
@@ -597,11 +741,28 @@ def _two_free_ports() -> int:
                 continue
 
 
-def _completed(audit_dir: Path) -> int:
+def _completed(audit_dir: Path, event: str = "completed") -> int:
     if not audit_dir.exists():
         return 0
     return sum(1 for r in audit.read_records(audit.audit_files(audit_dir))
-               if r["event"] == "completed")
+               if r["event"] == event)
+
+
+def _listeners(port: int, pids: list[int]) -> dict[int, int]:
+    """
+    How many sockets listening on C{port} each of C{pids} holds, after
+    checking that they hold all there are.
+    """
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    held = {pid: [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()] for pid in pids}
+    counts = {pid: len(inodes.intersection(links)) for pid, links in held.items()}
+    assert sum(counts.values()) == len(inodes), (counts, inodes)
+    return counts
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -609,8 +770,12 @@ def _get(url: str) -> tuple[int, bytes]:
         return response.status, response.read()
 
 
-class WorkersTests(unittest.TestCase):
-    timeout = 120
+class _Masters:
+    """
+    A real C{twistd ssp --workers 2} in front of the test provider.
+    """
+
+    reuse_port = False
 
     def setUp(self):
         self.provider = Provider(self)
@@ -628,6 +793,8 @@ class WorkersTests(unittest.TestCase):
             '[admin]\nendpoint = ""', f'[admin]\nendpoint = "tcp:{self.admin}:interface=127.0.0.1"')
         if not agreements:
             text = text[:text.index("[[agreements]]")]
+        if self.reuse_port:
+            text = text.replace("\n[listen]\n", "\n[listen]\nreuse_port = true\n")
         self.config.write_text(text)
 
     async def start(self, **environ: str) -> MasterProcess:
@@ -636,6 +803,10 @@ class WorkersTests(unittest.TestCase):
         proxy.start(self)
         await deferToThread(proxy.wait_for, r"Worker \d listening", 2)
         return proxy
+
+
+class WorkersTests(_Masters, unittest.TestCase):
+    timeout = 120
 
     async def test_two_workers_serve_reload_drain_and_stop(self):
         """
@@ -710,6 +881,103 @@ class WorkersTests(unittest.TestCase):
         self.assertNotEqual(after[0], before[0])
         self.assertEqual(after[1], before[1])
         self.assertEqual((await consumer.get("metadata")).status, 200)
+
+
+class ReusePortWorkersTests(_Masters, unittest.TestCase):
+    timeout = 120
+    reuse_port = True
+
+    async def burst(self, count: int) -> list[int]:
+        """
+        Open C{count} connections at once, before any is served, then make
+        one request on each, keeping them all open; how many requests
+        each worker forwarded.
+        """
+        consumer = Consumer(self.port, pki(), "consumer-0")
+        trails = [self.workdir / "audit" / f"worker-{k}" for k in range(2)]
+        before = [_completed(d, "authorised") for d in trails]
+
+        def run() -> list[int]:
+            raw = [socket.create_connection(("127.0.0.1", self.port), timeout=30)
+                   for _ in range(count)]
+            connections, statuses = [], []
+            try:
+                for sock in raw:
+                    connection = consumer.connect()
+                    connection.sock = consumer.context.wrap_socket(sock,
+                                                                   server_hostname="localhost")
+                    connections.append(connection)
+                    connection.request("GET", f"/{ENDPOINT}/metadata", headers=spine_headers())
+                    response = connection.getresponse()
+                    response.read()
+                    statuses.append(response.status)
+            finally:
+                for sock in raw:
+                    sock.close()
+            return statuses
+
+        self.assertEqual(await deferToThread(run), [200] * count)
+        return [_completed(d, "authorised") - n for d, n in zip(trails, before)]
+
+    async def test_one_socket_per_worker(self):
+        """
+        Each worker listens on a socket of its own, the master on none. A
+        burst of keep-alive connections is split between the workers
+        (fewer than 4 of 32 on one worker has a chance below 1e-5). A
+        worker killed with SIGKILL is replaced and takes its share again;
+        SIGTERM drains.
+        """
+        proxy = await self.start()
+        self.assertNotIn("Shared socket", proxy.text())
+        pids = proxy.pids()
+        self.assertEqual(_listeners(self.port, [proxy.process.pid, *pids.values()]),
+                         {proxy.process.pid: 0, pids[0]: 1, pids[1]: 1})
+        split = await self.burst(32)
+        self.assertEqual(sum(split), 32)
+        self.assertGreaterEqual(min(split), 4, split)
+
+        os.kill(pids[0], signal.SIGKILL)
+        await deferToThread(proxy.wait_for, r"Worker 0 listening", 2)
+        self.assertIn(f"Worker 0 (pid {pids[0]}) died: signal 9", proxy.text())
+        replaced = proxy.pids()
+        self.assertNotEqual(replaced[0], pids[0])
+        self.assertEqual(_listeners(self.port, [proxy.process.pid, *replaced.values()]),
+                         {proxy.process.pid: 0, replaced[0]: 1, replaced[1]: 1})
+        split = await self.burst(32)
+        self.assertGreaterEqual(min(split), 4, split)
+
+        consumer = Consumer(self.port, pki(), "consumer-0")
+        stalled = consumer.get("stall")
+        for _ in range(500):
+            if hasattr(self.provider.resource, "stalled"):
+                break
+            await _tick()
+        os.kill(proxy.process.pid, signal.SIGTERM)
+        await deferToThread(proxy.wait_for, r"\[worker \d\] Received SIGTERM", 2)
+        self.provider.resource.stalled.write(b"late")
+        self.provider.resource.stalled.finish()
+        reply = await stalled
+        self.assertEqual((reply.status, reply.body), (200, b"late"))
+        self.assertEqual(await deferToThread(proxy.process.wait, 30), -signal.SIGTERM)
+        self.assertEqual([pid for pid in proxy.pids().values() if _alive(pid)], [])
+        self.assertNotIn("Traceback", proxy.text())
+
+    def test_refused_with_socket_activation(self):
+        """
+        A socket from systemd is one socket: reuse_port cannot split it,
+        and says so at start and in --check-config.
+        """
+        text = self.config.read_text().replace("\n[listen]\n", "\n[listen]\nworkers = 2\n")
+        self.config.write_text(text.replace(f"tcp:{self.port}:interface=127.0.0.1",
+                                            "systemd:domain=INET:name=ssp-https"))
+        for options in (["--workers", "2"], ["--check-config"]):
+            ran = subprocess.run(TWISTD + ["-n", "--pidfile=", "ssp", "--config", str(self.config),
+                                           *options],
+                                 cwd=self.workdir, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                 capture_output=True, text=True, timeout=60)
+            self.assertNotEqual(ran.returncode, 0)
+            self.assertIn("listen.reuse_port: needs a tcp: listen.endpoint, not "
+                          "'systemd:domain=INET:name=ssp-https'", ran.stdout + ran.stderr)
 
 
 class ActivatedWorkersTests(unittest.TestCase):

@@ -1,11 +1,16 @@
 # -*- test-case-name: tests.test_workers -*-
 """
-The C{ssp-inherit:fd=N[:domain=INET]} server endpoint: listen on a
-listening socket this process inherited as descriptor C{N}, as the
-C{twistd ssp --workers} master hands its socket to every worker.
+Server endpoints for C{twistd ssp --workers}:
 
-Unlike C{systemd:} it needs no C{LISTEN_PID}, which a parent cannot know
-before it spawns the child.  Kept tiny: every twistd run imports dropins.
+  - C{ssp-inherit:fd=N[:domain=INET]}: listen on a listening socket this
+    process inherited as descriptor C{N}, as the master hands its socket
+    to every worker.  Unlike C{systemd:} it needs no C{LISTEN_PID}, which
+    a parent cannot know before it spawns the child.
+  - C{ssp-reuseport:PORT[:interface=ADDRESS][:backlog=N]}: C{tcp:} with
+    C{SO_REUSEPORT}, a socket of its own per worker with
+    C{listen.reuse_port} (L{ssp.workers.ReusePortEndpoint}).
+
+Kept tiny: every twistd run imports dropins.
 """
 
 import socket
@@ -32,4 +37,18 @@ class InheritedSocketParser:
         return AdoptedStreamServerEndpoint(reactor, int(fd), family)
 
 
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class ReusePortParser:
+    prefix = "ssp-reuseport"
+
+    def parseStreamServer(self, reactor, port, interface="", backlog=50):
+        """
+        The arguments of C{tcp:}, in its order.
+        """
+        from ssp.workers import ReusePortEndpoint
+
+        return ReusePortEndpoint(reactor, int(port), interface, int(backlog))
+
+
 sspInheritedSocket = InheritedSocketParser()
+sspReusePort = ReusePortParser()
