@@ -166,6 +166,7 @@ class CorsConfig:
 @attrs.frozen
 class LogConfig:
     access_log: bool = True
+    access_log_file: Path | None = None
 
 
 @attrs.frozen

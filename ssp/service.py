@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from ssp import config as ssp_config
+from ssp.accesslog import AccessLogFile
 from ssp.audit import FileAuditSink
 from ssp.config import Config, ServerTLSConfig, ThrottleConfig
 from ssp.directory import directory_from_config
@@ -78,6 +79,7 @@ class SSPService(MultiService):
         self._given = concerns or Concerns()
         self._lifecycle: list[Any] = []
         self.metrics: Metrics | None = None
+        self.access_log: AccessLogFile | None = None
         self.proxy: Proxy | None = None
         self.site: ProxySite | None = None
         self._listener: StreamServerEndpointService | None = None
@@ -163,11 +165,16 @@ class SSPService(MultiService):
             connections=lambda: len(self.site.channels) if self.site else 0,
             refused_connections=lambda: self.site.refused_connections if self.site else 0,
         )
+        observers: tuple[Callable[[AuditRecord], None], ...] = (self.metrics.observe,)
+        if config.log.access_log and config.log.access_log_file is not None:
+            self.access_log = AccessLogFile(config.log.access_log_file, self.reactor)
+            self._lifecycle.append(self.access_log)
+            observers += (self.access_log,)
+        elif config.log.access_log:
+            observers += (_access_log,)
         self.proxy = Proxy(
             self._checks(config, directory, throttle), upstream, audit, self.reactor,
-            config.upstream.idle_timeout, hsts,
-            observers=(self.metrics.observe,) + ((_access_log,) if config.log.access_log else ()),
-            cors=config.cors,
+            config.upstream.idle_timeout, hsts, observers=observers, cors=config.cors,
         )
         site = self.site = ProxySite(ProxyResource(self.proxy), self.reactor, config.listen)
         listener = TLSOrPlainFactory(
@@ -310,6 +317,8 @@ class SSPService(MultiService):
         file or unreadable certificate leaves the running configuration in
         place.  Connections in progress are not dropped.
         """
+        if self.access_log is not None:
+            self.access_log.reopen()
         if self.config_path is None:
             log.warn("SIGHUP ignored: no configuration file to reload")
             return False
