@@ -22,11 +22,12 @@ from typing import Any
 import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ssp.audit import (
     GENESIS,
+    LINGER,
     FileAuditSink,
     audit_files,
     encode,
@@ -393,6 +394,38 @@ class SinkTests(TestCase):
         self.assertTrue(sink.writable)
         self.assertEqual([r["request_id"] for r in read_all(self.directory)], ["req-0", "req-3"])
         self.assertTrue(verify([self.directory]).ok)
+
+    async def test_records_nobody_waits_for_ride_with_the_next_authorised(self) -> None:
+        """
+        A completed record is not written on its own at the end of the turn:
+        it waits up to C{LINGER} and goes with the next authorised record,
+        in one write and one fsync; the authorised one is not delayed.
+        """
+        sink = await self.started(durability="always")
+        await sink.append(record(0, event="authorised"))
+        calls = self.fsync.calls
+        completed = sink.append(record(1, event="completed"))
+        await deferLater(reactor, LINGER / 5, lambda: None)
+        self.assertEqual((self.fsync.calls, sink.pending), (calls, 1))
+        started = reactor.seconds()
+        await sink.append(record(2, event="authorised"))
+        self.assertLess(reactor.seconds() - started, LINGER)
+        self.assertTrue(completed.called)
+        self.assertEqual(self.fsync.calls, calls + 1)
+        self.assertEqual([r["event"] for r in read_all(self.directory)][-2:],
+                         ["completed", "authorised"])
+
+    async def test_lingering_record_written_alone_or_at_stop(self) -> None:
+        """
+        Without company a completed record is written after C{LINGER}; one
+        still waiting when the sink stops is written by the stop.
+        """
+        sink = await self.started(durability="always")
+        await sink.append(record(1, event="completed"))
+        self.assertEqual(len(read_all(self.directory)), 1)
+        sink.append(record(2, event="completed"))
+        await sink.stop()
+        self.assertEqual([r["request_id"] for r in read_all(self.directory)], ["req-1", "req-2"])
 
     async def test_pending_counts_records_not_yet_durable(self) -> None:
         """
