@@ -114,8 +114,9 @@ def bench_config(root: Path, provider_port: int, listen: str = "systemd:domain=I
                  admin: str | None = None) -> Any:
     """
     The proxy's configuration in this benchmark: the demo's (LDIF
-    directory, JWT validation, file audit) with fsync "always" and an
-    in-memory throttle whose limits are far above the load.
+    directory, JWT validation, file audit) with fsync "always", an
+    in-memory throttle whose limits are far above the load, and the access
+    log in its own file (as nginx's).
     """
     import attrs
 
@@ -126,7 +127,8 @@ def bench_config(root: Path, provider_port: int, listen: str = "systemd:domain=I
                               admin=admin)
     high = LimitSet(default=RateLimit(rate=1_000_000, period=1.0, burst=1_000_000))
     return attrs.evolve(config, audit=attrs.evolve(config.audit, durability="always"),
-                        throttle=ThrottleConfig(store="memory", consumer=high, provider=high))
+                        throttle=ThrottleConfig(store="memory", consumer=high, provider=high),
+                        log=attrs.evolve(config.log, access_log_file=root / "var" / "access.log"))
 
 
 def proxy_main(root: Path, provider_port: int, fd: int) -> None:
@@ -208,11 +210,12 @@ def start_proxy(root: Path, provider_port: int) -> tuple[subprocess.Popen, int]:
 
 
 def workers_toml(root: Path, provider_port: int, port: int, admin_port: int,
-                 audit: Path) -> str:
+                 audit: Path, reuse_port: bool) -> str:
     """
     A configuration file for C{twistd ssp} equal to L{bench_config} except
-    for the listen and admin endpoints, the audit directory, a 5 s drain
-    and no access log (workers' logs cross a pipe to the master).
+    for the listen and admin endpoints, C{reuse_port}, the audit
+    directory, a 5 s drain and no access log (workers' logs cross a pipe
+    to the master).
     """
     from ssp import demo
 
@@ -222,6 +225,7 @@ def workers_toml(root: Path, provider_port: int, port: int, admin_port: int,
 [listen]
 endpoint = "tcp:{port}:interface=127.0.0.1"
 drain_timeout = 5.0
+reuse_port = {str(reuse_port).lower()}
 [tls]
 certificate = "{certs}/proxy.pem"
 private_key = "{certs}/proxy.key"
@@ -273,14 +277,15 @@ def free_ports(count: int) -> int:
             continue
 
 
-def start_twistd_workers(root: Path, provider_port: int,
-                         workers: int) -> tuple[subprocess.Popen, int]:
+def start_twistd_workers(root: Path, provider_port: int, workers: int,
+                         reuse_port: bool) -> tuple[subprocess.Popen, int]:
     """
     C{twistd -n ssp --config FILE --workers N} with a L{workers_toml}
     configuration: with N > 1 a master binding the port and N workers on
-    the inherited socket, each auditing into C{audit-wN/worker-K}; with 1,
-    the proxy in the twistd process itself.  Ready once every worker's
-    C{/healthz} (admin port + K) answers 200.
+    the inherited socket (with C{reuse_port}, N workers each binding the
+    port with C{SO_REUSEPORT}), each auditing into C{audit-wN/worker-K};
+    with 1, the proxy in the twistd process itself.  Ready once every
+    worker's C{/healthz} (admin port + K) answers 200.
     """
     import attrs
 
@@ -289,13 +294,14 @@ def start_twistd_workers(root: Path, provider_port: int,
     port, admin = free_port(), free_ports(workers)
     audit = root / "var" / f"audit-w{workers}"
     path = root / f"ssp-w{workers}.toml"
-    path.write_text(workers_toml(root, provider_port, port, admin, audit))
+    path.write_text(workers_toml(root, provider_port, port, admin, audit, reuse_port))
     expected = bench_config(root, provider_port, f"tcp:{port}:interface=127.0.0.1",
                             f"tcp:{admin}:interface=127.0.0.1")
     expected = attrs.evolve(
-        expected, listen=attrs.evolve(expected.listen, drain_timeout=5.0),
+        expected,
+        listen=attrs.evolve(expected.listen, drain_timeout=5.0, reuse_port=reuse_port),
         audit=attrs.evolve(expected.audit, directory=audit),
-        log=attrs.evolve(expected.log, access_log=False))
+        log=attrs.evolve(expected.log, access_log=False, access_log_file=None))
     if ssp_config.load(path) != expected:
         raise SystemExit(f"{path} does not match bench_config(); update workers_toml()")
     log = root / f"twistd-w{workers}.log"
@@ -884,6 +890,8 @@ class Bench:
 
     async def measure(self) -> dict:
         a = self.args
+        if a.only == "workers":
+            return {"workers": await self.measure_workers()}
         for t in self.targets:  # warm-up: imports, pools, upstream connections, caches
             await closed_loop(t, max(100, a.concurrency * 10), a.concurrency, True, 10)
             await closed_loop(t, 20, 2, False, 10)
@@ -921,7 +929,8 @@ class Bench:
         for count in (1, a.workers):
             stop(self.proxies)
             self.procs = [p for p in self.procs if p not in self.proxies]
-            proc, port = start_twistd_workers(self.root, self.provider_port, count)
+            proc, port = start_twistd_workers(self.root, self.provider_port, count,
+                                              a.reuse_port)
             self.proxies = [proc]
             self.procs.append(proc)
             target = Target(f"ssp-w{count}", port, "localhost", ssp.ctx,
@@ -981,14 +990,65 @@ def verdicts(r: dict) -> list[tuple[str, str, str, bool | None]]:
         out.append(("1 GiB stream proxy RSS growth", f"{g:.1f} MiB", "<= 32 MiB", g <= 32))
     else:
         out.append(("1 GiB stream", "not run (--stream-bytes 0)", "", None))
-    if "workers" in r:
-        w = r["workers"]
-        n = str(r["args"]["workers"])
-        x = _ratio(w[n]["rps"], w["1"]["rps"])
-        out.append((f"{n} workers vs 1", _fmt_ratio(x), ">= 1.8x", x is not None and x >= 1.8))
-    else:
-        out.append(("2 workers vs 1", "not available (--workers 0/1)", ">= 1.8x", None))
+    out.append(workers_verdict(r))
     return out
+
+
+def workers_verdict(r: dict) -> tuple[str, str, str, bool | None]:
+    if "workers" not in r:
+        return ("2 workers vs 1", "not available (--workers 0/1)", ">= 1.8x", None)
+    w = r["workers"]
+    n = str(r["args"]["workers"])
+    x = _ratio(w[n]["rps"], w["1"]["rps"])
+    return (f"{n} workers vs 1", _fmt_ratio(x), ">= 1.8x", x is not None and x >= 1.8)
+
+
+def workers_rows(r: dict) -> list[tuple[str, str]]:
+    """
+    The workers row as (label, value) lines: throughput, CPU and how the
+    requests and CPU were split between the workers.
+    """
+    w = r["workers"]
+    n = str(r["args"]["workers"])
+    mode = "reuse_port" if r["args"]["reuse_port"] else "shared socket"
+    return [
+        (f"keep-alive req/s C={w['concurrency']}: twistd --workers 1 / {n} ({mode})",
+         f"{w['1']['rps']:.0f} / {w[n]['rps']:.0f}"),
+        ("  hop CPU ms/req (master included)",
+         f"{w['1']['cpu_ms_per_request']['ssp']:.3f} / {w[n]['cpu_ms_per_request']['ssp']:.3f}"),
+        (f"  {n} workers: requests each", " / ".join(str(c) for c in w[n]["requests_split"])),
+        (f"  {n} workers: CPU s each (master)",
+         " / ".join(f"{c:.1f}" for c in w[n]["cpu_split_s"]) + f" ({w[n]['master_cpu_s']:.1f})"),
+    ]
+
+
+def workers_warnings(r: dict) -> list[str]:
+    w = r["workers"]
+    errors = sum(w[k]["errors"] for k in w if isinstance(w[k], dict))
+    lines = [f"WARNING: {errors} failed requests"] if errors else []
+    split = w[str(r["args"]["workers"])]["requests_split"]
+    if min(split) < 0.5 * sum(split) / len(split):
+        lines.append(f"WARNING: workers served {' / '.join(map(str, split))} requests: the "
+                     "kernel gave most keep-alive connections to some workers, so the "
+                     "workers ratio measures that split, not capacity")
+    return lines
+
+
+def workers_table(r: dict) -> str:
+    """
+    The report of C{--only workers}.
+    """
+    rows = workers_rows(r)
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{label.ljust(width)}  {value}" for label, value in rows]
+    name, measured, target, met = workers_verdict(r)
+    lines += ["", f"target (issue 8): {name} {measured} (target {target}) "
+                  f"{'met' if met else 'NOT MET'}"]
+    busy = busy_phases(r)
+    if busy:
+        lines.append("WARNING: other processes used CPU during (phase/target cores): "
+                     + ", ".join(busy) + "; numbers from a busy machine are not comparable")
+    return "\n".join(lines + workers_warnings(r))
 
 
 def busy_phases(r: dict) -> list[str]:
@@ -1046,18 +1106,7 @@ def table(r: dict) -> str:
             row("  hop RSS growth MiB", {n: f"{s[n]['rss_growth_mib']:.1f}" for n in names}),
         ]
     if "workers" in r:
-        w = r["workers"]
-        n = str(r["args"]["workers"])
-        rows.append(row(f"keep-alive req/s C={w['concurrency']}: twistd --workers 1 / {n}",
-                        {"ssp": f"{w['1']['rps']:.0f} / {w[n]['rps']:.0f}"}))
-        rows.append(row("  hop CPU ms/req (master included)",
-                        {"ssp": f"{w['1']['cpu_ms_per_request']['ssp']:.3f} / "
-                                f"{w[n]['cpu_ms_per_request']['ssp']:.3f}"}))
-        rows.append(row(f"  {n} workers: requests each",
-                        {"ssp": " / ".join(str(c) for c in w[n]["requests_split"])}))
-        rows.append(row(f"  {n} workers: CPU s each (master)",
-                        {"ssp": " / ".join(f"{c:.1f}" for c in w[n]["cpu_split_s"])
-                                + f" ({w[n]['master_cpu_s']:.1f})"}))
+        rows += [row(label, {"ssp": value}) for label, value in workers_rows(r)]
     widths = [max(len(x[i]) for x in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -1079,9 +1128,6 @@ def table(r: dict) -> str:
                      f"handshake {cost(hs)})")
     phases = [lat, ka, hs] + [r[k] for k in ("stream",) if k in r]
     errors = sum(x["errors"] for ph in phases for x in ph.values())
-    if "workers" in r:
-        errors += sum(r["workers"][k]["errors"] for k in r["workers"]
-                      if isinstance(r["workers"][k], dict))
     truncated = [f"{n}/{t}" for n, ph in (("keepalive", ka), ("handshake", hs))
                  for t, x in ph.items() if x["truncated"]]
     lines += [f"NOTE: {n}" for n in r.get("notes", [])]
@@ -1093,11 +1139,7 @@ def table(r: dict) -> str:
     if truncated:
         lines.append(f"WARNING: hit the per-phase time limit: {', '.join(truncated)}")
     if "workers" in r:
-        split = r["workers"][str(r["args"]["workers"])]["requests_split"]
-        if min(split) < 0.5 * sum(split) / len(split):
-            lines.append(f"WARNING: workers served {' / '.join(map(str, split))} requests: the "
-                         "kernel gave most keep-alive connections to some workers, so the "
-                         "workers ratio measures that split, not capacity")
+        lines += workers_warnings(r)
     return "\n".join(lines)
 
 
@@ -1127,6 +1169,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="size of the streamed response (default 1 GiB; 0 skips it)")
     parser.add_argument("--workers", type=int, default=2,
                         help="N of twistd ssp --workers N in the workers row (default 2; 1 skips it)")
+    parser.add_argument("--reuse-port", action=argparse.BooleanOptionalAction, default=True,
+                        help="[listen] reuse_port in the workers row: one SO_REUSEPORT socket "
+                             "per worker (default), or with --no-reuse-port one shared socket")
+    parser.add_argument("--only", choices=["workers"], default=None,
+                        help="run only the workers row (1 vs N workers)")
     parser.add_argument("--no-nginx", dest="nginx", action="store_false",
                         help="leave out the nginx baseline")
     parser.add_argument("--quick", action="store_true",
@@ -1142,6 +1189,10 @@ def main(argv: list[str] | None = None) -> int:
         args.stream_bytes = min(args.stream_bytes, 64 * MiB)
     if args.handshakes is None:
         args.handshakes = max(1, args.requests // 3)
+    if args.only == "workers":
+        if args.workers < 2:
+            parser.error("--only workers needs --workers 2 or more")
+        args.nginx = False
     stamp = datetime.datetime.now(datetime.timezone.utc)
     if args.json is None:
         args.json = BENCH / f"results-{stamp:%Y%m%dT%H%M%SZ}.json"
@@ -1164,12 +1215,13 @@ def main(argv: list[str] | None = None) -> int:
                               "nginx": _nginx_version()}
         results["date"] = stamp.isoformat(timespec="seconds")
         results["seconds"] = round(time.monotonic() - started, 1)
-        text = table(results)
+        text = workers_table(results) if args.only else table(results)
         print(text)
         results["table"] = text
         results["busy_phases"] = busy_phases(results)
         results["targets"] = [dict(zip(("name", "measured", "target", "met"), v))
-                              for v in verdicts(results)]
+                              for v in ([workers_verdict(results)] if args.only
+                                        else verdicts(results))]
         args.json.write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nwrote {args.json}", file=sys.stderr)
         return 0

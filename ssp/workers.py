@@ -405,7 +405,7 @@ class Master(MultiService):
             bound here and shared, or, a L{ReusePortEndpoint}, bound by
             each worker for itself.
         @param arguments: the C{ssp} options of a worker, given the
-            inherited endpoint string.
+            endpoint string it listens on.
         @param drain_timeout: how long a worker may drain on stop; after
             that and C{grace} more seconds, it is killed.
         @param notifier: a L{ssp.systemd.SystemdNotifier}, run as a child
@@ -424,7 +424,7 @@ class Master(MultiService):
         self._slots = [_Slot(n) for n in range(count)]
         self._stopping = False
         self._exited: dict[int, Deferred[None]] = {}
-        self._all_listening: Deferred[IListeningPort] = Deferred()
+        self._all_listening: Deferred[IListeningPort | None] = Deferred()
         self._binding: Deferred[Any] | None = None
         self._reusing = isinstance(endpoint, ReusePortEndpoint)
         self.port: IListeningPort | None = None
@@ -453,6 +453,8 @@ class Master(MultiService):
             # Now, with privileges shed, as the workers will bind: fail the
             # start rather than have every worker fail in a loop.
             self._endpoint.probe()
+            log.info("Each worker listens on {endpoint} (listen.reuse_port)",
+                     endpoint=self._endpoint.description())
             self._binding = succeed(None)
         elif self._binding is None:
             self.privilegedStartService()
@@ -460,7 +462,7 @@ class Master(MultiService):
         super().startService()
         self._binding.addCallback(lambda _: [self._spawn(slot) for slot in self._slots])
 
-    def listening(self) -> Deferred[IListeningPort]:
+    def listening(self) -> Deferred[IListeningPort | None]:
         """
         Fires with the shared port (L{None} with a L{ReusePortEndpoint})
         once every worker has listened (the first time round; replacements

@@ -9,6 +9,7 @@ limit, as several workers or hosts must.
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
@@ -500,8 +501,13 @@ class InheritedEndpointTests(unittest.TestCase):
         self.assertEqual(await deferToThread(fetch), b"hello")
 
 
+class _Hangup(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.loseConnection()
+
+
 class _Counting(Factory):
-    protocol = Protocol
+    protocol = _Hangup
 
     def __init__(self) -> None:
         self.count = 0
@@ -530,9 +536,9 @@ class ReusePortEndpointTests(unittest.TestCase):
     async def test_each_socket_takes_a_share(self):
         """
         Every socket listening on the port gets a share of a burst, by
-        hash: two that accept split it; one that never accepts (as the
-        master's shared socket does not) keeps its share queued, which is
-        why the master binds nothing with reuse_port.  The chance that 32
+        hash: two that accept split it; one that never accepts, as a
+        master's would not, keeps its share queued, which is why the
+        master binds nothing with reuse_port.  The chance that 32
         connections leave one socket fewer than 4 is below 1e-5.
         """
         port = free_port()
@@ -765,6 +771,15 @@ def _listeners(port: int, pids: list[int]) -> dict[int, int]:
     return counts
 
 
+def _fetch(connection: http.client.HTTPSConnection, resource: str) -> tuple[int, bytes]:
+    """
+    One Spine request on C{connection}, left open.
+    """
+    connection.request("GET", f"/{ENDPOINT}/{resource}", headers=spine_headers())
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
 def _get(url: str) -> tuple[int, bytes]:
     with urllib.request.urlopen(url, timeout=5) as response:
         return response.status, response.read()
@@ -776,6 +791,7 @@ class _Masters:
     """
 
     reuse_port = False
+    proxy_protocol = False
 
     def setUp(self):
         self.provider = Provider(self)
@@ -793,8 +809,9 @@ class _Masters:
             '[admin]\nendpoint = ""', f'[admin]\nendpoint = "tcp:{self.admin}:interface=127.0.0.1"')
         if not agreements:
             text = text[:text.index("[[agreements]]")]
-        if self.reuse_port:
-            text = text.replace("\n[listen]\n", "\n[listen]\nreuse_port = true\n")
+        for key in ("reuse_port", "proxy_protocol"):
+            if getattr(self, key):
+                text = text.replace("\n[listen]\n", f"\n[listen]\n{key} = true\n")
         self.config.write_text(text)
 
     async def start(self, **environ: str) -> MasterProcess:
@@ -886,6 +903,23 @@ class WorkersTests(_Masters, unittest.TestCase):
 class ReusePortWorkersTests(_Masters, unittest.TestCase):
     timeout = 120
     reuse_port = True
+    proxy_protocol = True
+
+    def connect(self, source: int) -> http.client.HTTPSConnection:
+        """
+        A connection from consumer C{203.0.113.<source>}, as a balancer
+        in front would announce it with the PROXY protocol.
+        """
+        return self.https(socket.create_connection(("127.0.0.1", self.port), timeout=30),
+                          source)
+
+    def https(self, sock: socket.socket, source: int) -> http.client.HTTPSConnection:
+        sock.sendall(f"PROXY TCP4 203.0.113.{source} 127.0.0.1 {40000 + source} 443\r\n"
+                     .encode())
+        consumer = Consumer(self.port, pki(), "consumer-0")
+        connection = consumer.connect()
+        connection.sock = consumer.context.wrap_socket(sock, server_hostname="localhost")
+        return connection
 
     async def burst(self, count: int) -> list[int]:
         """
@@ -893,41 +927,35 @@ class ReusePortWorkersTests(_Masters, unittest.TestCase):
         one request on each, keeping them all open; how many requests
         each worker forwarded.
         """
-        consumer = Consumer(self.port, pki(), "consumer-0")
         trails = [self.workdir / "audit" / f"worker-{k}" for k in range(2)]
         before = [_completed(d, "authorised") for d in trails]
 
-        def run() -> list[int]:
+        def run() -> list[tuple[int, bytes]]:
             raw = [socket.create_connection(("127.0.0.1", self.port), timeout=30)
                    for _ in range(count)]
-            connections, statuses = [], []
+            connections = []
             try:
-                for sock in raw:
-                    connection = consumer.connect()
-                    connection.sock = consumer.context.wrap_socket(sock,
-                                                                   server_hostname="localhost")
-                    connections.append(connection)
-                    connection.request("GET", f"/{ENDPOINT}/metadata", headers=spine_headers())
-                    response = connection.getresponse()
-                    response.read()
-                    statuses.append(response.status)
+                for n, sock in enumerate(raw):
+                    connections.append(self.https(sock, n + 1))
+                return [_fetch(connection, "metadata") for connection in connections]
             finally:
-                for sock in raw:
-                    sock.close()
-            return statuses
+                for closing in connections + raw:
+                    closing.close()
 
-        self.assertEqual(await deferToThread(run), [200] * count)
+        self.assertEqual([status for status, _ in await deferToThread(run)], [200] * count)
         return [_completed(d, "authorised") - n for d, n in zip(trails, before)]
 
     async def test_one_socket_per_worker(self):
         """
         Each worker listens on a socket of its own, the master on none. A
         burst of keep-alive connections is split between the workers
-        (fewer than 4 of 32 on one worker has a chance below 1e-5). A
-        worker killed with SIGKILL is replaced and takes its share again;
-        SIGTERM drains.
+        (fewer than 4 of 32 on one worker has a chance below 1e-5), each
+        reading the PROXY header. A worker killed with SIGKILL is
+        replaced and takes its share again; SIGTERM drains.
         """
         proxy = await self.start()
+        self.assertIn(f"Each worker listens on ssp-reuseport:{self.port}:interface=127.0.0.1",
+                      proxy.text())
         self.assertNotIn("Shared socket", proxy.text())
         pids = proxy.pids()
         self.assertEqual(_listeners(self.port, [proxy.process.pid, *pids.values()]),
@@ -935,6 +963,10 @@ class ReusePortWorkersTests(_Masters, unittest.TestCase):
         split = await self.burst(32)
         self.assertEqual(sum(split), 32)
         self.assertGreaterEqual(min(split), 4, split)
+        consumers = {r["consumer_address"] for r in audit.read_records(
+            audit.audit_files(self.workdir / "audit" / "worker-0")
+            + audit.audit_files(self.workdir / "audit" / "worker-1"))}
+        self.assertEqual(consumers, {f"203.0.113.{n}:{40000 + n}" for n in range(1, 33)})
 
         os.kill(pids[0], signal.SIGKILL)
         await deferToThread(proxy.wait_for, r"Worker 0 listening", 2)
@@ -946,8 +978,14 @@ class ReusePortWorkersTests(_Masters, unittest.TestCase):
         split = await self.burst(32)
         self.assertGreaterEqual(min(split), 4, split)
 
-        consumer = Consumer(self.port, pki(), "consumer-0")
-        stalled = consumer.get("stall")
+        def stall() -> tuple[int, bytes]:
+            connection = self.connect(99)
+            try:
+                return _fetch(connection, "stall")
+            finally:
+                connection.close()
+
+        stalled = deferToThread(stall)
         for _ in range(500):
             if hasattr(self.provider.resource, "stalled"):
                 break
@@ -956,8 +994,7 @@ class ReusePortWorkersTests(_Masters, unittest.TestCase):
         await deferToThread(proxy.wait_for, r"\[worker \d\] Received SIGTERM", 2)
         self.provider.resource.stalled.write(b"late")
         self.provider.resource.stalled.finish()
-        reply = await stalled
-        self.assertEqual((reply.status, reply.body), (200, b"late"))
+        self.assertEqual(await stalled, (200, b"late"))
         self.assertEqual(await deferToThread(proxy.process.wait, 30), -signal.SIGTERM)
         self.assertEqual([pid for pid in proxy.pids().values() if _alive(pid)], [])
         self.assertNotIn("Traceback", proxy.text())
@@ -974,7 +1011,7 @@ class ReusePortWorkersTests(_Masters, unittest.TestCase):
             ran = subprocess.run(TWISTD + ["-n", "--pidfile=", "ssp", "--config", str(self.config),
                                            *options],
                                  cwd=self.workdir, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                 capture_output=True, text=True, timeout=60)
+                                 capture_output=True, text=True, timeout=60, check=False)
             self.assertNotEqual(ran.returncode, 0)
             self.assertIn("listen.reuse_port: needs a tcp: listen.endpoint, not "
                           "'systemd:domain=INET:name=ssp-https'", ran.stdout + ran.stderr)
