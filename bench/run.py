@@ -214,8 +214,7 @@ def workers_toml(root: Path, provider_port: int, port: int, admin_port: int,
     """
     A configuration file for C{twistd ssp} equal to L{bench_config} except
     for the listen and admin endpoints, C{reuse_port}, the audit
-    directory, a 5 s drain and no access log (workers' logs cross a pipe
-    to the master).
+    directory and a 5 s drain.  The workers share the access-log file.
     """
     from ssp import demo
 
@@ -254,7 +253,7 @@ store = "memory"
 [admin]
 endpoint = "tcp:{admin_port}:interface=127.0.0.1"
 [log]
-access_log = false
+access_log_file = "{root}/var/access.log"
 [[agreements]]
 sender = "{demo.CONSUMER_ASID}"
 receiver = "{demo.PROVIDER_ASID}"
@@ -300,8 +299,7 @@ def start_twistd_workers(root: Path, provider_port: int, workers: int,
     expected = attrs.evolve(
         expected,
         listen=attrs.evolve(expected.listen, drain_timeout=5.0, reuse_port=reuse_port),
-        audit=attrs.evolve(expected.audit, directory=audit),
-        log=attrs.evolve(expected.log, access_log=False, access_log_file=None))
+        audit=attrs.evolve(expected.audit, directory=audit))
     if ssp_config.load(path) != expected:
         raise SystemExit(f"{path} does not match bench_config(); update workers_toml()")
     log = root / f"twistd-w{workers}.log"
