@@ -23,7 +23,6 @@ from twisted.internet.task import deferLater
 from twisted.internet.testing import waitUntilAllDisconnected
 from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
@@ -40,7 +39,7 @@ from ssp.pipeline import Checks
 from ssp.resource import Proxy, ProxyResource, ProxySite
 from ssp.systemd import SystemdNotifier
 from ssp.throttle import Throttle, throttle_from_config
-from ssp.tls import ServerTLS, TLSOrPlainFactory, UpstreamTLS, read_certificates
+from ssp.tls import BulkTLSFactory, ServerTLS, TLSOrPlainFactory, UpstreamTLS, read_certificates
 
 log = Logger()
 
@@ -178,7 +177,7 @@ class SSPService(MultiService):
         )
         site = self.site = ProxySite(ProxyResource(self.proxy), self.reactor, config.listen)
         listener = TLSOrPlainFactory(
-            TLSMemoryBIOFactory(self.server_tls, False, site), hsts,
+            BulkTLSFactory(self.server_tls, False, site), hsts,
             self.reactor, config.listen.header_timeout,
             on_handshake_failure=self._handshake_failed,
             on_plain_http=self._plain_http,
