@@ -3,7 +3,7 @@
 Profile one proxy process under the benchmark's keep-alive (or
 new-handshake) load and print where its reactor thread spends its time.
 
-    python bench/profile_proxy.py [--seconds 10] [--handshake] [--cprofile] [--raw FILE]
+    python bench/profile_proxy.py [--seconds 10] [--handshake | --rate R] [--cprofile] [--raw FILE]
 
 It starts the provider and one proxy exactly as C{bench/run.py} does,
 warms up, then samples the proxy with py-spy (C{pip install py-spy}) for
@@ -56,11 +56,14 @@ def summarise_raw(path: Path, top: int) -> str:
     return "\n".join(out)
 
 
-async def load(target: run.Target, seconds: float, keepalive: bool,
+async def load(target: run.Target, seconds: float, keepalive: bool, rate: float | None,
                sampler: list[str] | None) -> dict:
     await run.closed_loop(target, 400, 8, True, 10)
     spy = subprocess.Popen(sampler) if sampler else None
     try:
+        if rate is not None:
+            result = await run.open_loop(target, rate, seconds, 8)
+            return {**result, "rps": result["requests"] / seconds}
         return await run.closed_loop(target, 10**7, 8, keepalive, seconds)
     finally:
         if spy is not None:
@@ -72,6 +75,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--handshake", action="store_true",
                         help="a new TLS connection per request instead of keep-alive")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="an open loop at this many req/s (the latency phase) instead")
     parser.add_argument("--cprofile", action="store_true", help="use cProfile, not py-spy")
     parser.add_argument("--raw", type=Path, default=None,
                         help="keep py-spy's raw collapsed stacks in this file")
@@ -92,7 +97,7 @@ def main() -> int:
             sampler = [py_spy, "record", "--pid", str(bench.proxies[0].pid), "--format", "raw",
                        "--output", str(raw), "--duration", str(int(args.seconds)),
                        "--rate", "250"]
-        result = asyncio.run(load(proxy, args.seconds, not args.handshake, sampler))
+        result = asyncio.run(load(proxy, args.seconds, not args.handshake, args.rate, sampler))
         print(f"{result['requests']} requests, {result['rps']:.0f} req/s, "
               f"{result['errors']} errors", file=sys.stderr)
         if py_spy is not None:

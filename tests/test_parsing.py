@@ -119,7 +119,7 @@ class TargetTests(unittest.SynchronousTestCase):
         def harmless(segment: str) -> bool:
             decoded = _fully_decoded(segment.encode())
             return (decoded.partition(b";")[0] not in (b".", b"..")
-                    and not re.search(rb"[/\\\x7f]", decoded))
+                    and not re.search(rb"[\x00-\x1f\x7f/\\]", decoded))
 
         segments = [s for s in segments if harmless(s)]
         url = f"https://{host}/{'/'.join(segments)}" + (f"?{query}" if query else "")

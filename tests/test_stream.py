@@ -30,6 +30,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from ssp import forward
 from ssp.errors import UpstreamFailed
 from tests.support import ENDPOINT, Provider, Proxy, pattern_sha256, spine_headers
+from tests.test_hostile import wait_for
 
 Relay = forward._Relay
 RECORD = 16 * 1024  # what one TLS record carries, as the relay receives it
@@ -258,7 +259,7 @@ class StalledConsumerTests(unittest.TestCase):
             provider_socket, consumer_socket = sockets
             self.assertEqual((provider_socket.bufferSize, consumer_socket.bufferSize),
                              (Relay.READ_SIZE, Relay.SEND_BUFFER))
-            paused = await self.until(lambda: provider_socket not in reactor.getReaders())
+            paused = await wait_for(lambda: provider_socket not in reactor.getReaders(), 10)
             self.assertTrue(paused, "the provider was never paused")
             # The relay comes to a standstill once the kernel's buffers are
             # full (they may grow a little first), far from the body's end.
@@ -285,16 +286,8 @@ class StalledConsumerTests(unittest.TestCase):
                           consumer_socket.SEND_LIMIT),
                          (64 * 1024, 64 * 1024, DEFAULT_SEND_LIMIT))
 
-    async def until(self, predicate: Any, timeout: float = 10.0) -> bool:
-        deadline = reactor.seconds() + timeout
-        while not predicate():
-            if reactor.seconds() > deadline:
-                return False
-            await deferLater(reactor, 0.01)
-        return True
-
     async def sockets_of(self, relays: list[Any]) -> tuple[Any, Any]:
-        self.assertTrue(await self.until(lambda: bool(relays)), "no relay started")
+        self.assertTrue(await wait_for(lambda: bool(relays), 10), "no relay started")
         relay = relays[0]
         provider = forward._socket_under(relay.transport._producer)
         consumer = forward._socket_under(relay._request.channel.transport)
