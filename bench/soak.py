@@ -41,7 +41,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ssp import audit, demo
+from ssp import chain, demo
+from ssp.verify import verify_files
 from ssp.pki import DevelopmentPKI, create_development_pki
 
 HOST = demo.PROVIDER_HOST
@@ -143,6 +144,7 @@ ldif = "{REPO}/etc/demo-sds.ldif"
 [audit]
 directory = "{root}/audit"
 durability = "always"
+key_file = "{demo.audit_key(certs)}"
 [admin]
 endpoint = ""
 [log]
@@ -589,8 +591,8 @@ def slope_mb_per_hour(samples: list[tuple[float, int]]) -> float:
 def check(root: Path, load: Load, proxy_exit: int | None, log: str,
           samples: list[tuple[float, int]]) -> dict[str, Any]:
     directory = root / "audit"
-    verified = audit.verify([directory])
-    records = list(audit.read_records([directory]))
+    verified = verify_files([directory])
+    records = list(chain.read_records([directory]))
     completed: collections.Counter[str] = collections.Counter()
     decisions: dict[str, str] = {}
     authorised: set[str] = set()

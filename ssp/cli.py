@@ -23,10 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         from ssp.explain import main as explain
 
         return explain(argv[1:])
-    if argv[:2] == ["audit", "verify"]:
-        from ssp.audit import main_verify
+    if argv[:1] == ["audit"]:
+        from ssp.auditcli import main as audit
 
-        return main_verify(argv[2:])
+        return audit(argv[1:])
     if argv[:1] == ["report"]:
         from ssp.report import main_report
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import shlex
 import sys
 import uuid
@@ -52,6 +53,18 @@ def ensure_pki(root: Path) -> DevelopmentPKI:
     if not (certs / DevelopmentPKI.ca).exists():
         return create_development_pki(certs)
     return DevelopmentPKI(certs)
+
+
+def audit_key(directory: Path) -> Path:
+    """
+    The demo's audit chain key in C{directory} (beside the certificates,
+    never in the audit directory), generated on first use.
+    """
+    path = directory / "audit.key"
+    if not path.exists():
+        path.write_text(os.urandom(32).hex())
+        path.chmod(0o600)
+    return path
 
 
 class EchoProvider(Resource):
@@ -126,7 +139,7 @@ def demo_config(root: Path, pki: DevelopmentPKI, provider_port: int,
             resolve={f"{PROVIDER_HOST}:443": f"127.0.0.1:{provider_port}"},
         ),
         directory=DirectoryConfig(kind="ldif", ldif=root / "etc" / "demo-sds.ldif"),
-        audit=AuditConfig(directory=root / "var" / "audit"),
+        audit=AuditConfig(directory=root / "var" / "audit", key_file=audit_key(certs)),
         agreements=(Agreement(sender=CONSUMER_ASID, receiver=PROVIDER_ASID),),
         admin=AdminConfig(endpoint=admin),
     )

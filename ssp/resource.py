@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -42,7 +43,7 @@ from ssp.errors import (
     URITooLong,
 )
 from ssp.interfaces import IAuditSink, IUpstream
-from ssp.model import AuditRecord, Claims, ClientIdentity
+from ssp.model import AuditRecord, Claims, ClientIdentity, audit_record
 from ssp.pipeline import Checks, Findings, Inbound, admit
 from ssp.tls import send_now
 
@@ -525,6 +526,7 @@ class ProxySite(server.Site):
         self.limits = limits
         self.channels: set[ProxyChannel] = set()
         self.refused_connections = 0
+        self.on_refused: Callable[[Any], None] = lambda peer: None
         self._per_address: dict[str, int] = {}
 
     def buildProtocol(self, addr: Any) -> ProxyChannel | _Refused:
@@ -538,6 +540,7 @@ class ProxySite(server.Site):
         if (len(self.channels) >= limits.max_connections
                 or self._per_address.get(address, 0) >= limits.max_connections_per_address):
             self.refused_connections += 1
+            self.on_refused(addr)
             log.debug("Connection from {address} refused: over the connection limits",
                       address=address)
             return _Refused()
@@ -622,19 +625,32 @@ class Proxy:
             await self._forward(request, found, outcome)
         except Refusal as refusal:
             outcome.refused(refusal)
+            await self._settle(request_id, started, request, found, outcome)
             self._refuse(request, refusal, found)
         except CancelledError:
             if request.refusal is None:
                 outcome.abandoned()
             else:
                 outcome.refused(request.refusal)
+                await self._settle(request_id, started, request, found, outcome)
                 self._refuse(request, request.refusal, found)
         finally:
-            self.in_flight -= 1
-            outcome.total_latency = self.clock.seconds() - started
-            await self._complete(
-                self._record("completed", request_id, started, request, found, outcome)
-            )
+            if not outcome.recorded:
+                await self._settle(request_id, started, request, found, outcome)
+
+    async def _settle(self, request_id: str, started: float, request: ProxyRequest,
+                      found: Findings, outcome: _Outcome) -> None:
+        """
+        Write the request's C{completed} record, once.  A refusal awaits
+        it before answering: a refusal the consumer saw is on disk (within
+        the sink's durability) even if the proxy is killed right after.
+        """
+        outcome.recorded = True
+        self.in_flight -= 1
+        outcome.total_latency = self.clock.seconds() - started
+        await self._complete(
+            self._record("completed", request_id, started, request, found, outcome)
+        )
 
     async def _forward(self, request: ProxyRequest, found: Findings, outcome: _Outcome) -> None:
         url = found.target
@@ -740,10 +756,10 @@ class Proxy:
         outcome.refused(refusal)
         outcome.total_latency = 0.0
         request.responseHeaders.setRawHeaders(b"Date", [http.datetimeToString(started)])
-        self._refuse(request, refusal, found)
-        Deferred.fromCoroutine(self._complete(
+        recorded = Deferred.fromCoroutine(self._complete(
             self._record("completed", uuid.uuid4().hex, started, request, found, outcome)
         ))
+        recorded.addCallback(lambda _: self._refuse(request, refusal, found))
 
     def _identity(self, request: ProxyRequest) -> ClientIdentity | None:
         try:
@@ -754,12 +770,11 @@ class Proxy:
     def _record(self, event: str, request_id: str, started: float, request: ProxyRequest,
                 found: Findings, outcome: _Outcome) -> AuditRecord:
         spine, client = found.spine, found.client
-        peer = request.getClientAddress()
-        return AuditRecord(
-            event=event,
-            request_id=request_id,
-            time=started,
-            consumer_address=f"{getattr(peer, 'host', '')}:{getattr(peer, 'port', '')}",
+        return audit_record(
+            event,
+            started,
+            request.getClientAddress(),
+            request_id,
             method=_text(request.method),
             target=found.target.text if found.target else _text(request.uri[1:]),
             trace_id=spine.trace_id if spine else _text(request.getHeader(b"ssp-traceid")),
@@ -805,6 +820,7 @@ class _Outcome:
         self.bytes_out = 0
         self.upstream_latency: float | None = None
         self.total_latency: float | None = None
+        self.recorded = False
 
     def refused(self, refusal: Refusal) -> None:
         if self.decision == "forwarded":

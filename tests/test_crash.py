@@ -20,9 +20,11 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from ssp import audit, demo
+from ssp import chain, demo
+from ssp.verify import verify_files
 from tests.ports import free_port
 from tests.support import (
+    audit_key,
     DEMO_LDIF,
     ROOT,
     Consumer,
@@ -40,7 +42,7 @@ def write_config(path: Path, port: int, provider_port: int, audit_dir: Path,
     """
     A configuration for a proxy process in front of the test provider.
     """
-    path.write_text(certificates_toml() + extra + f"""
+    path.write_text(certificates_toml(audit=False) + extra + f"""
 [listen]
 endpoint = "tcp:{port}:interface=127.0.0.1"
 [upstream.resolve]
@@ -50,6 +52,8 @@ ldif = "{DEMO_LDIF}"
 [audit]
 directory = "{audit_dir}"
 durability = "always"
+key_file = "{audit_key()}"
+anchor_file = "{audit_dir.parent / 'audit-anchor.jsonl'}"
 [admin]
 endpoint = ""
 [log]
@@ -125,7 +129,7 @@ class CrashTests(unittest.TestCase):
             await deferToThread(lambda: [w.join() for w in workers])
 
         received = {dict(s.headers)[b"Ssp-Traceid"].decode() for s in provider.seen}
-        authorised = {r["trace_id"] for r in audit.read_records(audit.audit_files(audit_dir))
+        authorised = {r["trace_id"] for r in chain.read_records(chain.audit_files(audit_dir))
                       if r["event"] == "authorised"}
         self.assertGreaterEqual(len(received), 150)
         self.assertEqual(received - authorised, set())
@@ -136,5 +140,5 @@ class CrashTests(unittest.TestCase):
         restarted.send_signal(signal.SIGTERM)
         # twistd re-raises the stopping signal so the exit status tells why it stopped.
         self.assertEqual(await deferToThread(restarted.wait), -signal.SIGTERM)
-        result = audit.verify(audit.audit_files(audit_dir))
+        result = verify_files(chain.audit_files(audit_dir))
         self.assertTrue(result.ok, result)

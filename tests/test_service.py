@@ -19,7 +19,7 @@ from twisted.trial import unittest
 from ssp import config as ssp_config
 from ssp import demo
 from ssp.service import SSPService
-from tests.support import (DEMO_LDIF, ROOT, Consumer, Provider, certificates_toml, pki,
+from tests.support import (DEMO_LDIF, ROOT, Consumer, Provider, audit_key, certificates_toml, pki,
                            spine_headers)
 from tests.test_crash import TWISTD, wait_listening
 from tests.ports import free_port
@@ -62,6 +62,7 @@ ldif = "{self.ldif}"
 [audit]
 directory = "{self.directory / 'audit'}"
 durability = "never"
+key_file = "{audit_key()}"
 {extra}
 """)
 

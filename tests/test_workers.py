@@ -45,7 +45,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from ssp import audit, demo, workers
+from ssp import audit, chain, demo, workers
 from ssp.config import ConfigError, ThrottleConfig
 from ssp.pki import DevelopmentPKI
 from tests import redis
@@ -750,7 +750,7 @@ def _two_free_ports() -> int:
 def _completed(audit_dir: Path, event: str = "completed") -> int:
     if not audit_dir.exists():
         return 0
-    return sum(1 for r in audit.read_records(audit.audit_files(audit_dir))
+    return sum(1 for r in chain.read_records(chain.audit_files(audit_dir))
                if r["event"] == event)
 
 
@@ -853,7 +853,7 @@ class WorkersTests(_Masters, unittest.TestCase):
             if all(_completed(d) for d in audit_dirs):
                 break
         self.assertTrue(all(_completed(d) for d in audit_dirs), "one worker served everything")
-        self.assertEqual(audit.audit_files(self.workdir / "audit"), [])
+        self.assertEqual(chain.audit_files(self.workdir / "audit"), [])
 
         stalled = consumer.get("stall")
         for _ in range(500):
@@ -963,9 +963,9 @@ class ReusePortWorkersTests(_Masters, unittest.TestCase):
         split = await self.burst(32)
         self.assertEqual(sum(split), 32)
         self.assertGreaterEqual(min(split), 4, split)
-        consumers = {r["consumer_address"] for r in audit.read_records(
-            audit.audit_files(self.workdir / "audit" / "worker-0")
-            + audit.audit_files(self.workdir / "audit" / "worker-1"))}
+        consumers = {r["consumer_address"] for r in chain.read_records(
+            chain.audit_files(self.workdir / "audit" / "worker-0")
+            + chain.audit_files(self.workdir / "audit" / "worker-1"))}
         self.assertEqual(consumers, {f"203.0.113.{n}:{40000 + n}" for n in range(1, 33)})
 
         os.kill(pids[0], signal.SIGKILL)
