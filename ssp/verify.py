@@ -101,7 +101,7 @@ class _Walk:
             if checkpoint.get("head") != link:
                 return self.broken(path, number, (
                     f"differs from the anchor's checkpoint of time {checkpoint['time']}: the "
-                    "trail up to here was rewritten and re-chained"))
+                    "trail was cut and continued, or rewritten and re-chained"))
             if checkpoint.get("records") != self.counted + self.records:
                 return self.broken(path, number, (
                     f"the anchor counted {checkpoint['records']} records up to here, the trail "
