@@ -48,7 +48,7 @@ class ConfigFile:
 
     def write(self, extra: str = AGREEMENT, listen: str = "") -> None:
         self.path.write_text(f"""
-{certificates_toml()}
+{certificates_toml(audit=False)}
 resolve = {{ "{demo.PROVIDER_HOST}:443" = "127.0.0.1:{self.provider_port}" }}
 [listen]
 endpoint = "tcp:{self.port}:interface=127.0.0.1"

@@ -1,0 +1,83 @@
+"""
+Audit volume under a flood of refused connections (issue 17), and the
+bounded audit queue.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from ssp.audit import FileAuditSink
+from ssp.chain import KeyedSeal, audit_files, read_records
+from ssp.errors import AuditUnavailable
+from ssp.model import AuditRecord
+from ssp.refusals import MAX_KEYS, ConnectionRefusals
+
+
+class FloodTests(TestCase):
+    async def test_twenty_second_flood_writes_a_few_kilobytes(self) -> None:
+        """
+        13,401 refused connections from one address in 20 s (the figure of
+        issue 17, 7.8 MB before) become one record per reason and 10-s
+        interval: about 2 KB, keyed.
+        """
+        directory = Path(self.mktemp())
+        clock = Clock()
+        sink = FileAuditSink(directory, reactor, clock, durability="never",
+                             seal=KeyedSeal(os.urandom(32)))
+        await sink.start()
+        refusals = ConnectionRefusals(sink, clock, 10.0)
+        refusals.start()
+        peer = IPv4Address("TCP", "192.0.2.7", 40000)
+        for n in range(13401):
+            refusals.refused(IPv4Address("TCP", "192.0.2.7", 40000 + n % 20000),
+                             "TLS_FAILED: Connection was closed cleanly.")
+            if n % 670 == 669:
+                clock.advance(1)
+        refusals.refused(peer, "HTTP_REQUEST_SENT_TO_HTTPS_PORT", 497)
+        refusals.stop()
+        await sink.stop()
+        records = list(read_records([directory]))
+        size = sum(p.stat().st_size for p in audit_files(directory))
+        self.assertEqual(sum(r["count"] for r in records), 13402)
+        self.assertLessEqual(len(records), 4)
+        self.assertLess(size, 3072)  # measured: 2,168 bytes in 4 records
+        self.assertEqual({r["consumer_address"] for r in records}, {"192.0.2.7"})
+
+    def test_many_addresses_bounded(self) -> None:
+        written: list[AuditRecord] = []
+
+        class Sink:
+            def append(self, record: AuditRecord):  # type: ignore[no-untyped-def]
+                from twisted.internet.defer import succeed
+                written.append(record)
+                return succeed(None)
+
+        refusals = ConnectionRefusals(Sink(), Clock(), 10.0)  # type: ignore[arg-type]
+        for n in range(MAX_KEYS + 500):
+            refusals.refused(IPv4Address("TCP", f"10.0.{n // 256}.{n % 256}", 1), "X")
+        refusals.flush()
+        self.assertEqual(len(written), MAX_KEYS + 1)
+        self.assertEqual(written[-1].consumer_address, "other")
+        self.assertEqual(written[-1].count, 500)
+
+
+class BoundedQueueTests(TestCase):
+    async def test_full_queue_refuses_instead_of_growing(self) -> None:
+        directory = Path(self.mktemp())
+        sink = FileAuditSink(directory, reactor, Clock(), durability="never", max_pending=3)
+        await sink.start()
+        accepted = [sink.append(AuditRecord("completed", str(n), 0.0)) for n in range(3)]
+        overflow = sink.append(AuditRecord("authorised", "x", 0.0))
+        self.failureResultOf(overflow, AuditUnavailable)
+        self.assertEqual(sink.pending, 3)
+        await sink.stop()
+        for d in accepted:
+            self.successResultOf(d)
+        self.assertEqual(len(list(read_records([directory]))), 3)
