@@ -600,11 +600,10 @@ def check(root: Path, load: Load, proxy_exit: int | None, log: str,
     for r in records:
         if r["event"] == "authorised":
             authorised.add(r["trace_id"])
-        elif r["event"] == "tls-failed":
-            connection["tls-failed"] += 1
+        elif r["event"] == "connection-refused":
+            plain = r["token"] == "HTTP_REQUEST_SENT_TO_HTTPS_PORT"
+            connection["plain-http" if plain else "tls-failed"] += r["count"]
         elif r["event"] == "completed":
-            if r["token"] == "HTTP_REQUEST_SENT_TO_HTTPS_PORT":
-                connection["plain-http"] += 1
             completed[r["trace_id"]] += 1
             decisions[r["trace_id"]] = r["decision"]
     received = set((root / "provider-seen.txt").read_text().split())

@@ -21,6 +21,7 @@ from zope.interface import implementer
 from ssp.directory import CachingDirectory
 from ssp.interfaces import IDirectory, IThrottle
 from ssp.model import AuditRecord, RateDecision
+from ssp.refusals import TLS_FAILED
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -87,7 +88,7 @@ class Metrics:
         return _CountingThrottle(throttle, self.throttle_decisions)
 
     def observe(self, record: AuditRecord) -> None:
-        if record.event == "tls-failed":
+        if record.event == "connection-refused" and record.token.startswith(TLS_FAILED):
             self.tls_failures.inc()
             return
         self.requests.labels(str(record.status), record.decision, record.interaction).inc()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -526,7 +525,6 @@ class ProxySite(server.Site):
         self.limits = limits
         self.channels: set[ProxyChannel] = set()
         self.refused_connections = 0
-        self.on_refused: Callable[[Any], None] = lambda peer: None
         self._per_address: dict[str, int] = {}
 
     def buildProtocol(self, addr: Any) -> ProxyChannel | _Refused:
@@ -540,7 +538,6 @@ class ProxySite(server.Site):
         if (len(self.channels) >= limits.max_connections
                 or self._per_address.get(address, 0) >= limits.max_connections_per_address):
             self.refused_connections += 1
-            self.on_refused(addr)
             log.debug("Connection from {address} refused: over the connection limits",
                       address=address)
             return _Refused()

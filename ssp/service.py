@@ -35,7 +35,7 @@ from ssp.interfaces import IAuditSink, IDirectory, IThrottle
 from ssp.metrics import Metrics, admin_resource
 from ssp.model import AuditRecord
 from ssp.pipeline import Checks
-from ssp.refusals import ConnectionRefusals
+from ssp.refusals import TLS_FAILED, ConnectionRefusals
 from ssp.resource import Proxy, ProxyResource, ProxySite
 from ssp.systemd import SystemdNotifier
 from ssp.throttle import Throttle, throttle_from_config
@@ -179,8 +179,6 @@ class SSPService(MultiService):
             config.upstream.idle_timeout, hsts, observers=observers, cors=config.cors,
         )
         site = self.site = ProxySite(ProxyResource(self.proxy), self.reactor, config.listen)
-        site.on_refused = lambda peer: self.connection_refusals.refused(
-            peer, "CONNECTION_LIMIT_EXCEEDED")
         listener = TLSOrPlainFactory(
             BulkTLSFactory(self.server_tls, False, site), hsts,
             self.reactor, config.listen.header_timeout,
@@ -249,7 +247,7 @@ class SSPService(MultiService):
         }
 
     def _handshake_failed(self, peer: Any, reason: Failure) -> None:
-        self.connection_refusals.refused(peer, "TLS_FAILED: " + reason.getErrorMessage())
+        self.connection_refusals.refused(peer, f"{TLS_FAILED}: {reason.getErrorMessage()}")
 
     def _plain_http(self, peer: Any) -> None:
         self.connection_refusals.refused(peer, "HTTP_REQUEST_SENT_TO_HTTPS_PORT", 497)

@@ -51,7 +51,8 @@ class ObserveTests(unittest.TestCase):
                                         interaction="urn:i", token=token, status=status,
                                         decision=decision, total_latency=0.002,
                                         upstream_latency=0.001 if status == 200 else None))
-        metrics.observe(AuditRecord(event="tls-failed", request_id="", time=0.0))
+        metrics.observe(AuditRecord(event="connection-refused", request_id="", time=0.0,
+                                    token="TLS_FAILED: handshake failure"))
         found = samples(metrics.exposition())
         self.assertEqual(found[("ssp_requests_total", (("decision", "forwarded"),
                                                        ("interaction", "urn:i"),
