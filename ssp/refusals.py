@@ -65,6 +65,13 @@ class ConnectionRefusals:
             self._flusher.stop()
         self.flush()
 
+    @property
+    def counted(self) -> int:
+        """
+        Refusals counted and not yet written.
+        """
+        return sum(tally.count for tally in self._tallies.values())
+
     def refused(self, peer: object, reason: str, status: int = 0) -> None:
         """
         Count one refused connection from C{peer} (an address with C{host}).

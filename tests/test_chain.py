@@ -8,7 +8,6 @@ chain verifiable, and a sink restarted on a cut tail raises the alarm.
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 from datetime import UTC, datetime, timedelta

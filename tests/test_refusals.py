@@ -6,18 +6,37 @@ bounded audit queue.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from ssp.audit import FileAuditSink
 from ssp.chain import KeyedSeal, audit_files, read_records
 from ssp.errors import AuditUnavailable
 from ssp.model import AuditRecord
+from ssp.directory import LDIFDirectory
 from ssp.refusals import MAX_KEYS, ConnectionRefusals
+from ssp.service import Concerns
+from ssp.testing import MemoryThrottle
+from tests.support import DEMO_LDIF, Provider, Proxy
+
+# The start of a TLS record, then nothing: the handshake fails.
+CUT_HANDSHAKE = b"\x16\x03\x01\x00\x05"
+PLAIN = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def flood(port: int, payload: bytes, connections: int) -> None:
+    for _ in range(connections):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(4096):
+                pass
 
 
 class FloodTests(TestCase):
@@ -66,6 +85,33 @@ class FloodTests(TestCase):
         self.assertEqual(len(written), MAX_KEYS + 1)
         self.assertEqual(written[-1].consumer_address, "other")
         self.assertEqual(written[-1].count, 500)
+
+
+class RealSocketFloodTests(TestCase):
+    async def test_flood_over_real_sockets_is_counted_not_recorded(self) -> None:
+        """
+        300 cut handshakes and 100 plain-HTTP requests from one address to
+        a real proxy: two C{connection-refused} records in a keyed file
+        audit (before: 400 records, ~200 KB).
+        """
+        directory = Path(self.mktemp())
+        sink = FileAuditSink(directory, reactor, durability="never",
+                             seal=KeyedSeal(os.urandom(32)))
+        await sink.start()
+        concerns = Concerns(directory=LDIFDirectory.from_file(DEMO_LDIF),
+                            throttle=MemoryThrottle(), audit=sink)
+        proxy = await Proxy(self, Provider(self), concerns=concerns).start()
+        await deferToThread(flood, proxy.port, CUT_HANDSHAKE, 300)
+        await deferToThread(flood, proxy.port, PLAIN, 100)
+        refusals = proxy.service.connection_refusals
+        while refusals.counted < 400:
+            await deferLater(reactor, 0.01, lambda: None)
+        refusals.flush()
+        await sink.stop()
+        records = list(read_records([directory]))
+        self.assertEqual(sorted((r["token"][:10], r["count"], r["status"]) for r in records),
+                         [("HTTP_REQUE", 100, 497), ("TLS_FAILED", 300, 0)])
+        self.assertLess(sum(p.stat().st_size for p in audit_files(directory)), 1500)
 
 
 class BoundedQueueTests(TestCase):

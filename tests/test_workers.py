@@ -45,12 +45,14 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from ssp import audit, chain, demo, workers
+from ssp import chain, demo, workers
+from ssp.auditcli import main_verify
 from ssp.config import ConfigError, ThrottleConfig
 from ssp.pki import DevelopmentPKI
+from ssp.report import main_report
 from tests import redis
 from tests.ports import free_port
-from tests.support import ENDPOINT, ROOT, Consumer, Provider, pki, spine_headers
+from tests.support import ENDPOINT, ROOT, Consumer, Provider, audit_key, pki, spine_headers
 from tests.test_crash import TWISTD, wait_listening, write_config
 
 # Unit tests: the master against a fake reactor.
@@ -884,6 +886,35 @@ class WorkersTests(_Masters, unittest.TestCase):
         self.assertEqual(await deferToThread(manager.recv, 100), b"STOPPING=1")
         manager.setblocking(False)
         self.assertRaises(BlockingIOError, manager.recv, 100)
+
+    async def test_audit_verify_and_report_read_the_worker_layout(self):
+        """
+        C{ssp audit verify DIR} checks each C{worker-K} chain on its own
+        against the key and the shared anchor, C{ssp report DIR} merges
+        them; a deleted worker chain is caught (issue 18).
+        """
+        proxy = await self.start()
+        consumer = Consumer(self.port, pki(), "consumer-0")
+        audit_dir = self.workdir / "audit"
+        served = 0
+        while not all(_completed(audit_dir / f"worker-{k}") for k in range(2)):
+            self.assertEqual((await consumer.get("metadata")).status, 200)
+            served += 1
+            self.assertLess(served, 200, "one worker served everything")
+        os.kill(proxy.process.pid, signal.SIGTERM)
+        self.assertEqual(await deferToThread(proxy.process.wait, 30), -signal.SIGTERM)
+        check = ["--key", str(audit_key()), "--anchor", str(self.workdir / "audit-anchor.jsonl")]
+        out = io.StringIO()
+        self.assertEqual(main_verify([str(audit_dir), *check], out), 0, out.getvalue())
+        self.assertEqual(out.getvalue().count("chain intact"), 2)
+        out = io.StringIO()
+        self.assertEqual(main_report([str(audit_dir), "--format", "json"], out), 0)
+        [total] = [row for row in json.loads(out.getvalue()) if row["scope"] == "total"]
+        self.assertEqual(total["requests"], served)
+        shutil.rmtree(audit_dir / "worker-1")
+        out = io.StringIO()
+        self.assertEqual(main_verify([str(audit_dir), *check], out), 1)
+        self.assertIn("a worker's trail was deleted", out.getvalue())
 
     async def test_killed_worker_is_replaced(self):
         proxy = await self.start()
