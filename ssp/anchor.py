@@ -30,8 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
 
-_TAIL_BLOCK = 64 * 1024
-
+from ssp.chain import lines_from_end
 
 def _canonical(entry: dict[str, Any]) -> bytes:
     unsigned = {k: v for k, v in entry.items() if k != "sig"}
@@ -111,19 +110,11 @@ def last_checkpoint(path: Path, chain: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     try:
-        end = os.fstat(fd).st_size
-        carry = b""
-        while end > 0:
-            start = max(0, end - _TAIL_BLOCK)
-            block = os.pread(fd, end - start, start) + carry
-            end = start
-            lines = block.split(b"\n")
-            carry = lines.pop(0) if end > 0 else b""
-            for raw in reversed(lines):
-                entry = _entry(raw)
-                if (entry is not None and entry.get("kind") == "checkpoint"
-                        and entry.get("chain") == str(chain)):
-                    return entry
+        for _, raw in lines_from_end(fd, os.fstat(fd).st_size):
+            entry = _entry(raw)
+            if (entry is not None and entry.get("kind") == "checkpoint"
+                    and entry.get("chain") == str(chain)):
+                return entry
     finally:
         os.close(fd)
     return None

@@ -46,6 +46,7 @@ from ssp.chain import (
     UncheckedSeal,
     UnkeyedSeal,
     audit_files,
+    lines_from_end,
     open_file,
     order,
     read_key,
@@ -55,9 +56,6 @@ from ssp.config import AuditConfig
 from ssp.errors import AuditUnavailable
 from ssp.interfaces import IAuditSink
 from ssp.model import AuditRecord
-
-_TAIL_BLOCK = 64 * 1024
-
 
 def _day(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y%m%d")
@@ -382,18 +380,8 @@ def _last_line(fd: int, size: int) -> tuple[int, bytes | None]:
     """
     Where the complete lines of a file end, and the last complete line.
     """
-    end = size
-    tail = b""
-    while end > 0:
-        start = max(0, end - _TAIL_BLOCK)
-        tail = os.pread(fd, end - start, start) + tail
-        end = start
-        cut = tail.rfind(b"\n")
-        if cut < 0:
-            continue
-        before = tail.rfind(b"\n", 0, cut)
-        if before >= 0 or end == 0:
-            return end + cut + 1, tail[before + 1 : cut]
+    for end, line in lines_from_end(fd, size):
+        return end, line
     return 0, None
 
 

@@ -32,6 +32,13 @@ def duration(text: str) -> float:
     return int(match[1]) * _UNIT[match[2]]
 
 
+def _parser(command: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"ssp audit {command}", description=description)
+    parser.add_argument("paths", nargs="+", type=Path,
+                        help="audit directories (worker-K chains found inside) or files")
+    return parser
+
+
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | int:
     try:
         return parser.parse_args(argv)
@@ -80,11 +87,8 @@ def main_verify(argv: list[str], out: TextIO | None = None) -> int:
     C{--allow-empty}).
     """
     out = out if out is not None else sys.stdout
-    parser = argparse.ArgumentParser(
-        prog="ssp audit verify",
-        description="Check the audit chains (one per worker-K directory) against the key and "
-                    "the anchor file.")
-    parser.add_argument("paths", nargs="+", type=Path, help="audit directories or files")
+    parser = _parser("verify", "Check the audit chains (one per worker-K directory) against the "
+                               "key and the anchor file.")
     parser.add_argument("--key", type=Path, help="the chain's secret key file: check every MAC")
     parser.add_argument("--anchor", type=Path,
                         help="the anchor file: check checkpoints (cut tail, re-chaining, "
@@ -146,11 +150,8 @@ def main_archive(argv: list[str], out: TextIO | None = None,
     ones, and record both in the anchor so the chain still verifies.
     """
     out = out if out is not None else sys.stdout
-    parser = argparse.ArgumentParser(
-        prog="ssp audit archive",
-        description="Compress closed audit files and remove expired ones, recording both in "
-                    "the anchor file.")
-    parser.add_argument("paths", nargs="+", type=Path, help="audit directories")
+    parser = _parser("archive", "Compress closed audit files and remove expired ones, "
+                                "recording both in the anchor file.")
     parser.add_argument("--older-than", type=duration, default=duration("30d"),
                         help="compress closed files whose day is older than this (default 30d)")
     parser.add_argument("--delete-after", type=duration,

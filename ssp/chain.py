@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import hmac
 import json
+import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ GENESIS = "0" * 64
 MIN_KEY_BYTES = 32
 _NAME = re.compile(r"audit-(\d{8})-(\d+)\.jsonl(\.gz)?\Z")
 _WORKER = re.compile(r"worker-\d+\Z")
+_BLOCK = 64 * 1024
 _MAC_SUFFIX = re.compile(rb',"mac":"([0-9a-f]{64})"\}\Z')
 
 
@@ -271,3 +273,31 @@ def read_records(paths: Sequence[Path]) -> Iterator[dict[str, Any]]:
                     if not isinstance(record, dict):
                         raise ValueError(f"{path}:{number}: not a JSON audit record")
                     yield record
+
+
+def lines_from_end(fd: int, size: int) -> Iterator[tuple[int, bytes]]:
+    """
+    The complete lines of a file, last first, each with the offset just
+    past its newline (a torn final line is skipped), reading backwards in
+    blocks: the newest lines of a large file cost one read.
+    """
+    position, data = size, b""
+
+    def earlier() -> bytes:
+        nonlocal position
+        start = max(0, position - _BLOCK)
+        block, position = os.pread(fd, position - start, start), start
+        return block
+
+    while b"\n" not in data:
+        if position == 0:
+            return
+        data = earlier() + data
+    data = data[: data.rfind(b"\n") + 1]
+    while data:
+        previous = data.rfind(b"\n", 0, len(data) - 1)
+        if previous < 0 and position > 0:
+            data = earlier() + data
+            continue
+        yield position + len(data), data[previous + 1 : -1]
+        data = data[: previous + 1]

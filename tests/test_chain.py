@@ -16,9 +16,9 @@ from pathlib import Path
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from ssp import anchor
+from ssp import anchor, chain
 from ssp.audit import FileAuditSink
 from ssp.auditcli import main_archive, main_verify
 from ssp.chain import KeyedSeal, UnkeyedSeal, audit_files, read_records
@@ -262,3 +262,26 @@ class TamperTests(TestCase):
         self.assertIn("the tail was cut", alarms[0]["token"])
         self.assertTrue(any(e.get("log_level") == LogLevel.critical for e in logged))
         self.assertDetected("differs from the anchor's checkpoint")
+
+
+class LinesFromEndTests(SynchronousTestCase):
+    def lines(self, content: bytes, block: int) -> list[tuple[int, bytes]]:
+        self.patch(chain, "_BLOCK", block)
+        path = Path(self.mktemp())
+        path.write_bytes(content)
+        with path.open("rb") as f:
+            return list(chain.lines_from_end(f.fileno(), len(content)))
+
+    def test_across_block_boundaries(self) -> None:
+        """
+        Whatever the block size, every complete line comes back, last
+        first, with the offset past its newline; a torn tail is skipped.
+        """
+        content = b"first\n\nthird line\nfourth\ntorn"
+        expected = [(25, b"fourth"), (18, b"third line"), (7, b""), (6, b"first")]
+        for block in (1, 2, 3, 5, 7, 64):
+            self.assertEqual(self.lines(content, block), expected, block)
+
+    def test_nothing_complete(self) -> None:
+        self.assertEqual(self.lines(b"", 4), [])
+        self.assertEqual(self.lines(b"no newline", 4), [])
