@@ -55,7 +55,7 @@ from ssp.chain import (
 from ssp.config import AuditConfig
 from ssp.errors import AuditUnavailable
 from ssp.interfaces import IAuditSink
-from ssp.model import AuditRecord
+from ssp.model import AuditRecord, audit_record
 
 def _day(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y%m%d")
@@ -453,7 +453,7 @@ class FileAuditSink:
         self._clock = clock if clock is not None else reactor
         self._durability = durability
         self._writer = _ChainWriter(
-            Path(directory).absolute(), durability, rotate_bytes, rotate_daily, fsync, raw_write,
+            Path(directory).resolve(), durability, rotate_bytes, rotate_daily, fsync, raw_write,
             seal, anchor_file, signer,
         )
         self._checkpoints = LoopingCall(self._checkpoint)
@@ -527,8 +527,9 @@ class FileAuditSink:
             self.log.critical("Audit trail tampered with? {alarm} (in {directory}); run "
                               "ssp audit verify with --key and --anchor", alarm=alarm,
                               directory=self._writer.directory)
-            self._queue.append((AuditRecord("chain-alarm", "", self._clock.seconds(),
-                                            token=alarm[:500]), Deferred()))
+            self.append(audit_record("chain-alarm", self._clock.seconds(), None, with_port=False,
+                                     token=alarm[:500])
+                        ).addErrback(lambda f: self.log.failure("Chain alarm not audited", f))
 
     def _checkpoint(self) -> Deferred[None]:
         d = deferToThreadPool(self._reactor, self._pool, self._writer.checkpoint,

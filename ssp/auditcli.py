@@ -64,13 +64,13 @@ def verify_paths(paths: Sequence[Path], seal: Seal, start: str | None,
     found = chains(paths)
     results = []
     for directory, files in found.items():
-        mine = [e for e in entries if e.get("chain") == str(directory.absolute())]
+        mine = [e for e in entries if e.get("chain") == str(directory.resolve())]
         if not files and not mine:
             results.append((directory, VerifyResult(True, 0, 0, GENESIS)))
             continue
         results.append((directory, verify(files, seal, start, mine, key)))
-    known = {str(d.absolute()) for d in found}
-    roots = [p.absolute() for p in paths if p.is_dir()]
+    known = {str(d.resolve()) for d in found}
+    roots = [p.resolve() for p in paths if p.is_dir()]
     for chain in sorted({e.get("chain", "") for e in entries} - known):
         if any(Path(chain) == root or Path(chain).parent == root for root in roots):
             results.append((Path(chain), VerifyResult(

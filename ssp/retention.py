@@ -63,7 +63,7 @@ def _compress(directory: Path, path: Path, anchor_file: Path | None, when: float
     path.unlink()
     _sync_directory(directory)
     if anchor_file is not None:
-        anchor.append(anchor_file, {"kind": "archived", "chain": str(directory.absolute()),
+        anchor.append(anchor_file, {"kind": "archived", "chain": str(directory.resolve()),
                                     "file": path.name, "time": when})
     return f"compressed {path} -> {target.name}"
 
@@ -76,7 +76,7 @@ def _remove(directory: Path, path: Path, anchor_file: Path, seal: Seal, when: fl
                 head = seal.open(raw)[1]
             except ChainError as e:
                 raise ChainError(f"{path}:{lines}: {e}; not removed") from None
-    anchor.append(anchor_file, {"kind": "removed", "chain": str(directory.absolute()),
+    anchor.append(anchor_file, {"kind": "removed", "chain": str(directory.resolve()),
                                 "file": stem(path), "lines": lines, "head": head,
                                 "time": when})
     path.unlink()

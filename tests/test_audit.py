@@ -23,6 +23,7 @@ import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ssp.audit import LINGER, FileAuditSink
@@ -191,8 +192,13 @@ class SinkTests(TestCase):
         )
         self.assertRaises(ValueError, FileAuditSink.from_config,
                           attrs.evolve(config, unkeyed=False), reactor)
+        logged: list[dict] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
         sink = FileAuditSink.from_config(config, reactor, self.clock)
         self.addCleanup(sink.stop)
+        self.assertTrue(any("UNKEYED" in e.get("log_format", "") and
+                            e["log_level"] == LogLevel.warn for e in logged))
         await sink.start()
         await sink.append(record(1))
         self.assertEqual(len(read_all(self.directory)), 1)

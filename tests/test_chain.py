@@ -40,7 +40,7 @@ class TamperTests(TestCase):
     """
 
     async def setUp(self) -> None:
-        root = Path(self.mktemp()).absolute()
+        root = Path(self.mktemp()).resolve()
         self.directory = root / "audit"
         self.key = root / "audit.key"
         root.mkdir()

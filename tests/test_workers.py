@@ -907,6 +907,8 @@ class WorkersTests(_Masters, unittest.TestCase):
         out = io.StringIO()
         self.assertEqual(main_verify([str(audit_dir), *check], out), 0, out.getvalue())
         self.assertEqual(out.getvalue().count("chain intact"), 2)
+        workers_given = [str(audit_dir / f"worker-{k}") for k in range(2)]
+        self.assertEqual(main_verify([*workers_given, *check], io.StringIO()), 0)
         out = io.StringIO()
         self.assertEqual(main_report([str(audit_dir), "--format", "json"], out), 0)
         [total] = [row for row in json.loads(out.getvalue()) if row["scope"] == "total"]
