@@ -226,9 +226,9 @@ class _ChainWriter:
         entry = {"kind": "checkpoint", "chain": str(self.directory), "time": now,
                  "file": self.path.name, "line": self.lines, "records": self.records,
                  "head": self.last_hash, "key_id": self.seal.key_id}
-        self.checkpointed = (self.path.name, self.lines)
         if self.anchor_file is not None:
             entry = anchor.append(self.anchor_file, entry, self.signer, self._sync)
+        self.checkpointed = (self.path.name, self.lines)
         return entry
 
     def write(

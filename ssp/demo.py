@@ -47,12 +47,17 @@ METADATA_INTERACTION = "urn:nhs:names:services:gpconnect:fhir:rest:read:metadata
 
 def ensure_pki(root: Path) -> DevelopmentPKI:
     """
-    The demo PKI in C{root/certs}, generated on first use.
+    The demo PKI in C{root/certs}, and the audit chain key beside it,
+    generated on first use.
     """
     certs = root / "certs"
-    if not (certs / DevelopmentPKI.ca).exists():
-        return create_development_pki(certs)
-    return DevelopmentPKI(certs)
+    pki = (create_development_pki(certs) if not (certs / DevelopmentPKI.ca).exists()
+           else DevelopmentPKI(certs))
+    audit_key(certs)
+    return pki
+
+
+AUDIT_KEY = "audit.key"
 
 
 def audit_key(directory: Path) -> Path:
@@ -60,7 +65,7 @@ def audit_key(directory: Path) -> Path:
     The demo's audit chain key in C{directory} (beside the certificates,
     never in the audit directory), generated on first use.
     """
-    path = directory / "audit.key"
+    path = directory / AUDIT_KEY
     if not path.exists():
         path.write_text(os.urandom(32).hex())
         path.chmod(0o600)
@@ -139,7 +144,7 @@ def demo_config(root: Path, pki: DevelopmentPKI, provider_port: int,
             resolve={f"{PROVIDER_HOST}:443": f"127.0.0.1:{provider_port}"},
         ),
         directory=DirectoryConfig(kind="ldif", ldif=root / "etc" / "demo-sds.ldif"),
-        audit=AuditConfig(directory=root / "var" / "audit", key_file=audit_key(certs)),
+        audit=AuditConfig(directory=root / "var" / "audit", key_file=certs / AUDIT_KEY),
         agreements=(Agreement(sender=CONSUMER_ASID, receiver=PROVIDER_ASID),),
         admin=AdminConfig(endpoint=admin),
     )

@@ -285,3 +285,17 @@ class LinesFromEndTests(SynchronousTestCase):
     def test_nothing_complete(self) -> None:
         self.assertEqual(self.lines(b"", 4), [])
         self.assertEqual(self.lines(b"no newline", 4), [])
+
+
+class EmptyTests(SynchronousTestCase):
+    def test_nothing_to_verify_is_a_warning_and_an_error(self) -> None:
+        """
+        An empty directory (a wrong path, a proxy that never wrote) is not
+        "OK": exit 1 with a warning, unless C{--allow-empty}.
+        """
+        empty = Path(self.mktemp())
+        (empty / "worker-0").mkdir(parents=True)
+        out = io.StringIO()
+        self.assertEqual(main_verify([str(empty)], out), 1)
+        self.assertIn("WARNING: no audit records found", out.getvalue())
+        self.assertEqual(main_verify([str(empty), "--allow-empty"], io.StringIO()), 0)
