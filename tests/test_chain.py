@@ -13,6 +13,8 @@ import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
@@ -22,6 +24,7 @@ from ssp import anchor, chain
 from ssp.audit import FileAuditSink
 from ssp.auditcli import main_archive, main_verify
 from ssp.chain import KeyedSeal, UnkeyedSeal, audit_files, read_records
+from ssp.config import AuditConfig
 from ssp.model import AuditRecord
 
 DAY = datetime(2024, 3, 1, 12, tzinfo=UTC).timestamp()
@@ -193,9 +196,6 @@ class TamperTests(TestCase):
         """
         With signed checkpoints an altered anchor is refused too.
         """
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
         signer = Ed25519PrivateKey.generate()
         public = self.directory.parent / "anchor.pub"
         public.write_bytes(signer.public_key().public_bytes(
@@ -299,3 +299,53 @@ class EmptyTests(SynchronousTestCase):
         self.assertEqual(main_verify([str(empty)], out), 1)
         self.assertIn("WARNING: no audit records found", out.getvalue())
         self.assertEqual(main_verify([str(empty), "--allow-empty"], io.StringIO()), 0)
+
+
+class SinkAnchorTests(TestCase):
+    async def test_signed_checkpoints_from_the_configuration(self) -> None:
+        """
+        With C{signing_key} every checkpoint the sink writes is signed, and
+        C{verify --public-key} accepts them.
+        """
+        root = Path(self.mktemp()).resolve()
+        root.mkdir()
+        signer = Ed25519PrivateKey.generate()
+        (root / "sign.pem").write_bytes(signer.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        (root / "sign.pub").write_bytes(signer.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        (root / "audit.key").write_text(os.urandom(32).hex())
+        config = AuditConfig(directory=root / "audit", durability="never",
+                             key_file=root / "audit.key", anchor_file=root / "anchor.jsonl",
+                             signing_key=root / "sign.pem")
+        sink = FileAuditSink.from_config(config, reactor)
+        await sink.start()
+        await sink.append(record(1))
+        await sink.stop()
+        [checkpoint] = anchor.read(root / "anchor.jsonl")
+        self.assertIn("sig", checkpoint)
+        out = io.StringIO()
+        code = main_verify([str(root / "audit"), "--key", str(root / "audit.key"), "--anchor",
+                            str(root / "anchor.jsonl"), "--public-key", str(root / "sign.pub")],
+                           out)
+        self.assertEqual(code, 0, out.getvalue())
+
+    async def test_unwritable_anchor_does_not_stop_the_trail(self) -> None:
+        """
+        Checkpoints that cannot be written are logged as errors; records
+        are still written and acknowledged.
+        """
+        root = Path(self.mktemp()).resolve()
+        logged: list[dict] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        sink = FileAuditSink(root / "audit", reactor, durability="never",
+                             anchor_file=root / "missing" / "anchor.jsonl")
+        await sink.start()
+        await sink.append(record(1))
+        await sink.stop()
+        self.assertEqual(len(list(read_records([root / "audit"]))), 1)
+        failures = [e for e in logged if "not written" in e.get("log_format", "")]
+        self.assertEqual(len(failures), 1)
+        self.flushLoggedErrors(FileNotFoundError)
