@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
 
-from ssp.chain import lines_from_end
+from ssp.chain import is_audit_file, lines_from_end
 
 def _canonical(entry: dict[str, Any]) -> bytes:
     unsigned = {k: v for k, v in entry.items() if k != "sig"}
@@ -86,18 +86,40 @@ def append(path: Path, entry: dict[str, Any], signer: Ed25519PrivateKey | None =
     return entry
 
 
+# The fields each kind of entry must have, and their types.
+_SHAPES: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "checkpoint": {"chain": str, "file": str, "line": int, "records": int, "head": str,
+                   "time": (int, float)},
+    "archived": {"chain": str, "file": str},
+    "removed": {"chain": str, "file": str, "lines": int, "head": str},
+}
+
+
 def read(path: Path, chain: Path | None = None) -> list[dict[str, Any]]:
     """
     The entries of an anchor file, oldest first; only C{chain}'s when
-    given.  Unparseable lines (a torn last line) are skipped.
+    given.  Lines that are not JSON (a torn last line) are skipped.
+
+    @raise ValueError: naming a line that is JSON but not a valid entry.
     """
     entries = []
     with path.open("rb") as f:
-        for raw in f:
+        for number, raw in enumerate(f, 1):
             entry = _entry(raw)
-            if entry is not None and (chain is None or entry.get("chain") == str(chain)):
+            if entry is None:
+                continue
+            if not _valid(entry):
+                raise ValueError(f"{path}:{number}: not a valid anchor entry")
+            if chain is None or entry["chain"] == str(chain):
                 entries.append(entry)
     return entries
+
+
+def _valid(entry: dict[str, Any]) -> bool:
+    shape = _SHAPES.get(entry.get("kind"))  # type: ignore[arg-type]
+    return shape is not None and all(
+        isinstance(entry.get(name), kind) and not isinstance(entry.get(name), bool)
+        for name, kind in shape.items()) and is_audit_file(Path(entry["file"]))
 
 
 def last_checkpoint(path: Path, chain: Path) -> dict[str, Any] | None:
@@ -112,8 +134,8 @@ def last_checkpoint(path: Path, chain: Path) -> dict[str, Any] | None:
     try:
         for _, raw in lines_from_end(fd, os.fstat(fd).st_size):
             entry = _entry(raw)
-            if (entry is not None and entry.get("kind") == "checkpoint"
-                    and entry.get("chain") == str(chain)):
+            if (entry is not None and entry.get("kind") == "checkpoint" and _valid(entry)
+                    and entry["chain"] == str(chain)):
                 return entry
     finally:
         os.close(fd)

@@ -349,3 +349,28 @@ class SinkAnchorTests(TestCase):
         failures = [e for e in logged if "not written" in e.get("log_format", "")]
         self.assertEqual(len(failures), 1)
         self.flushLoggedErrors(FileNotFoundError)
+
+
+class AnchorFileTests(SynchronousTestCase):
+    def test_malformed_entries(self) -> None:
+        """
+        A torn last line is skipped; an entry of the wrong shape is an
+        error for C{verify}, and ignored by the sink's start.
+        """
+        path = Path(self.mktemp())
+        good = {"kind": "checkpoint", "chain": "/a", "file": "audit-20240301-0001.jsonl",
+                "line": 3, "records": 3, "head": "ab" * 32, "time": 1.0}
+        anchor.append(path, good)
+        with path.open("ab") as f:
+            f.write(b'{"kind":"checkpoint","chain":"/a","line":"x"}\n{"kind":"che')
+        self.assertEqual(anchor.last_checkpoint(path, Path("/a")), good)
+        path.write_text(path.read_text().replace("audit-20240301-0001.jsonl", "../x"))
+        self.assertIsNone(anchor.last_checkpoint(path, Path("/a")))
+        path.unlink()
+        anchor.append(path, good)
+        with path.open("ab") as f:
+            f.write(b'{"kind":"checkpoint","chain":"/a","line":"x"}\n{"kind":"che')
+        self.assertEqual(anchor.last_checkpoint(path, Path("/a")), good)
+        with self.assertRaises(ValueError) as caught:
+            anchor.read(path)
+        self.assertIn(f"{path}:2: not a valid anchor entry", str(caught.exception))
