@@ -135,3 +135,31 @@ ldif = "{ROOT}/etc/demo-sds.ldif"
 """)
             self.assertEqual(result.returncode, 1)
             self.assertIn(f"{key}: {problem}", result.stderr)
+
+
+class SelfContainedTests(unittest.SynchronousTestCase):
+    """
+    A clone tests itself: nothing in the repository reaches outside it for
+    fixtures (the suite once read C{../shared/...} and skipped without it).
+    """
+
+    def test_no_reference_outside_the_repository(self):
+        tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True,
+                                 text=True, check=False).stdout.split()
+        if not tracked:
+            raise unittest.SkipTest("not a git checkout")
+        outside = [
+            name for name in tracked
+            if (ROOT / name).is_file() and not (ROOT / name).is_symlink()
+            and name != "tests/test_packaging.py"
+            and any(word in (ROOT / name).read_text(errors="replace")
+                    for word in ("external-fixtures", "../shared", "parents[2]"))
+        ]
+        self.assertEqual(outside, [])
+
+    def test_fixtures_present(self):
+        from tests import slapd
+
+        for fixture in (slapd.SCHEMA, slapd.DEMO_LDIF, slapd.SYNTHETIC_LDIF):
+            self.assertTrue(fixture.is_file(), fixture)
+        self.assertTrue(list((ROOT / "tests" / "fixtures" / "jwt").glob("*.jwt")))
