@@ -15,9 +15,10 @@ from typing import Any
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import deferLater
 from twisted.internet.testing import waitUntilAllDisconnected
@@ -27,6 +28,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from ssp import config as ssp_config
+from ssp import preflight
 from ssp.accesslog import AccessLogFile
 from ssp.audit import FileAuditSink
 from ssp.config import Config, ServerTLSConfig, ThrottleConfig
@@ -86,8 +88,28 @@ class SSPService(MultiService):
         self._retiring: list[tuple[IDelayedCall, tuple[Any, ...]]] = []
 
     def privilegedStartService(self) -> None:
+        """
+        Build everything and bind the listeners (before twistd drops
+        privileges).  A port that cannot be bound ends the process with
+        one line naming the key or option, as any configuration mistake.
+        """
         self._build()
-        super().privilegedStartService()
+        Service.privilegedStartService(self)
+        for child in self:
+            try:
+                child.privilegedStartService()
+            except CannotListenError as e:
+                raise SystemExit(self._cannot_listen(child.name, e)) from None
+
+    def _cannot_listen(self, key: str, error: CannotListenError) -> str:
+        endpoint = _setting(self.config, key)
+        reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+        option = key.split(".")[0]
+        if self.config_path is None:
+            return (f"{key}: cannot listen on {endpoint}: {reason} "
+                    f"(choose another with --{option})")
+        return (f"{self.config_path}: {key}: cannot listen on {endpoint}: {reason} "
+                f"(set {key}, or override it with --{option})")
 
     def startService(self) -> None:
         if self.proxy is None:
@@ -187,6 +209,7 @@ class SSPService(MultiService):
             endpoint = proxyEndpoint(endpoint)
         self._listener = StreamServerEndpointService(endpoint, listener)
         self._listener._raiseSynchronously = True
+        self._listener.setName("listen.endpoint")
         self._listener.setServiceParent(self)
         if config.admin.endpoint:
             admin = StreamServerEndpointService(
@@ -194,19 +217,8 @@ class SSPService(MultiService):
                 Site(admin_resource(self.metrics, self.readiness)),
             )
             admin._raiseSynchronously = True
+            admin.setName("admin.endpoint")
             admin.setServiceParent(self)
-
-    def validate(self) -> None:
-        """
-        Load everything the configuration points at without listening:
-        certificates, keys, CRLs, the directory and the endpoint strings.
-        """
-        ServerTLS(self.config.tls)
-        UpstreamTLS(self.config.upstream)
-        serverFromString(self.reactor, self.config.listen.endpoint)
-        if self.config.admin.endpoint:
-            serverFromString(self.reactor, self.config.admin.endpoint)
-        directory_from_config(self.config.directory, self.reactor, self.reactor)
 
     def _checks(self, config: Config, directory: IDirectory, throttle: IThrottle) -> Checks:
         return Checks(
@@ -324,6 +336,7 @@ class SSPService(MultiService):
         assert self.proxy is not None
         try:
             config = self._adjust(ssp_config.load(self.config_path))
+            preflight.check(config, self.config_path, self.reactor.seconds())
             parts = self._reloadable(config, self.config)
             self.server_tls.reload(config.tls)
             self._certificate_expiry = _expiry(config.tls)
@@ -431,8 +444,8 @@ def _close_idle(transport: Any) -> None:
 
 
 def _same_store(new: ThrottleConfig, old: ThrottleConfig) -> bool:
-    return (new.store, new.redis_url, new.on_store_failure) == (
-        old.store, old.redis_url, old.on_store_failure)
+    return (new.enabled, new.store, new.redis_url, new.on_store_failure) == (
+        old.enabled, old.store, old.redis_url, old.on_store_failure)
 
 
 def _access_log(record: AuditRecord) -> None:
