@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -54,9 +55,8 @@ class DemoTests(unittest.TestCase):
     def test_demo_prints_a_curl_line_that_succeeds(self):
         if shutil.which("curl") is None:
             raise unittest.SkipTest("curl is not installed")
+        # An empty directory: the demo needs nothing from the repository.
         workdir = Path(tempfile.mkdtemp(prefix="ssp-demo-"))
-        (workdir / "etc").mkdir()
-        shutil.copy(ROOT / "etc" / "demo-sds.ldif", workdir / "etc")
 
         def run_demo() -> tuple[str, int]:
             process = subprocess.Popen(
@@ -84,11 +84,64 @@ class DemoTests(unittest.TestCase):
             output, code = outcome
             self.assertEqual(code, 0)
             self.assertIn('"resourceType": "CapabilityStatement"', output)
+            self.assertIn("x-rate-limit-limit: 10", output.lower())
+            self.assertIn("x-rate-limit-remaining: ", output.lower())
             audit = list((workdir / "var" / "audit").glob("audit-*.jsonl"))
             self.assertEqual(len(audit), 1)
             self.assertIn('"decision":"forwarded"', audit[0].read_text())
 
         return deferToThread(run_demo).addCallback(check)
+
+
+class DemoBusyPortTests(unittest.TestCase):
+    def test_busy_port_names_the_option(self):
+        """
+        A port in use gives one line naming C{--listen} or C{--admin}, not
+        a traceback.
+        """
+        workdir = Path(tempfile.mkdtemp(prefix="ssp-demo-"))
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = f"tcp:{busy.getsockname()[1]}:interface=127.0.0.1"
+        free = "tcp:0:interface=127.0.0.1"
+
+        def run() -> list[str]:
+            outputs = []
+            for listen, admin in ((taken, free), (free, taken)):
+                result = subprocess.run(
+                    TWISTD + ["-n", "--pidfile=", "ssp", "--listen", listen, "--admin", admin],
+                    cwd=workdir, env=_env(), capture_output=True, text=True, timeout=60)
+                self.assertNotEqual(result.returncode, 0)
+                outputs.append(result.stdout + result.stderr)
+            return outputs
+
+        def check(outputs: list[str]) -> None:
+            for output, key in zip(outputs, ("listen", "admin")):
+                self.assertNotIn("Traceback", output)
+                self.assertIn(f"{key}.endpoint: cannot listen on {taken}: Address already in use "
+                              f"(choose another with --{key})", output)
+
+        return deferToThread(run).addCallback(check)
+
+
+class PackageDataTests(unittest.SynchronousTestCase):
+    def test_demo_ldif_is_package_data(self):
+        """
+        A non-editable install carries the demo LDIF (C{ssp demo} needs it
+        outside the repository).
+        """
+        from setuptools.config.setupcfg import read_configuration
+
+        from ssp import demo
+
+        options = read_configuration(ROOT / "setup.cfg")["options"]
+        self.assertIn("ssp", options["packages"])
+        patterns = options["package_data"]["ssp"]
+        relative = demo.DEMO_LDIF.relative_to(ROOT / "ssp")
+        self.assertTrue(any(relative.match(p) for p in patterns), patterns)
+        self.assertTrue(demo.DEMO_LDIF.is_file())
 
 
 class CheckConfigTests(unittest.TestCase):
@@ -101,7 +154,7 @@ class CheckConfigTests(unittest.TestCase):
     def test_valid_configuration(self):
         result, path = self.check(certificates_toml() + f"""
 [directory]
-ldif = "{ROOT}/etc/demo-sds.ldif"
+ldif = "{ROOT}/ssp/data/demo-sds.ldif"
 """)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("configuration OK", result.stdout)
@@ -131,7 +184,7 @@ ldif = "{ROOT}/etc/demo-sds.ldif"
             result, path = self.check(certificates_toml().replace(
                 f'private_key = "{certs}/proxy.key"', f'private_key = "{key}"') + f"""
 [directory]
-ldif = "{ROOT}/etc/demo-sds.ldif"
+ldif = "{ROOT}/ssp/data/demo-sds.ldif"
 """)
             self.assertEqual(result.returncode, 1)
             self.assertIn(f"{key}: {problem}", result.stderr)
