@@ -27,8 +27,8 @@ from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
+from ssp import __version__, preflight
 from ssp import config as ssp_config
-from ssp import preflight
 from ssp.accesslog import AccessLogFile
 from ssp.audit import FileAuditSink
 from ssp.config import Config, ServerTLSConfig, ThrottleConfig
@@ -214,7 +214,7 @@ class SSPService(MultiService):
         if config.admin.endpoint:
             admin = StreamServerEndpointService(
                 serverFromString(self.reactor, config.admin.endpoint),
-                Site(admin_resource(self.metrics, self.readiness)),
+                _QuietSite(admin_resource(self.metrics, self.readiness)),
             )
             admin._raiseSynchronously = True
             admin.setName("admin.endpoint")
@@ -240,6 +240,16 @@ class SSPService(MultiService):
     def _ready(self, port: Any) -> Any:
         if port is not None:  # None: listening failed and was logged
             self.systemd.ready()
+            address = port.getHost()
+            log.info(
+                "SSP {version} started with {config}: proxy on {listen} ({address}), "
+                "admin on {admin}",
+                version=__version__,
+                config=str(self.config_path) if self.config_path else "the demo configuration",
+                listen=self.config.listen.endpoint,
+                address=f"{getattr(address, 'host', '')}:{getattr(address, 'port', '')}",
+                admin=self.config.admin.endpoint or "(off)",
+            )
         return port
 
     def readiness(self) -> dict[str, bool]:
@@ -396,6 +406,18 @@ class SSPService(MultiService):
             if call.active():
                 call.cancel()
                 await self._retire(*retired)
+
+class _QuietSite(Site):
+    """
+    The admin listener's site: a scrape every few seconds would drown the
+    operational log, so requests are not logged (docs/operations.md).
+    """
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        pass
+
 
 @attrs.frozen
 class _Parts:

@@ -21,8 +21,8 @@ from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from twisted.python import usage
 
+from ssp import __version__, preflight, workers
 from ssp import config as ssp_config
-from ssp import preflight, workers
 
 if TYPE_CHECKING:
     from ssp.pki import DevelopmentPKI
@@ -49,6 +49,13 @@ class Options(usage.Options):
         ["check-config", None, "Validate the configuration and everything it names, and exit."],
         ["probe", None, "With --check-config: also connect to SDS and Redis and report."],
     ]
+
+    def opt_version(self) -> None:
+        """
+        Print the SSP version and exit.
+        """
+        print(f"ssp {__version__}")
+        raise SystemExit(0)
 
     def postOptions(self) -> None:
         if self["probe"] and not self["check-config"]:
