@@ -93,7 +93,10 @@ class SSPService(MultiService):
         privileges).  A port that cannot be bound ends the process with
         one line naming the key or option, as any configuration mistake.
         """
-        self._build()
+        try:
+            self._build()
+        except ssp_config.ConfigError as e:
+            raise SystemExit(f"{self.config_path}: {e}" if self.config_path else str(e)) from None
         Service.privilegedStartService(self)
         for child in self:
             try:
@@ -204,7 +207,7 @@ class SSPService(MultiService):
             on_handshake_failure=self._handshake_failed,
             on_plain_http=self._plain_http,
         )
-        endpoint = serverFromString(self.reactor, config.listen.endpoint)
+        endpoint = self._endpoint("listen.endpoint")
         if config.listen.proxy_protocol:
             endpoint = proxyEndpoint(endpoint)
         self._listener = StreamServerEndpointService(endpoint, listener)
@@ -213,12 +216,27 @@ class SSPService(MultiService):
         self._listener.setServiceParent(self)
         if config.admin.endpoint:
             admin = StreamServerEndpointService(
-                serverFromString(self.reactor, config.admin.endpoint),
+                self._endpoint("admin.endpoint"),
                 _QuietSite(admin_resource(self.metrics, self.readiness)),
             )
             admin._raiseSynchronously = True
             admin.setName("admin.endpoint")
             admin.setServiceParent(self)
+
+    def _endpoint(self, key: str) -> Any:
+        """
+        The server endpoint configured at C{key}.
+
+        @raise ssp_config.ConfigError: a socket systemd should have passed
+            is missing.
+        """
+        description = _setting(self.config, key)
+        try:
+            return serverFromString(self.reactor, description)
+        except (KeyError, IndexError) as e:
+            raise ssp_config.ConfigError(
+                f"{key}: {description}: systemd passed no such socket ({e}): is ssp.socket "
+                "running, with FileDescriptorName= matching name=?") from None
 
     def _checks(self, config: Config, directory: IDirectory, throttle: IThrottle) -> Checks:
         return Checks(

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 
@@ -22,6 +22,7 @@ import ssp
 from ssp.config import LimitSet, RateLimit, ThrottleConfig
 from ssp.throttle import throttle_from_config
 from tests.support import ROOT, Provider, Proxy, spine_headers
+from tests.test_dependency_faults import until
 from tests.test_proxy import ProxyTestCase
 
 
@@ -131,10 +132,35 @@ class AdminLogTests(unittest.TestCase):
             response = await agent.request(b"GET", b"http://127.0.0.1:%d%s" % (port, path))
             await readBody(response)
             self.assertEqual(response.code, 200)
-        from twisted.logger import formatEvent
-
         lines = [formatEvent(e) for e in events]
         self.assertEqual([line for line in lines if "GET /" in line], [])
+
+
+class StartupTests(unittest.TestCase):
+    async def test_startup_line_and_build_info(self) -> None:
+        """
+        Once listening, one log line names the version, the configuration
+        and the endpoints; C{ssp_build_info} carries the version.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        provider = Provider(self)
+        proxy = await Proxy(self, provider).start()
+
+        def started() -> list[dict[str, Any]]:
+            return [e for e in events if e.get("log_format", "").startswith("SSP {version} started")]
+
+        await until(started)
+        self.assertEqual(len(started()), 1)
+        self.assertEqual(
+            formatEvent(started()[0]),
+            f"SSP {ssp.__version__} started with the demo configuration: proxy on "
+            f"tcp:0:interface=127.0.0.1 (127.0.0.1:{proxy.port}), admin on (off)")
+        from prometheus_client import generate_latest
+
+        exposition = generate_latest(proxy.service.metrics.registry).decode()
+        self.assertIn(f'ssp_build_info{{version="{ssp.__version__}"}} 1.0', exposition)
 
 
 class VersionTests(unittest.TestCase):

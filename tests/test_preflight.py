@@ -166,7 +166,7 @@ class CheckConfigTests(unittest.SynchronousTestCase):
         """
         crl = self.files.directory / "ca.crl.pem"
         crl.write_text("-----BEGIN X509 CRL-----\nnot base64\n-----END X509 CRL-----\n")
-        self.assertIn(f"tls.crls[0]: ", self.refused(self.files.toml()))
+        self.assertIn("tls.crls[0]: ", self.refused(self.files.toml()))
         crl.write_bytes(expired_crl(self.files.ca))
         self.assertIn(f"tls.crls[0]: {crl}: expired (nextUpdate ", self.refused(self.files.toml()))
         crl.write_bytes(Authority.create("Preflight Test CA").crl())
@@ -270,6 +270,8 @@ class StartAndReloadTests(unittest.TestCase):
              "tls.certificate, tls.private_key: the private key"),
             (files.toml(endpoint='endpoint = "ssl:8443"'), "listen.endpoint: ssl: endpoints"),
             (files.toml(endpoint='endpoint = "tpc:8443"'), "listen.endpoint: invalid endpoint"),
+            (files.toml(endpoint='endpoint = "systemd:domain=INET:name=ssp-https"'),
+             "listen.endpoint: systemd:domain=INET:name=ssp-https: systemd passed no such socket"),
         ]
 
         def run() -> list[tuple[str, subprocess.CompletedProcess[str]]]:
@@ -285,8 +287,8 @@ class StartAndReloadTests(unittest.TestCase):
                 output = result.stdout + result.stderr
                 self.assertNotEqual(result.returncode, 0)
                 self.assertNotIn("Traceback", output)
-                self.assertEqual(output.strip().count("\n"), 0, output)
-                self.assertIn(expected, output)
+                [line] = [line for line in output.splitlines() if "ssp.toml: " in line]
+                self.assertIn(f"{files.directory / 'ssp.toml'}: {expected}", line)
 
         return deferToThread(run).addCallback(check)
 
@@ -310,6 +312,34 @@ class StartAndReloadTests(unittest.TestCase):
         return deferToThread(
             twistd, "-n", "--pidfile=", "ssp", "--config", str(path), cwd=files.directory
         ).addCallback(check)
+
+
+class ReloadTests(unittest.TestCase):
+    async def test_reload_refused_in_one_line(self) -> None:
+        """
+        A CRL that expired, written before SIGHUP, is one logged line and
+        the running configuration stays.
+        """
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        from ssp.service import Concerns, SSPService
+        from ssp.testing import RecordingAuditSink
+
+        files = Files(Path(self.mktemp()).resolve())
+        path = files.write(files.toml())
+        service = SSPService(ssp_config.load(path), reactor, path,
+                             concerns=Concerns(audit=RecordingAuditSink()))
+        service.startService()
+        self.addCleanup(service.stopService)
+        await service.listening()
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        (files.directory / "ca.crl.pem").write_bytes(expired_crl(files.ca))
+        self.assertFalse(service.reload())
+        [line] = [formatEvent(e) for e in events if "Reload rejected" in formatEvent(e)]
+        self.assertIn(f"{path}: tls.crls[0]: {files.directory}/ca.crl.pem: expired", line)
+        self.assertNotIn("\n", line)
 
 
 class ExampleConfigTests(unittest.TestCase):
