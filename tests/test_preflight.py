@@ -75,8 +75,8 @@ certificate = "client.pem"
 private_key = "client.key"
 ca = "ca.pem"
 [directory]
-kind = "ldif"
 ldif = "sds.ldif"
+kind = "ldif"
 [admin]
 endpoint = "tcp:0:interface=127.0.0.1"
 """
