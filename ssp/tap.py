@@ -106,8 +106,9 @@ def load_checked(path: Path, reactor: Any) -> ssp_config.Config:
     try:
         for k in range(1, loaded.listen.workers):
             workers.worker_config(loaded, k)
-        if loaded.listen.workers > 1 and loaded.listen.endpoint.split(":", 1)[0] not in (
-                ssp_config.INHERITED_ENDPOINTS):
+        inherited = loaded.listen.endpoint.split(":", 1)[0] in ssp_config.INHERITED_ENDPOINTS
+        if loaded.listen.workers > 1 and (loaded.listen.reuse_port or not inherited):
+            # An inherited socket exists only at start; reuse_port is refused for it.
             workers.master_endpoint(reactor, loaded)
     except ssp_config.ConfigError as e:
         raise ssp_config.ConfigError(f"{path}: {e}") from None
