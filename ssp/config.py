@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import attrs
 from attrs.validators import deep_iterable, ge, gt, in_
-from twisted.internet.endpoints import _parseServer
+from twisted.internet.endpoints import _parseServer, serverFromString
 
 DEFAULT_CIPHERS = "ECDHE+AESGCM:DHE+AESGCM"
 
@@ -46,22 +46,29 @@ INHERITED_ENDPOINTS = ("systemd", "ssp-inherit")
 
 def endpoint_problem(description: str) -> str | None:
     """
-    What is wrong with a Twisted server endpoint string, or L{None}.  Only
-    the syntax is checked: a C{systemd:} socket exists only at start.
+    What is wrong with a Twisted server endpoint string, or L{None}.  The
+    endpoint is built but not bound; a C{systemd:} or inherited socket
+    exists only at start, so only its syntax is checked.
     """
     kind = description.split(":", 1)[0]
     if kind == "ssl":
         return "ssl: endpoints cannot require client certificates; use tcp: (the proxy does TLS)"
     try:
-        parsed, args, options = _parseServer(description, None)
-    except Exception as e:  # Twisted raises whatever its parser meets
+        if kind not in INHERITED_ENDPOINTS:
+            endpoint = serverFromString(None, description)
+            port = getattr(endpoint, "_port", getattr(endpoint, "port", None))
+            if isinstance(port, int) and not 0 <= port <= 65535:
+                return f"invalid endpoint {description!r}: port {port} is not 0-65535"
+            return None
+        _, _, options = _parseServer(description, None)
+    except Exception as e:  # Twisted raises whatever its parser or the endpoint meets
         return f"invalid endpoint {description!r}: {e}"
     if kind == "systemd":
         if options.get("domain") not in ("INET", "INET6", "UNIX"):
             return f"invalid endpoint {description!r}: domain must be INET, INET6 or UNIX"
         if not (options.get("name") or str(options.get("index", "")).isdigit()):
             return f"invalid endpoint {description!r}: needs name=<FileDescriptorName> or index=N"
-    if kind == "ssp-inherit" and not str(options.get("fd", "")).isdigit():
+    elif not str(options.get("fd", "")).isdigit():
         return f"invalid endpoint {description!r}: needs fd=N"
     return None
 

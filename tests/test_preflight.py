@@ -146,6 +146,10 @@ class CheckConfigTests(unittest.SynchronousTestCase):
                       self.refused(self.files.toml(endpoint='endpoint = "tpc:8443"')))
         self.assertIn("listen.endpoint: invalid endpoint 'tcp:84x3'",
                       self.refused(self.files.toml(endpoint='endpoint = "tcp:84x3"')))
+        self.assertIn("listen.endpoint: invalid endpoint 'tcp:99999': port 99999 is not 0-65535",
+                      self.refused(self.files.toml(endpoint='endpoint = "tcp:99999"')))
+        self.assertIn("unexpected keyword argument 'bogus'", self.refused(
+            self.files.toml(endpoint='endpoint = "tcp:8443:bogus=1"')))
         self.assertIn("listen.endpoint: ssl: endpoints cannot require client certificates",
                       self.refused(self.files.toml(endpoint='endpoint = "ssl:8443"')))
 
