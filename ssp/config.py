@@ -84,6 +84,11 @@ def _optional_endpoint(instance: Any, attribute: Any, value: str | None) -> None
         _endpoint(instance, attribute, value)
 
 
+def _header_value(instance: Any, attribute: Any, value: str) -> None:
+    if not re.fullmatch(r"[\x20-\x7e]*", value):
+        raise ValueError(f"'{attribute.name}' must be printable ASCII (it is sent as a header)")
+
+
 def _host_port(text: str) -> bool:
     host, sep, port = text.rpartition(":")
     if host.startswith("["):
@@ -154,7 +159,7 @@ class ServerTLSConfig:
     client_ca: Path
     crls: tuple[Path, ...] = ()
     ciphers: str = DEFAULT_CIPHERS
-    hsts: str = "max-age=31536000; includeSubDomains"
+    hsts: str = attrs.field(default="max-age=31536000; includeSubDomains", validator=_header_value)
 
 
 @attrs.frozen

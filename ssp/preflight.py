@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
 
 from ssp.config import INHERITED_ENDPOINTS, Config, ConfigError
 from ssp.directory import ldif_problem
@@ -45,6 +46,7 @@ def check(config: Config, source: Path, now: float) -> list[str]:
         if value and value.split(":", 1)[0] in INHERITED_ENDPOINTS
     ]
     moment = datetime.fromtimestamp(now, timezone.utc)
+    fail("tls.ciphers", _ciphers, config.tls.ciphers)
     _pair(fail, "tls", config.tls.certificate, config.tls.private_key, moment)
     _pair(fail, "upstream", config.upstream.certificate, config.upstream.private_key, moment)
     authorities = fail("tls.client_ca", read_certificates, config.tls.client_ca)
@@ -122,6 +124,13 @@ def _directory(fail: Callable[..., Any], config: Config) -> None:
         fail("directory.ca", read_certificates, directory.ca)
     if directory.password_file is not None:
         fail("directory.password_file", read_pem, directory.password_file)
+
+
+def _ciphers(ciphers: str) -> None:
+    try:
+        SSL.Context(SSL.TLS_SERVER_METHOD).set_cipher_list(ciphers.encode("ascii"))
+    except (SSL.Error, UnicodeEncodeError):
+        raise ValueError(f"OpenSSL knows no cipher in {ciphers!r}") from None
 
 
 def _read_text(path: Path) -> str:

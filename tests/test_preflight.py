@@ -153,6 +153,12 @@ class CheckConfigTests(unittest.SynchronousTestCase):
         self.assertIn("listen.endpoint: ssl: endpoints cannot require client certificates",
                       self.refused(self.files.toml(endpoint='endpoint = "ssl:8443"')))
 
+    def test_tls_settings(self) -> None:
+        self.assertIn("tls.ciphers: OpenSSL knows no cipher in 'NOPE'",
+                      self.refused(self.files.toml(crls='crls = []\nciphers = "NOPE"')))
+        self.assertIn("tls.hsts: must be printable ASCII",
+                      self.refused(self.files.toml(crls='crls = []\nhsts = "max-age=1\\r\\nX: y"')))
+
     def test_key_mismatch(self) -> None:
         """
         A private key that does not belong to the certificate names both
