@@ -210,6 +210,15 @@ class SelfContainedTests(unittest.SynchronousTestCase):
         ]
         self.assertEqual(outside, [])
 
+    def test_certs_folder(self):
+        """
+        C{certs/} exists with its README; generated keys there are ignored.
+        """
+        self.assertIn("LoadCredential", (ROOT / "certs" / "README.md").read_text())
+        ignored = subprocess.run(["git", "check-ignore", "certs/proxy.key", "certs/README.md"],
+                                 cwd=ROOT, capture_output=True, text=True, check=False).stdout
+        self.assertEqual(ignored.split(), ["certs/proxy.key"])
+
     def test_fixtures_present(self):
         from tests import slapd
 
