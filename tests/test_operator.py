@@ -21,7 +21,7 @@ from twisted.web.client import Agent, readBody
 import ssp
 from ssp.config import LimitSet, RateLimit, ThrottleConfig
 from ssp.throttle import throttle_from_config
-from tests.support import ROOT, Provider, Proxy, spine_headers
+from tests.support import ROOT, Provider, Proxy
 from tests.test_dependency_faults import until
 from tests.test_proxy import ProxyTestCase
 
