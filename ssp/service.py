@@ -102,17 +102,8 @@ class SSPService(MultiService):
             try:
                 child.privilegedStartService()
             except CannotListenError as e:
-                raise SystemExit(self._cannot_listen(child.name, e)) from None
-
-    def _cannot_listen(self, key: str, error: CannotListenError) -> str:
-        endpoint = _setting(self.config, key)
-        reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
-        option = key.split(".")[0]
-        if self.config_path is None:
-            return (f"{key}: cannot listen on {endpoint}: {reason} "
-                    f"(choose another with --{option})")
-        return (f"{self.config_path}: {key}: cannot listen on {endpoint}: {reason} "
-                f"(set {key}, or override it with --{option})")
+                raise SystemExit(cannot_listen(
+                    self.config_path, child.name, _setting(self.config, child.name), e)) from None
 
     def startService(self) -> None:
         if self.proxy is None:
@@ -458,6 +449,21 @@ class _Parts:
 # What a reload cannot change in a running process.
 _RESTART_KEYS = ("listen.endpoint", "listen.proxy_protocol", "listen.workers", "listen.reuse_port",
                  "admin", "audit", "log")
+
+
+def cannot_listen(config_path: Path | None, key: str, endpoint: str,
+                  error: CannotListenError) -> str:
+    """
+    The one line for a port that cannot be bound: the key (or, for the
+    demo, the option) to change, the endpoint and the operating system's
+    reason.
+    """
+    reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+    option = key.split(".")[0]
+    if config_path is None:
+        return f"{key}: cannot listen on {endpoint}: {reason} (choose another with --{option})"
+    return (f"{config_path}: {key}: cannot listen on {endpoint}: {reason} "
+            f"(set {key}, or override it with --{option})")
 
 
 def _setting(config: Config, key: str) -> Any:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -180,15 +181,47 @@ def _master_service(reactor: Any, options: Options, config: ssp_config.Config | 
         workers.worker_config(config, k)
     endpoint = workers.master_endpoint(reactor, config)
     workers.per_worker_warning(config, count)
-    master = workers.Master(
+    master = _Master(
         reactor, endpoint, count,
         lambda listen: [*passed, f"--listen={listen}"], config.listen.drain_timeout,
         notifier=SystemdNotifier(reactor, os.environ),
     )
     reactor.addSystemEventTrigger("during", "startup", master.install_sighup)
+    master.config_path = Path(options["config"]) if options["config"] else None
+    master.listen_endpoint = config.listen.endpoint
     if pki is not None:
         _announce(reactor, pki, master.listening)
     return master
+
+
+class _Master(workers.Master):
+    """
+    The workers' master, whose failure to bind the listening socket ends
+    the process with one line, as in a single process.
+    """
+
+    config_path: Path | None = None
+    listen_endpoint = ""
+
+    def privilegedStartService(self) -> None:
+        with self._one_line():
+            super().privilegedStartService()
+
+    def startService(self) -> None:
+        with self._one_line():
+            super().startService()
+
+    @contextmanager
+    def _one_line(self) -> Iterator[None]:
+        from twisted.internet.error import CannotListenError
+
+        from ssp.service import cannot_listen
+
+        try:
+            yield
+        except CannotListenError as e:
+            raise SystemExit(cannot_listen(
+                self.config_path, "listen.endpoint", self.listen_endpoint, e)) from None
 
 
 def _demo_master(reactor: Any, options: Options

@@ -311,17 +311,21 @@ class StartAndReloadTests(unittest.TestCase):
         port = busy.getsockname()[1]
         path = files.write(files.toml(endpoint=f'endpoint = "tcp:{port}:interface=127.0.0.1"'))
 
-        def check(result: subprocess.CompletedProcess[str]) -> None:
-            output = result.stdout + result.stderr
-            self.assertNotEqual(result.returncode, 0)
-            self.assertNotIn("Traceback", output)
-            self.assertIn(f"listen.endpoint: cannot listen on tcp:{port}:interface=127.0.0.1: ",
-                          output)
-            self.assertIn("Address already in use", output)
+        def run() -> list[subprocess.CompletedProcess[str]]:
+            return [twistd("-n", "--pidfile=", "ssp", "--config", str(path), *workers,
+                           cwd=files.directory)
+                    for workers in ([], ["--workers", "2"])]
 
-        return deferToThread(
-            twistd, "-n", "--pidfile=", "ssp", "--config", str(path), cwd=files.directory
-        ).addCallback(check)
+        def check(results: list[subprocess.CompletedProcess[str]]) -> None:
+            for result in results:  # one process, then a master of two workers
+                output = result.stdout + result.stderr
+                self.assertNotEqual(result.returncode, 0)
+                self.assertNotIn("Traceback", output)
+                self.assertIn(f"{path}: listen.endpoint: cannot listen on tcp:{port}:"
+                              "interface=127.0.0.1: Address already in use (set listen.endpoint,"
+                              " or override it with --listen)", output)
+
+        return deferToThread(run).addCallback(check)
 
 
 class ReloadTests(unittest.TestCase):
