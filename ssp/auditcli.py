@@ -182,16 +182,3 @@ def main_archive(argv: list[str], out: TextIO | None = None,
         return 1
     return 0
 
-
-USAGE = """usage: ssp audit verify|archive [ARGS]   (ssp audit verify --help)"""
-
-
-def main(argv: list[str]) -> int:
-    """
-    C{ssp audit verify} or C{ssp audit archive}.
-    """
-    commands = {"verify": main_verify, "archive": main_archive}
-    if argv[:1] and argv[0] in commands:
-        return commands[argv[0]](argv[1:])
-    print(USAGE, file=sys.stderr)
-    return 2
