@@ -73,6 +73,8 @@ class CommandTests(unittest.TestCase):
         self.assertEqual(code, 0)
         [row] = [row for row in json.loads(out) if row["scope"] == "day"]
         self.assertEqual((row["sender"], row["requests"], row["forwarded"]), ("1", 1, 1))
+        code, out, _ = self.run_cli("audit", "archive", directory, "--older-than", "1d")
+        self.assertEqual((code, out), (0, ""))  # the only file is open: nothing to archive
 
     def test_console_script_declared(self) -> None:
         self.assertIn("ssp = ssp.cli:main", (ROOT / "setup.cfg").read_text())
