@@ -642,14 +642,19 @@ class Proxy:
         """
         Write the request's C{completed} record, once.  A refusal awaits
         it before answering: a refusal the consumer saw is on disk (within
-        the sink's durability) even if the proxy is killed right after.
+        the sink's durability) even if the proxy is killed right after.  A
+        consumer leaving meanwhile cancels only the wait: the record is
+        written all the same.
         """
         outcome.recorded = True
         self.in_flight -= 1
         outcome.total_latency = self.clock.seconds() - started
-        await self._complete(
-            self._record("completed", request_id, started, request, found, outcome)
-        )
+        try:
+            await self._complete(
+                self._record("completed", request_id, started, request, found, outcome)
+            )
+        except CancelledError:
+            pass
 
     async def _forward(self, request: ProxyRequest, found: Findings, outcome: _Outcome) -> None:
         url = found.target
@@ -754,8 +759,9 @@ class Proxy:
 
     def refuse_early(self, request: ProxyRequest, refusal: Refusal) -> None:
         """
-        Answer and audit a request the channel refused before it could be
-        admitted (its framing, size or timing); the connection then closes.
+        Audit, then answer, a request the channel refused before it could
+        be admitted (its framing, size or timing); the connection then
+        closes.
         """
         started = self.clock.seconds()
         found = Findings(client=self._identity(request))
@@ -766,6 +772,7 @@ class Proxy:
         recorded = Deferred.fromCoroutine(self._complete(
             self._record("completed", uuid.uuid4().hex, started, request, found, outcome)
         ))
+        recorded.addErrback(lambda f: log.failure("Audit record of a refusal not written", f))
         recorded.addCallback(lambda _: self._refuse(request, refusal, found))
 
     def _identity(self, request: ProxyRequest) -> ClientIdentity | None:

@@ -13,17 +13,20 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from ssp.audit import FileAuditSink
 from ssp.chain import KeyedSeal, audit_files, read_records
 from ssp.errors import AuditUnavailable
+from ssp.interfaces import IAuditSink
 from ssp.model import AuditRecord
 from ssp.directory import LDIFDirectory
 from ssp.refusals import MAX_KEYS, ConnectionRefusals
 from ssp.service import Concerns
 from ssp.testing import MemoryThrottle
-from tests.support import DEMO_LDIF, Provider, Proxy
+from tests.support import DEMO_LDIF, ENDPOINT, Provider, Proxy, spine_headers
 
 # The start of a TLS record, then nothing: the handshake fails.
 CUT_HANDSHAKE = b"\x16\x03\x01\x00\x05"
@@ -127,3 +130,55 @@ class BoundedQueueTests(TestCase):
         for d in accepted:
             self.successResultOf(d)
         self.assertEqual(len(list(read_records([directory]))), 3)
+
+
+@implementer(IAuditSink)
+class HeldAuditSink:
+    """
+    An audit sink whose appends succeed only when the test says so.
+    """
+
+    writable = True
+
+    def __init__(self) -> None:
+        self.held: list[tuple[AuditRecord, Deferred[None]]] = []
+
+    @property
+    def pending(self) -> int:
+        return len(self.held)
+
+    def append(self, record: AuditRecord) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.held.append((record, d))
+        return d
+
+
+class RefusalRecordTests(TestCase):
+    async def test_consumer_leaving_while_its_refusal_is_recorded(self) -> None:
+        """
+        A consumer that goes away while its refusal's record is being
+        written is no error: the record is written all the same, the
+        answer is dropped, and nothing is logged as a crash.
+        """
+        sink = HeldAuditSink()
+        concerns = Concerns(directory=LDIFDirectory.from_file(DEMO_LDIF),
+                            throttle=MemoryThrottle(), audit=sink)
+        proxy = await Proxy(self, Provider(self), concerns=concerns).start()
+        consumer = proxy.consumer()
+
+        def send_and_leave() -> None:
+            connection = consumer.connect()
+            connection.request("GET", f"/{ENDPOINT}/metadata",
+                               headers=spine_headers(sender="200000000999"))
+            connection.sock.close()
+
+        await deferToThread(send_and_leave)
+        while not sink.held:
+            await deferLater(reactor, 0.01, lambda: None)
+        while proxy.service.site.channels:
+            await deferLater(reactor, 0.01, lambda: None)
+        [(record, written)] = sink.held
+        written.callback(None)
+        self.assertEqual((record.event, record.decision, record.status),
+                         ("completed", "refused", 403))
+        self.assertEqual(self.flushLoggedErrors(), [])
