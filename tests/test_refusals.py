@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 
 from twisted.internet import reactor
@@ -118,6 +119,42 @@ class RealSocketFloodTests(TestCase):
 
 
 class BoundedQueueTests(TestCase):
+    async def test_slow_disk_refuses_over_real_sockets(self) -> None:
+        """
+        While the disk holds the writer (a stalled fsync) the queue fills
+        to C{max_pending}; the next request is refused with 503
+        C{AUDIT_UNAVAILABLE} instead of queueing, and nothing of it is
+        forwarded.  Once the disk answers, the queued requests go on.
+        """
+        stalled = threading.Event()
+
+        def slow_fsync(fd: int) -> None:
+            stalled.wait(30)
+
+        directory = Path(self.mktemp())
+        sink = FileAuditSink(directory, reactor, fsync=slow_fsync, max_pending=2)
+        self.addCleanup(sink.stop)
+        await sink.start()
+        concerns = Concerns(directory=LDIFDirectory.from_file(DEMO_LDIF),
+                            throttle=MemoryThrottle(), audit=sink)
+        provider = Provider(self)
+        proxy = await Proxy(self, provider, concerns=concerns).start()
+        self.addCleanup(stalled.set)  # first, or the proxy's drain waits on the disk
+        consumer = proxy.consumer()
+        waiting = []
+        for expected in (1, 2):
+            waiting.append(consumer.get("metadata"))
+            while sink.pending < expected:
+                await deferLater(reactor, 0.01, lambda: None)
+        refused = await consumer.get("metadata")
+        self.assertEqual(refused.status, 503)
+        self.assertEqual(refused.outcome()["issue"][0]["diagnostics"], "AUDIT_UNAVAILABLE")
+        self.assertEqual(provider.seen, [])
+        stalled.set()
+        self.assertEqual([(await d).status for d in waiting], [200, 200])
+        self.assertEqual(len(provider.seen), 2)
+
+
     async def test_full_queue_refuses_instead_of_growing(self) -> None:
         directory = Path(self.mktemp())
         sink = FileAuditSink(directory, reactor, Clock(), durability="never", max_pending=3)
