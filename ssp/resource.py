@@ -205,7 +205,7 @@ class ProxyChannel(http.HTTPChannel):
         self._header_count = 0
         self._content_length: int | None = None
         self._chunked = False
-        self._hosts = 0
+        self._singletons: set[bytes] = set()
 
     @property
     def idle(self) -> bool:
@@ -326,11 +326,12 @@ class ProxyChannel(http.HTTPChannel):
             return self._content_length_refusal(value)
         if lower == b"transfer-encoding":
             return self._transfer_encoding_refusal(value)
-        if lower == b"host":
-            self._hosts += 1
-            if self._hosts > 1:
-                return BadRequest("BAD_REQUEST: Host header is repeated")
-        return None
+        repeated = lower in self._singletons
+        refusal = headers.field_refusal(lower, value, self._singletons)
+        if repeated and self.requests:
+            # Keep every copy, so that the audit records none of them.
+            self.requests[-1].requestHeaders.addRawHeader(name, value)
+        return refusal
 
     def _content_length_refusal(self, value: bytes) -> Refusal | None:
         if self._content_length is not None:
@@ -358,7 +359,7 @@ class ProxyChannel(http.HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._cancel_deadline()
-        if self._version == b"HTTP/1.1" and not self._hosts:
+        if self._version == b"HTTP/1.1" and b"host" not in self._singletons:
             self._refuse_head(BadRequest("BAD_REQUEST: Host header is missing"))
             return
         limit = self.limits.max_body_bytes
@@ -375,14 +376,9 @@ class ProxyChannel(http.HTTPChannel):
         As Twisted's, but reading C{Connection} as the comma-separated list
         it is (Twisted splits on spaces only, missing C{keep-alive,close}).
         """
-        tokens = {
-            option.strip().lower()
-            for value in request.requestHeaders.getRawHeaders(b"connection", [])
-            for option in value.split(b",")
-        }
         if version != b"HTTP/1.1":
             return False
-        if b"close" in tokens:
+        if b"close" in headers.connection_options(request.requestHeaders):
             request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
             return False
         return True
@@ -762,10 +758,10 @@ class Proxy:
             consumer_address=f"{getattr(peer, 'host', '')}:{getattr(peer, 'port', '')}",
             method=_text(request.method),
             target=found.target.text if found.target else _text(request.uri[1:]),
-            trace_id=spine.trace_id if spine else _text(request.getHeader(b"ssp-traceid")),
-            sender=spine.sender if spine else _text(request.getHeader(b"ssp-from")),
-            receiver=spine.receiver if spine else _text(request.getHeader(b"ssp-to")),
-            interaction=spine.interaction if spine else _text(request.getHeader(b"ssp-interactionid")),
+            trace_id=spine.trace_id if spine else _sent_once(request, b"ssp-traceid"),
+            sender=spine.sender if spine else _sent_once(request, b"ssp-from"),
+            receiver=spine.receiver if spine else _sent_once(request, b"ssp-to"),
+            interaction=spine.interaction if spine else _sent_once(request, b"ssp-interactionid"),
             client_subject=client.subject if client else "",
             client_fingerprint=client.fingerprint if client else "",
             claims=found.claims or _claims_of_refused(request),
@@ -818,10 +814,18 @@ class _Outcome:
 def _claims_of_refused(request: ProxyRequest) -> Claims | None:
     """
     Best-effort claims for the audit record of a request refused before
-    its token was validated.
+    its token was validated; none when C{Authorization} was repeated.
     """
-    authorization = request.getHeader(b"authorization")
+    authorization = headers.single(request.requestHeaders, b"authorization")
     return token.extract(authorization) if authorization else None
+
+
+def _sent_once(request: ProxyRequest, name: bytes) -> str:
+    """
+    A field for the audit record of a refused request: empty unless sent
+    exactly once.
+    """
+    return _text(headers.single(request.requestHeaders, name))
 
 
 def _tls_connection(request: ProxyRequest) -> Any:
