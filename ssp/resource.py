@@ -101,10 +101,24 @@ class ProxyRequest(server.Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self.body is None or self.refusal is not None:
             return
-        if self._max_body and self.body.received + len(data) > self._max_body:
-            self.refuse(PayloadTooLarge(self._max_body))
+        if self._over_limit(len(data)):
             return
         self.body.feed(data)
+
+    def chunk_announced(self, size: int) -> None:
+        """
+        A chunk of C{size} bytes follows: refuse it now if it would take the
+        body over C{max_body_bytes}.
+        """
+        if self.body is not None and self.refusal is None:
+            self._over_limit(size)
+
+    def _over_limit(self, more: int) -> bool:
+        assert self.body is not None
+        if self._max_body and self.body.received + more > self._max_body:
+            self.refuse(PayloadTooLarge(self._max_body))
+            return True
+        return False
 
     def describe(self, command: bytes, path: bytes, version: bytes) -> None:
         """
@@ -304,8 +318,9 @@ class ProxyChannel(http.HTTPChannel):
             return False
         accepted = super().headerReceived(line)
         if accepted and self._chunked and not isinstance(self._transferDecoder, _StrictChunked):
+            request = self.requests[-1]
             self._transferDecoder = _StrictChunked(
-                self.requests[-1].handleContentChunk, self._finishRequestBody
+                request.handleContentChunk, self._finishRequestBody, request.chunk_announced
             )
         return accepted
 
@@ -429,6 +444,12 @@ class ProxyChannel(http.HTTPChannel):
     def timeoutConnection(self) -> None:
         if not self._closing:
             if self._phase is _BODY and self.requests:
+                body = self.requests[-1].body
+                if body is not None and body.paused:
+                    # Not read because the provider is not taking the body:
+                    # its response time-out judges it.
+                    self.setTimeout(self.timeOut)
+                    return
                 self.requests[-1].refuse(RequestTimeout())
                 return
             if self._phase is _HEAD and self._head_started:
@@ -462,12 +483,22 @@ class ProxyChannel(http.HTTPChannel):
 class _StrictChunked(http._ChunkedTransferDecoder):
     """
     Twisted's chunked decoder, refusing a bare CR or LF in a chunk-size or
-    trailer line at once instead of waiting for a CRLF that never comes.
+    trailer line at once instead of waiting for a CRLF that never comes,
+    and announcing each chunk's size before its data arrives (so that a
+    size over the body limit is refused at once, not after a time-out).
     """
+
+    def __init__(self, data_callback: Any, finish_callback: Any,
+                 announce: Any) -> None:
+        super().__init__(data_callback, finish_callback)
+        self._announce = announce
 
     def _dataReceived_CHUNK_LENGTH(self) -> bool:
         _check_chunk_line(self._buffer)
-        return super()._dataReceived_CHUNK_LENGTH()
+        if not super()._dataReceived_CHUNK_LENGTH():
+            return False
+        self._announce(self.length)
+        return True
 
     def _dataReceived_TRAILER(self) -> bool:
         _check_chunk_line(self._buffer)
