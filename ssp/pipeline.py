@@ -76,6 +76,7 @@ async def admit(inbound: Inbound, checks: Checks, found: Findings) -> Findings:
     found.claims = token.validate(                                         # 400
         headers.single(inbound.headers, b"authorization"), checks.clock.seconds(), checks.token
     )
+    token.check_interaction(found.claims, spine.interaction)               # 400
     await policy.check_sender(checks.directory, spine, found.client)      # 495 / 403
     found.handler = await policy.check_receiver(checks.directory, spine)  # 403
     policy.check_target(found.handler, url.text)                           # 400
