@@ -133,15 +133,20 @@ class Upstream:
         expired = []
 
         def expire() -> None:
+            nonlocal timer
             if isinstance(body, RequestBody) and body.awaiting_consumer:
-                timer.reset(self._timeout)
+                timer = self._clock.callLater(self._timeout, expire)
                 return
             expired.append(True)
             d.cancel()
 
+        def restart() -> None:
+            if timer.active():
+                timer.reset(self._timeout)
+
         timer = self._clock.callLater(self._timeout, expire)
         if isinstance(body, RequestBody):
-            body.when_complete(lambda: timer.reset(self._timeout) if timer.active() else None)
+            body.when_complete(restart)
 
         def classify(result: object) -> object:
             if timer.active():

@@ -770,6 +770,42 @@ class FramingTests(unittest.TestCase):
         self.assertEqual(echoed["body_length"], 5)
         self.assertNotIn("x-trailer", [k.lower() for k, _ in echoed["headers"]])
 
+    async def test_provider_connection_options_not_relayed(self):
+        """
+        A field the provider's C{Connection} names is hop-by-hop: dropped,
+        with C{Connection} itself (RFC 9110 §7.6.1).
+        """
+        provider = Provider(self)
+        proxy = await Proxy(self, provider, listen=LIMITS).start()
+        result = await send(proxy, head(target=f"/{ENDPOINT}/odd".encode()), responses=1)
+        response = result.responses[0]
+        self.assertEqual((response.status, response.body), (299, b"odd body"))
+        names = [name for name, _ in response.headers]
+        self.assertNotIn(b"x-private", names)
+        self.assertNotIn(b"connection", names)
+        self.assertIn(b"x-odd", names)
+
+    async def test_repeated_fields_audited_as_no_value(self):
+        """
+        When a singleton field is repeated, the audit records neither copy:
+        no claims from either token, no trace ID.
+        """
+        provider = Provider(self)
+        proxy = await Proxy(self, provider, listen=LIMITS).start()
+        other = _with_token(_claims(sub="evil", requesting_practitioner={
+            "resourceType": "Practitioner", "id": "evil", "identifier": []}))
+        second = [line for line in other.split(b"\r\n") if line.startswith(b"Authorization")]
+        await send(proxy, head(lines=second))
+        await send(proxy, _spine().replace(b"\r\n\r\n", b"\r\nSsp-TraceID: "
+                                            b"5f0b2a4e-1c1d-4f7e-9a55-0c1e2d3f4a5b\r\n\r\n"))
+        self.assertTrue(await wait_for(lambda: len(proxy.audit.completed()) == 2))
+        tokens = [(r.status, r.token) for r in proxy.audit.completed()]
+        self.assertEqual(tokens, [(400, BAD + "Authorization header is repeated"),
+                                  (400, BAD + "Ssp-TraceID header is repeated")])
+        claims, trace = proxy.audit.completed()[0].claims, proxy.audit.completed()[1].trace_id
+        self.assertEqual((claims, trace), (None, ""))
+        self.assertEqual(provider.seen, [])
+
     async def test_xml_refusal_when_asked(self):
         provider = Provider(self)
         proxy = await Proxy(self, provider, listen=LIMITS).start()
