@@ -171,6 +171,10 @@ class ProxyRequest(server.Request):
             self.channel.persistent = False
             if not self.startedWriting:
                 self.setHeader(b"Connection", b"close")
+            # Nothing will take the rest: stop holding the consumer's reads
+            # (paused by the provider's back-pressure), so that its close,
+            # and the TLS close_notify the shutdown awaits, are read.
+            self.body.stopProducing()
         transport = self.channel.transport
         super().finish()
         send_now(transport)
@@ -199,6 +203,7 @@ class ProxyChannel(http.HTTPChannel):
     address = ""
     _phase = _HEAD
     _closing = False
+    _lost = False
     _deadline: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
@@ -234,7 +239,9 @@ class ProxyChannel(http.HTTPChannel):
         self._closing = True
         self.persistent = False
         self._cancel_deadline()
-        if self._abortingCall is None:
+        # A response can finish after the connection was lost under it
+        # (a write that found it reset): then there is nothing to abort.
+        if self._abortingCall is None and not self._lost:
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
 
     def dataReceived(self, data: bytes) -> None:
@@ -442,19 +449,22 @@ class ProxyChannel(http.HTTPChannel):
         self.site.proxy.refuse_early(request, refusal)
 
     def timeoutConnection(self) -> None:
-        if not self._closing:
-            if self._phase is _BODY and self.requests:
-                body = self.requests[-1].body
-                if body is not None and body.paused:
-                    # Not read because the provider is not taking the body:
-                    # its response time-out judges it.
-                    self.setTimeout(self.timeOut)
-                    return
-                self.requests[-1].refuse(RequestTimeout())
+        if self._closing:
+            # stop_reading already arranged the abort; Twisted's would
+            # replace (and so leak) that timer.
+            return
+        if self._phase is _BODY and self.requests:
+            body = self.requests[-1].body
+            if body is not None and body.paused:
+                # Not read because the provider is not taking the body:
+                # its response time-out judges it.
+                self.setTimeout(self.timeOut)
                 return
-            if self._phase is _HEAD and self._head_started:
-                self._refuse_head(RequestTimeout(), self._buffer)
-                return
+            self.requests[-1].refuse(RequestTimeout())
+            return
+        if self._phase is _HEAD and self._head_started:
+            self._refuse_head(RequestTimeout(), self._buffer)
+            return
         super().timeoutConnection()
 
     def _head_expired(self) -> None:
@@ -475,6 +485,7 @@ class ProxyChannel(http.HTTPChannel):
             self._deadline = None
 
     def connectionLost(self, reason: Failure) -> None:
+        self._lost = True
         self._cancel_deadline()
         self.site.channel_closed(self)
         super().connectionLost(reason)
