@@ -125,8 +125,11 @@ def connection_options(headers: Headers) -> set[bytes]:
     return options
 
 
-def _options(value: bytes) -> set[bytes]:
-    return {option.strip(b" \t").lower() for option in value.split(b",")} - {b""}
+def _options(value: bytes) -> list[bytes]:
+    """
+    The options of one C{Connection} value, in order.
+    """
+    return [option for option in (o.strip(b" \t").lower() for o in value.split(b",")) if option]
 
 
 def field_refusal(name: bytes, value: bytes, seen: set[bytes]) -> BadRequest | None:
