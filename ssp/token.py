@@ -263,15 +263,46 @@ def _json_object(segment: str, name: str, member: str) -> dict[str, Any]:
     """
     try:
         text = _base64url(segment, name).decode("utf-8")
-        value = _unique(json.loads(text, object_pairs_hook=_Members,
-                                   parse_constant=_no_constant), "")
-    except _Repeated as e:
-        raise BadRequest(f"BAD_REQUEST: {member} '{e}' is repeated") from None
+        value = _DECODER.decode(text)
+    except _Repeated:
+        raise BadRequest(f"BAD_REQUEST: {member} '{_repeated_path(text)}' is repeated") from None
     except (ValueError, RecursionError) as e:
         raise BadRequest(f"BAD_REQUEST: JWT is malformed: {name} is not JSON: {e}") from None
     if not isinstance(value, dict):
         raise BadRequest(f"BAD_REQUEST: JWT is malformed: {name} is not a JSON object")
     return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """
+    A JSON object's members as a dict (the fast path: no copy, no walk).
+
+    @raise _Repeated: a member name occurs twice.
+    """
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        raise _Repeated()
+    return members
+
+
+# Built once: json.loads with hooks would build a decoder per call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_members, parse_constant=_no_constant)
+
+
+def _repeated_path(text: str) -> str:
+    """
+    The path of the first repeated member name in JSON C{text} that has
+    one, for the refusal (the slow path, taken only then).
+    """
+    try:
+        _unique(json.loads(text, object_pairs_hook=_Members), "")
+    except _Repeated as e:
+        return str(e)
+    return ""
 
 
 class _Members(list):  # type: ignore[type-arg]
@@ -282,20 +313,16 @@ class _Members(list):  # type: ignore[type-arg]
 
 class _Repeated(Exception):
     """
-    A JSON object has two members of this name (the exception's text is
-    the member's path).
+    A JSON object has two members of one name (L{_unique} gives its path as
+    the exception's text).
     """
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _unique(value: Any, path: str) -> Any:
     """
     C{value} with every L{_Members} made a dict.
 
-    @raise _Repeated: naming the path of the first repeated member.
+    @raise _Repeated: with the path of the first repeated member.
     """
     if isinstance(value, _Members):
         result = {}
