@@ -407,9 +407,9 @@ class ValidateTests(SynchronousTestCase):
 
     def test_fixture_expired(self) -> None:
         """
-        The GP2GP adaptor's example token is well-formed but long expired.
+        The example token is well-formed but long expired.
         """
-        token = (FIXTURES / "gp2gp_example_expired.jwt").read_bytes().strip()
+        token = (FIXTURES / "expired.jwt").read_bytes().strip()
         self.assertEqual(
             self.refused(b"Bearer " + token),
             "BAD_REQUEST: JWT claim 'exp' has passed: the token has expired",
@@ -423,7 +423,7 @@ class ValidateTests(SynchronousTestCase):
         and names an OAuth token endpoint as audience: each is refused,
         even at its own issue time.
         """
-        raw = (FIXTURES / "gpconnect_spec_example_0x.jwt").read_bytes().strip()
+        raw = (FIXTURES / "dstu2-era.jwt").read_bytes().strip()
         claims = jwt.decode(raw, options={"verify_signature": False})
         now = claims["iat"]
         self.assertEqual(
