@@ -53,6 +53,14 @@ def _fully_decoded(data: bytes) -> bytes:
         data = decoded
 
 
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 @st.composite
 def hostile_targets(draw: st.DrawFn) -> bytes:
     """
@@ -132,9 +140,13 @@ class TargetTests(unittest.SynchronousTestCase):
            st.from_regex(r"\A[A-Za-z0-9=&%|+]{0,30}\Z"))
     def test_valid_urls_forwarded_unchanged(self, host: str, segments: list, query: str) -> None:
         def harmless(segment: str) -> bool:
-            decoded = _fully_decoded(segment.encode())
+            levels = [segment.encode()]
+            while unquote_to_bytes(levels[-1]) != levels[-1]:
+                levels.append(unquote_to_bytes(levels[-1]))
+            decoded = levels[-1]
             return (decoded.partition(b";")[0] not in (b".", b"..")
-                    and not re.search(rb"[\x00-\x1f\x7f/\\]", decoded))
+                    and not re.search(rb"[\x00-\x1f\x7f/\\]", decoded)
+                    and all(_is_utf8(level) for level in levels))
 
         segments = [s for s in segments if harmless(s)]
         url = f"https://{host}/{'/'.join(segments)}" + (f"?{query}" if query else "")
@@ -177,6 +189,7 @@ class TargetTests(unittest.SynchronousTestCase):
         for segment in decoded.split(b"/"):
             self.assertNotIn(segment.partition(b";")[0], (b".", b".."))
         self.assertNotIn(b"\\", decoded)
+        self.assertTrue(_is_utf8(decoded), path)
         self.assertEqual(decoded.count(b"/"), path.count(b"/"))
         resolved = posixpath.normpath(decoded.decode("latin-1"))
         self.assertTrue(resolved.startswith(ENDPOINT_PATH), resolved)
