@@ -199,7 +199,7 @@ class SlowClientScenarios(unittest.TestCase):
         The upstream request is cancelled with it.
         """
         tally = Tally()
-        provider, proxy = await self.proxy(idle_timeout=0.5, upstream={"response_timeout": 0.1})
+        provider, proxy = await self.proxy(idle_timeout=1.5, upstream={"response_timeout": 0.1})
         result = await send(proxy, head(b"POST", ECHO, lines=[b"Content-Length: 10"]) + b"x")
         await self.refused_and_audited(tally, proxy, provider, result, 408, "REQUEST_TIMEOUT",
                                        "failed")
