@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -501,8 +501,9 @@ class _StrictChunked(http._ChunkedTransferDecoder):
     size over the body limit is refused at once, not after a time-out).
     """
 
-    def __init__(self, data_callback: Any, finish_callback: Any,
-                 announce: Any) -> None:
+    def __init__(self, data_callback: Callable[[bytes], None],
+                 finish_callback: Callable[[bytes], None],
+                 announce: Callable[[int], None]) -> None:
         super().__init__(data_callback, finish_callback)
         self._announce = announce
 
