@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
@@ -35,7 +35,8 @@ class Metrics:
                  audit_pending: Callable[[], float] = lambda: 0,
                  directory: Callable[[], IDirectory | None] = lambda: None,
                  connections: Callable[[], float] = lambda: 0,
-                 refused_connections: Callable[[], float] = lambda: 0) -> None:
+                 refused_connections: Callable[[], float] = lambda: 0,
+                 readiness: Callable[[], dict[str, bool]] = dict) -> None:
         """
         @param in_flight: the number of requests in progress.
         @param audit_pending: L{IAuditSink.pending} of the audit sink.
@@ -43,6 +44,8 @@ class Metrics:
         @param connections: open consumer connections.
         @param refused_connections: connections refused so far for being
             over the connection caps.
+        @param readiness: what C{/readyz} checks, by name; exported as
+            C{ssp_ready} so an alert can say which check fails.
         """
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -79,6 +82,7 @@ class Metrics:
         open_connections.set_function(connections)
         self.registry.register(_CacheCollector(directory))
         self.registry.register(_RefusedConnections(refused_connections))
+        self.registry.register(_Readiness(readiness))
 
     def counting(self, throttle: IThrottle) -> IThrottle:
         """
@@ -156,6 +160,22 @@ class _RefusedConnections:
         family = CounterMetricFamily(
             "ssp_connections_refused", "Connections closed at once for being over the caps.")
         family.add_metric([], self.refused())
+        yield family
+
+
+@attrs.frozen
+class _Readiness:
+    """
+    C{ssp_ready{check}}: 1 when that C{/readyz} check passes, else 0.
+    """
+
+    readiness: Callable[[], dict[str, bool]]
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "ssp_ready", "1 when the /readyz check passes, 0 when it fails.", labels=["check"])
+        for check, ok in sorted(self.readiness().items()):
+            family.add_metric([check], 1 if ok else 0)
         yield family
 
 

@@ -163,6 +163,7 @@ class SSPService(MultiService):
             directory=lambda: self.proxy.checks.directory if self.proxy else None,
             connections=lambda: len(self.site.channels) if self.site else 0,
             refused_connections=lambda: self.site.refused_connections if self.site else 0,
+            readiness=lambda: self.readiness() if self.proxy else {},
         )
         observers: tuple[Callable[[AuditRecord], None], ...] = (self.metrics.observe,)
         if config.log.access_log and config.log.access_log_file is not None:
