@@ -96,7 +96,7 @@ class Metrics:
             return
         self.requests.labels(str(record.status), record.decision, record.interaction).inc()
         if record.decision == "refused":
-            self.refusals.labels(str(record.status), _reason(record.token)).inc()
+            self.refusals.labels(str(record.status), refusal_reason(record.token)).inc()
         if record.total_latency is not None:
             self.total_latency.observe(record.total_latency)
         if record.upstream_latency is not None:
@@ -179,7 +179,7 @@ class _Readiness:
         yield family
 
 
-def _reason(token: str) -> str:
+def refusal_reason(token: str) -> str:
     """
     The fixed part of a refusal token (without the ASIDs and URLs that
     would make label values unbounded).
