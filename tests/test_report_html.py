@@ -11,7 +11,7 @@ import io
 import os
 import shutil
 import subprocess
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -19,12 +19,12 @@ from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ssp.audit import FileAuditSink
 from ssp.model import AuditRecord
-from ssp.report import main_report
-from ssp.report_html import COUNTS, extras
+from ssp.report import Row, main_report
+from ssp.report_html import COUNTS, Extras, extras, write_html
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 NO_CHROMIUM = "chromium is not installed (Debian: apt-get install chromium)"
@@ -330,3 +330,22 @@ class ChromiumTests(TestCase):
         self.page.write_text('<!DOCTYPE html><img src="http://provider.invalid/x.png">')
         await self.chromium("--dump-dom")
         self.assertEqual(self.fetched(), {"provider.invalid"})
+
+
+class ChartScaleTests(SynchronousTestCase):
+    def test_a_year(self) -> None:
+        """
+        A year of days keeps about a dozen date labels and a round top
+        tick at or above the busiest day.
+        """
+        first = date(2024, 1, 1)
+        rows = [Row((first + timedelta(n)).isoformat(), A, P, MD, 1234 + n, 1234 + n, 0, 0, 0,
+                    1234 + n, 0, 0, 0, 0, 0, None, None, None, None, None, None)
+                for n in range(366)]
+        out = io.StringIO()
+        write_html(rows, Extras((), ()), out)
+        chart = out.getvalue().split('<svg id="volume"', 1)[1].split("</svg>", 1)[0]
+        self.assertEqual(chart.count("<rect "), 366)
+        self.assertLessEqual(chart.count('text-anchor="middle"'), 13)
+        self.assertIn('text-anchor="end">2,000</text>', chart)
+        self.assertNotIn(">4,000<", chart)
