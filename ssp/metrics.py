@@ -33,19 +33,19 @@ class Metrics:
 
     def __init__(self, in_flight: Callable[[], float] = lambda: 0,
                  audit_pending: Callable[[], float] = lambda: 0,
+                 readiness: Callable[[], dict[str, bool]] = dict,
                  directory: Callable[[], IDirectory | None] = lambda: None,
                  connections: Callable[[], float] = lambda: 0,
-                 refused_connections: Callable[[], float] = lambda: 0,
-                 readiness: Callable[[], dict[str, bool]] = dict) -> None:
+                 refused_connections: Callable[[], float] = lambda: 0) -> None:
         """
         @param in_flight: the number of requests in progress.
         @param audit_pending: L{IAuditSink.pending} of the audit sink.
+        @param readiness: what C{/readyz} checks, by name; exported as
+            C{ssp_ready} so an alert can say which check fails.
         @param directory: the directory in use (it changes on reload).
         @param connections: open consumer connections.
         @param refused_connections: connections refused so far for being
             over the connection caps.
-        @param readiness: what C{/readyz} checks, by name; exported as
-            C{ssp_ready} so an alert can say which check fails.
         """
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -77,12 +77,12 @@ class Metrics:
                         "Audit records accepted but not yet durable (the queue depth).",
                         registry=self.registry)
         pending.set_function(audit_pending)
+        self.registry.register(_Readiness(readiness))
         open_connections = Gauge("ssp_connections", "Open consumer connections.",
                                  registry=self.registry)
         open_connections.set_function(connections)
         self.registry.register(_CacheCollector(directory))
         self.registry.register(_RefusedConnections(refused_connections))
-        self.registry.register(_Readiness(readiness))
 
     def counting(self, throttle: IThrottle) -> IThrottle:
         """
@@ -96,7 +96,7 @@ class Metrics:
             return
         self.requests.labels(str(record.status), record.decision, record.interaction).inc()
         if record.decision == "refused":
-            self.refusals.labels(str(record.status), refusal_reason(record.token)).inc()
+            self.refusals.labels(str(record.status), _reason(record.token)).inc()
         if record.total_latency is not None:
             self.total_latency.observe(record.total_latency)
         if record.upstream_latency is not None:
@@ -133,6 +133,22 @@ class _CountingThrottle:
 
 
 @attrs.frozen
+class _Readiness:
+    """
+    C{ssp_ready{check}}: 1 when that C{/readyz} check passes, else 0.
+    """
+
+    readiness: Callable[[], dict[str, bool]]
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "ssp_ready", "1 when the /readyz check passes, 0 when it fails.", labels=["check"])
+        for check, ok in sorted(self.readiness().items()):
+            family.add_metric([check], 1 if ok else 0)
+        yield family
+
+
+@attrs.frozen
 class _CacheCollector:
     """
     The SDS cache's counters, read when scraped; absent for a directory
@@ -163,23 +179,7 @@ class _RefusedConnections:
         yield family
 
 
-@attrs.frozen
-class _Readiness:
-    """
-    C{ssp_ready{check}}: 1 when that C{/readyz} check passes, else 0.
-    """
-
-    readiness: Callable[[], dict[str, bool]]
-
-    def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily(
-            "ssp_ready", "1 when the /readyz check passes, 0 when it fails.", labels=["check"])
-        for check, ok in sorted(self.readiness().items()):
-            family.add_metric([check], 1 if ok else 0)
-        yield family
-
-
-def refusal_reason(token: str) -> str:
+def _reason(token: str) -> str:
     """
     The fixed part of a refusal token (without the ASIDs and URLs that
     would make label values unbounded).

@@ -26,7 +26,7 @@ from typing import TextIO
 
 import attrs
 
-from ssp.metrics import refusal_reason
+from ssp.metrics import _reason as refusal_reason  # the one rule for a refusal's kind
 from ssp.report import DECISIONS, PERCENTILES, Row, _percentile_ms, completed
 
 COUNTS = ("requests", *DECISIONS, "status_2xx", "status_3xx", "status_4xx", "status_5xx",
