@@ -79,20 +79,6 @@ class ObserveTests(unittest.TestCase):
             "ssp_connections_refused_total")], [3, 9, 4, 2])
 
 
-class ReadinessTests(unittest.TestCase):
-    def test_ready_gauge(self) -> None:
-        """
-        Each C{/readyz} check is a C{ssp_ready{check}} sample, 1 when it
-        passes and 0 when it fails, read when scraped.
-        """
-        checks = {"listening": True, "audit": True}
-        metrics = Metrics(readiness=lambda: checks)
-        checks["audit"] = False
-        found = samples(metrics.exposition())
-        self.assertEqual(found[("ssp_ready", (("check", "listening"),))], 1)
-        self.assertEqual(found[("ssp_ready", (("check", "audit"),))], 0)
-
-
 class ThrottleDecisionTests(unittest.TestCase):
     async def test_counted(self) -> None:
         """
@@ -181,7 +167,3 @@ class AdminListenerTests(unittest.TestCase):
         service._certificate_expiry = reactor.seconds() - 1
         self.assertEqual(await deferToThread(_get, f"{base}/readyz"),
                          (503, "not ready: audit, directory, tls\n"))
-        found = samples((await deferToThread(_get, f"{base}/metrics"))[1].encode())
-        self.assertEqual({check: found[("ssp_ready", (("check", check),))] for check in
-                          ("listening", "audit", "directory", "tls")},
-                         {"listening": 1, "audit": 0, "directory": 0, "tls": 0})

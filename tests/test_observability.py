@@ -17,6 +17,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from ssp.directory import CachingDirectory, parse_ldif
+from ssp.metrics import Metrics
 from ssp.model import RateDecision
 from ssp.service import Concerns
 from ssp.testing import MemoryDirectory, MemoryThrottle, RecordingAuditSink
@@ -25,7 +26,7 @@ from tests import promql
 from tests.ports import free_port
 from tests.support import DEMO_LDIF, Provider, Proxy, spine_headers
 from tests.test_alert_rules import NO_PROMTOOL, PROMTOOL
-from tests.test_metrics import _get
+from tests.test_metrics import _get, samples
 
 # ---------------------------------------------------------------------------
 # PENDING: metrics other branches are adding now, with the labels they will
@@ -93,6 +94,9 @@ class LiveMetricsTests(unittest.TestCase):
         self.assertEqual(await status(), 503)  # AUDIT_UNAVAILABLE
         code, text = await deferToThread(_get, f"http://127.0.0.1:{admin}/metrics")
         self.assertEqual(code, 200)
+        ready = {labels[0][1]: value for (name, labels), value in samples(text.encode()).items()
+                 if name == "ssp_ready"}
+        self.assertEqual((ready["listening"], ready["audit"], ready["directory"]), (1, 0, 1))
         return text
 
     async def test_every_expression_is_backed_by_the_proxy(self) -> None:
@@ -124,6 +128,22 @@ class LiveMetricsTests(unittest.TestCase):
             found = promql.problems(promql.parse(expr), exposed, PENDING)
             self.assertEqual(len(found), 1, (expr, found))
             self.assertTrue(found[0].startswith(expected), (expr, found))
+
+
+class ReadinessGaugeTests(unittest.TestCase):
+    def test_one_sample_per_check(self) -> None:
+        """
+        Each C{/readyz} check is a C{ssp_ready{check}} sample, 1 when it
+        passes and 0 when it fails, read when scraped.
+        """
+        checks = {"listening": True, "audit": True}
+        metrics = Metrics(readiness=lambda: checks)
+        checks["audit"] = False
+        exposed = promql.Exposed.parse(metrics.exposition().decode())
+        self.assertEqual(exposed.series["ssp_ready"], {"check": {"listening", "audit"}})
+        found = samples(metrics.exposition())
+        self.assertEqual((found[("ssp_ready", (("check", "listening"),))],
+                          found[("ssp_ready", (("check", "audit"),))]), (1, 0))
 
 
 class DashboardTests(unittest.TestCase):
