@@ -228,13 +228,13 @@ def _volume_chart(rows: Sequence[Row], days: Sequence[str]) -> str:
             per_day[row.day][decision] += getattr(row, decision)
     top = _nice_ceiling(max(sum(counts.values()) for counts in per_day.values()))
     width, height, left, bottom = 900, 260, 60, 40
-    plot_w, plot_h = width - left - 10, height - bottom - 10
+    plot_w, plot_h = width - 2 * left, height - bottom - 10  # room for the last date label
     slot = plot_w / len(every_day)
     shapes = []
     for tick in range(5):
         value = top * tick // 4
         y = 10 + plot_h - plot_h * value / top
-        shapes.append(f'<line x1="{left}" x2="{width - 10}" y1="{y:.1f}" y2="{y:.1f}" '
+        shapes.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" '
                       f'stroke="#ddd"/><text x="{left - 6}" y="{y + 4:.1f}" '
                       f'text-anchor="end">{value:,}</text>')
     label_every = max(1, -(-len(every_day) // 12))
