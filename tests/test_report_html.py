@@ -41,7 +41,8 @@ TRAFFIC = [
     (0, A, Q, MD, "refused", 403, "ASID_CHECK_FAILED_MESSAGESENDER_999", 0.001, None),
     (0, B, P, HOSTILE, "refused", 403, "ASID_CHECK_FAILED_MESSAGESENDER_998", 0.002, None),
     (1, A, P, MD, "failed", 502, "ERROR_COMMUNICATING_WITH_PROVIDER", 5.0, None),
-    (1, "", "", "", "refused", 400, "MISSING_SSP_FROM", 0.0005, None),
+    (1, "", "", "", "refused", 400,
+     "ENDPOINT_https://a.test/fhir_CPAID_X_VARIES_FROM_TARGETURL_https://b.test/fhir", 0.0005, None),
     # day 2 has no traffic: the chart shows a gap, the tables nothing.
     (3, B, Q, MD, "forwarded", 404, "", 0.040, 0.035),
     (3, B, Q, MD, "abandoned", 499, "", 2.5, 2.4),
@@ -183,7 +184,7 @@ class HtmlReportTests(TestCase):
         """
         extra = extras([self.audit])
         self.assertEqual(extra.refusals, (("ASID_CHECK_FAILED", 403, 2),
-                                          ("MISSING_SSP_FROM", 400, 1),
+                                          ("ENDPOINT", 400, 1),
                                           ("SDS_UNAVAILABLE", 503, 1)))
         everything = extra.latency[0]
         self.assertEqual((everything.group, everything.requests), ("all requests", 9))
