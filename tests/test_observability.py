@@ -24,7 +24,7 @@ from ssp.testing import MemoryDirectory, MemoryThrottle, RecordingAuditSink
 from ssp.throttle import ThrottleUnavailable
 from tests import promql
 from tests.ports import free_port
-from tests.support import DEMO_LDIF, Provider, Proxy, spine_headers
+from tests.support import DEMO_LDIF, Provider, Proxy, pki, spine_headers
 from tests.test_alert_rules import NO_PROMTOOL, PROMTOOL
 from tests.test_metrics import _get, samples
 
@@ -61,9 +61,9 @@ class LiveMetricsTests(unittest.TestCase):
 
     async def scrape_after_every_outcome(self) -> str:
         """
-        Start a proxy (cached SDS, switchable throttle store and audit),
-        drive a request to each outcome the rules match on, and return
-        its admin /metrics.
+        Start a proxy (a CRL, cached SDS, switchable throttle store and
+        audit), drive a request to each outcome the rules match on, and
+        return its admin /metrics.
         """
         behind = MemoryDirectory(*parse_ldif(DEMO_LDIF.read_text()))
         cache_clock = Clock()
@@ -74,7 +74,8 @@ class LiveMetricsTests(unittest.TestCase):
         admin = free_port()
         proxy = await Proxy(self, Provider(self),
                             Concerns(directory=directory, throttle=throttle, audit=audit),
-                            admin={"endpoint": f"tcp:{admin}:interface=127.0.0.1"}).start()
+                            admin={"endpoint": f"tcp:{admin}:interface=127.0.0.1"},
+                            tls={"crls": (pki().path(pki().crl),)}).start()
         consumer = proxy.consumer()
 
         async def status(**headers: str) -> int:
