@@ -41,8 +41,8 @@ TRAFFIC = [
     (0, A, Q, MD, "refused", 403, "ASID_CHECK_FAILED_MESSAGESENDER_999", 0.001, None),
     (0, B, P, HOSTILE, "refused", 403, "ASID_CHECK_FAILED_MESSAGESENDER_998", 0.002, None),
     (1, A, P, MD, "failed", 502, "ERROR_COMMUNICATING_WITH_PROVIDER", 5.0, None),
-    (1, "", "", "", "refused", 400,
-     "ENDPOINT_https://a.test/fhir_CPAID_X_VARIES_FROM_TARGETURL_https://b.test/fhir", 0.0005, None),
+    (1, "", "", "", "refused", 400, "ENDPOINT_https://a.test/fhir_CPAID_X_VARIES_FROM_TARGETURL_"
+     "https://b.test/fhir", 0.0005, None),
     # day 2 has no traffic: the chart shows a gap, the tables nothing.
     (3, B, Q, MD, "forwarded", 404, "", 0.040, 0.035),
     (3, B, Q, MD, "abandoned", 499, "", 2.5, 2.4),
