@@ -37,7 +37,6 @@ PENDING: dict[str, frozenset[str]] = {
     "ssp_certificate_expiry_timestamp_seconds": frozenset({"role"}),
     "ssp_crl_next_update_timestamp_seconds": frozenset({"file"}),
     "ssp_throttle_store_up": frozenset(),
-    "ssp_build_info": frozenset({"version"}),
 }
 # ---------------------------------------------------------------------------
 
