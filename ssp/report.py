@@ -195,7 +195,8 @@ def main_report(argv: list[str], out: TextIO | None = None) -> int:
         "from the audit files.",
     )
     parser.add_argument("paths", nargs="+", type=Path, help="audit directories or files")
-    parser.add_argument("--format", choices=("csv", "json", "html"), default="csv")
+    parser.add_argument("--format", choices=("csv", "json", "html"), default="csv",
+                        help="html: one self-contained page for people (default csv)")
     parser.add_argument("--from", dest="since", type=_day, help="first day (UTC), inclusive")
     parser.add_argument("--to", dest="until", type=_day, help="last day (UTC), inclusive")
     try:
