@@ -122,6 +122,19 @@ class ProxyRequest(server.Request):
         self.args = {}
         self.process()
 
+    def process(self) -> None:
+        """
+        Hand every request, whatever its target's form, to the proxy
+        resource, so that it is checked, answered and audited like any
+        other: Twisted's own L{server.Request.process} answers C{OPTIONS *}
+        (and any other verb with C{*}) itself, with no client certificate
+        checked, no HSTS and no audit record.
+        """
+        self.site = self.channel.site
+        self.setHeader(b"Date", http.datetimeToString(self.site.reactor.seconds()))
+        self.prepath, self.postpath = [], []
+        self.render(self.site.resource)
+
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._started:
             if self.body is not None:

@@ -39,7 +39,14 @@ from ssp.pipeline import Checks
 from ssp.resource import Proxy, ProxyResource, ProxySite
 from ssp.systemd import SystemdNotifier
 from ssp.throttle import Throttle, throttle_from_config
-from ssp.tls import BulkTLSFactory, ServerTLS, TLSOrPlainFactory, UpstreamTLS, read_certificates
+from ssp.tls import (
+    BulkTLSFactory,
+    ServerTLS,
+    TLSOrPlainFactory,
+    UpstreamTLS,
+    handshake_failure_reason,
+    read_certificates,
+)
 
 log = Logger()
 
@@ -141,7 +148,7 @@ class SSPService(MultiService):
         config = self.config
         self.systemd = SystemdNotifier(self.reactor, os.environ)
         self.systemd.setServiceParent(self)
-        self.server_tls = ServerTLS(config.tls)
+        self.server_tls = ServerTLS(config.tls, self.reactor)
         self._certificate_expiry = _expiry(config.tls)
         parts = self._reloadable(config, None)
         if parts.directory_service is not None:
@@ -201,7 +208,7 @@ class SSPService(MultiService):
         Load everything the configuration points at without listening:
         certificates, keys, CRLs, the directory and the endpoint strings.
         """
-        ServerTLS(self.config.tls)
+        ServerTLS(self.config.tls, self.reactor)
         UpstreamTLS(self.config.upstream)
         serverFromString(self.reactor, self.config.listen.endpoint)
         if self.config.admin.endpoint:
@@ -244,7 +251,7 @@ class SSPService(MultiService):
         }
 
     def _handshake_failed(self, peer: Any, reason: Failure) -> None:
-        self._record_connection_refusal(peer, "tls-failed", reason.getErrorMessage()[:200], 0)
+        self._record_connection_refusal(peer, "tls-failed", handshake_failure_reason(reason), 0)
 
     def _plain_http(self, peer: Any) -> None:
         self._record_connection_refusal(peer, "completed", "HTTP_REQUEST_SENT_TO_HTTPS_PORT", 497)
