@@ -129,7 +129,17 @@ class Authority:
             builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         return Issued(builder.sign(self.issued.key, hashes.SHA256()), key)
 
-    def crl(self, revoked: tuple[Issued, ...] = (), last_update: datetime.datetime | None = None,
+    @classmethod
+    def load(cls, certificate: Path, key: Path) -> Authority:
+        """
+        A CA written by L{Issued.write}.
+        """
+        private_key = serialization.load_pem_private_key(key.read_bytes(), password=None)
+        assert isinstance(private_key, ec.EllipticCurvePrivateKey)
+        return cls(Issued(x509.load_pem_x509_certificate(certificate.read_bytes()), private_key))
+
+    def crl(self, revoked: tuple[x509.Certificate, ...] = (),
+            last_update: datetime.datetime | None = None,
             next_update: datetime.datetime | None = None) -> bytes:
         """
         A PEM CRL revoking C{revoked}, issued a day ago and valid for a week
@@ -142,10 +152,10 @@ class Authority:
             .last_update(last_update or now - _DAY)
             .next_update(next_update or now + 7 * _DAY)
         )
-        for leaf in revoked:
+        for certificate in revoked:
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder()
-                .serial_number(leaf.certificate.serial_number)
+                .serial_number(certificate.serial_number)
                 .revocation_date(now - _DAY)
                 .build()
             )
@@ -236,7 +246,8 @@ def create_development_pki(
     """
     Generate a development PKI into C{directory}:
 
-      - C{spine-ca.pem}: the trust anchor for both legs;
+      - C{spine-ca.pem}: the trust anchor for both legs (and C{.key}, so
+        that tests can issue CRLs);
       - C{proxy.pem/.key}: the proxy's server certificate;
       - C{proxy-client.pem/.key}: the proxy's outbound client certificate;
       - C{consumer-<n>.pem/.key} for each consumer FQDN (C{n} from 0);
@@ -245,7 +256,7 @@ def create_development_pki(
         (issued by another CA) and C{consumer-self-signed} for the first
         consumer FQDN;
       - C{consumer-chained}: the first consumer FQDN under the intermediate
-        C{Spine Sub CA}, and C{consumer-revoked-intermediate} under an
+        C{spine-sub-ca.pem/.key}, and C{consumer-revoked-intermediate} under an
         intermediate the root has revoked (each C{.pem} holds the leaf and
         its intermediate, as a client sends them);
       - C{spine-ca.crl.pem}: the root's CRL (revoking C{consumer-revoked}
@@ -254,7 +265,7 @@ def create_development_pki(
     """
     directory.mkdir(parents=True, exist_ok=True)
     ca = Authority.create("SSP Development Spine CA")
-    (directory / DevelopmentPKI.ca).write_bytes(ca.issued.certificate_pem())
+    ca.issued.write(directory, "spine-ca")
     ip_hosts = tuple(h for h in proxy_hosts if _is_ip(h))
     dns_hosts = tuple(h for h in proxy_hosts if not _is_ip(h))
     ca.issue(proxy_hosts[0], dns_hosts, ip_hosts + ("127.0.0.1",), client=False).write(
@@ -277,13 +288,15 @@ def create_development_pki(
     )
     self_signed(first, (first,)).write(directory, "consumer-self-signed")
     sub = ca.subordinate("SSP Development Spine Sub CA")
+    sub.issued.write(directory, "spine-sub-ca")
     sub.issue(first, (first,), server=False).write(directory, "consumer-chained", sub.chain_pem())
     revoked_sub = ca.subordinate("SSP Development Revoked Sub CA")
     revoked_sub.issue(first, (first,), server=False).write(
         directory, "consumer-revoked-intermediate", revoked_sub.chain_pem()
     )
     (directory / DevelopmentPKI.crl).write_bytes(
-        ca.crl((revoked, revoked_sub.issued)) + sub.crl() + revoked_sub.crl()
+        ca.crl((revoked.certificate, revoked_sub.issued.certificate)) + sub.crl()
+        + revoked_sub.crl()
     )
     return DevelopmentPKI(directory)
 
