@@ -55,6 +55,7 @@ class ServerTLSConfig:
     private_key: Path
     client_ca: Path
     crls: tuple[Path, ...] = ()
+    crl_expiry_margin: float = attrs.field(default=3600.0, validator=ge(0))
     ciphers: str = DEFAULT_CIPHERS
     hsts: str = "max-age=31536000; includeSubDomains"
 

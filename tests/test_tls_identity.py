@@ -28,7 +28,9 @@ from ssp import demo
 from ssp.config import ServerTLSConfig
 from ssp.pki import Authority, DevelopmentPKI
 from ssp.tls import ServerTLS
+from tests.ports import free_port
 from tests.support import ENDPOINT, Provider, Proxy, pki, spine_headers
+from tests.test_metrics import _get, samples
 
 # How a client asks to resume: (highest TLS version, offers tickets).
 MECHANISMS = {
@@ -314,6 +316,39 @@ class RevocationTests(IdentityTestCase):
         answer = await deferToThread(client.send, metadata_request())
         self.assertEqual(answer.status, 495, answer.body)
         self.assertEqual(answer.token(), "CLIENT_CERTIFICATE_INVALID_CRL_EXPIRED")
+
+
+class ExpiryMonitoringTests(IdentityTestCase):
+    """
+    Operators see a CRL or certificate expiring before consumers do.
+    """
+
+    async def test_readiness_and_metrics(self) -> None:
+        admin = free_port()
+        crls = CRLs(self)
+        soon = crls.write(next_update=_now() + datetime.timedelta(minutes=30))
+        provider, proxy = await self.start(
+            admin={"endpoint": f"tcp:{admin}:interface=127.0.0.1"},
+            tls={"crls": (soon,), "crl_expiry_margin": 3600.0})
+        base = f"http://127.0.0.1:{admin}"
+        self.assertEqual(await deferToThread(_get, f"{base}/readyz"), (503, "not ready: crl\n"))
+        status, text = await deferToThread(_get, f"{base}/metrics")
+        found = samples(text.encode())
+        crl = x509.load_pem_x509_crl(soon.read_bytes())
+        self.assertEqual(found[("ssp_crl_next_update_timestamp_seconds", (("file", str(soon)),))],
+                         crl.next_update_utc.timestamp())
+        for role, name in (("server", "proxy"), ("upstream_client", "proxy-client")):
+            certificate = x509.load_pem_x509_certificate(pki().path(f"{name}.pem").read_bytes())
+            self.assertEqual(
+                found[("ssp_certificate_expiry_timestamp_seconds", (("role", role),))],
+                certificate.not_valid_after_utc.timestamp())
+        fresh = crls.write()
+        reload_crls(proxy, fresh)
+        self.assertEqual(await deferToThread(_get, f"{base}/readyz"), (200, "ready\n"))
+        status, text = await deferToThread(_get, f"{base}/metrics")
+        self.assertEqual([key for key in samples(text.encode())
+                          if key[0] == "ssp_crl_next_update_timestamp_seconds"],
+                         [("ssp_crl_next_update_timestamp_seconds", (("file", str(fresh)),))])
 
 
 class HandshakeFailureTests(IdentityTestCase):
