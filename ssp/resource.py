@@ -774,7 +774,7 @@ class Proxy:
             time=started,
             consumer_address=f"{getattr(peer, 'host', '')}:{getattr(peer, 'port', '')}",
             method=_text(request.method),
-            target=found.target.text if found.target else _text(request.uri[1:]),
+            target=found.target.text if found.target else _text(_unparsed_target(request.uri)),
             trace_id=spine.trace_id if spine else _text(request.getHeader(b"ssp-traceid")),
             sender=spine.sender if spine else _text(request.getHeader(b"ssp-from")),
             receiver=spine.receiver if spine else _text(request.getHeader(b"ssp-to")),
@@ -841,6 +841,15 @@ def _tls_connection(request: ProxyRequest) -> Any:
     transport = request.channel.transport
     get_handle = getattr(transport, "getHandle", None)
     return get_handle() if get_handle is not None else None
+
+
+def _unparsed_target(uri: bytes) -> bytes:
+    """
+    What the audit records as the target of a request refused before its
+    target was parsed: the provider URL after the proxy's C{/}, or any
+    other form (C{*}, C{host:port}, an absolute URL) as received.
+    """
+    return uri[1:] if uri.startswith(b"/") else uri
 
 
 def _query_format(uri: bytes) -> bytes | None:

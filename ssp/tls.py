@@ -103,7 +103,11 @@ def _server_context(config: ServerTLSConfig) -> SSL.Context:
     handshake's verification).  Stateless tickets are off: a ticket does
     not carry the intermediates a client sent, while a session kept in
     this process's cache does, so a resumed connection is verified over
-    the same chain as its first (C{docs/performance.md}).
+    the same chain as its first (C{docs/performance.md}).  A client closing
+    without TLS's close_notify (most HTTP clients) leaves its session
+    resumable, as TLS 1.1+ allows: OpenSSL would otherwise drop it from the
+    cache; the HTTP framing, not the TLS close, says whether a request
+    arrived whole.
     """
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     context.set_min_proto_version(SSL.TLS1_2_VERSION)

@@ -261,9 +261,11 @@ class RequestFormTests(IdentityTestCase):
             self.assertIsNotNone(answer.headers["Strict-Transport-Security"])
             self.assertEqual(answer.headers["Content-Type"], "application/fhir+json")
         self.assertEqual(provider.seen, [])
-        self.assertEqual([(r.status, r.decision, r.client_subject)
+        self.assertEqual([(r.status, r.decision, r.client_subject, r.method, r.target)
                           for r in proxy.audit.records],
-                         [(a.status, "refused", "CN=gpc001.ssp-demo.test") for a in answers])
+                         [(a.status, "refused", "CN=gpc001.ssp-demo.test", method,
+                           target.removeprefix("/"))
+                          for a, (method, target, _) in zip(answers, self.FORMS)])
 
 
 class RevocationTests(IdentityTestCase):
