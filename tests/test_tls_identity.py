@@ -14,6 +14,7 @@ import json
 import socket
 import ssl
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -375,6 +376,16 @@ class HandshakeFailureTests(IdentityTestCase):
         context = client_context("consumer-0", "TLS 1.2 session ID")
         context.set_ciphers("ECDHE-ECDSA-CHACHA20-POLY1305")
         self.assertEqual(await self.failure(context), "TLS_HANDSHAKE_FAILED: no shared cipher")
+
+    async def test_protocol_too_old(self) -> None:
+        context = client_context("consumer-0", "TLS 1.2 session ID")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            context.minimum_version = ssl.TLSVersion.TLSv1
+            context.maximum_version = ssl.TLSVersion.TLSv1_1
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+        self.assertEqual(await self.failure(context),
+                         "TLS_HANDSHAKE_FAILED: unsupported protocol")
 
     async def test_consumer_rejects_proxy_certificate(self) -> None:
         other = Authority.create("Some other CA")
