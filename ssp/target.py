@@ -24,7 +24,6 @@ _ENCODED_PREFIX = re.compile(rb"^https%3a%2f%2f", re.IGNORECASE)
 _HOST = re.compile(rb"(?:[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?)*")
 _IPV6 = re.compile(rb"\[[0-9A-Fa-f:.]+\]")
 _PORT = re.compile(rb"[0-9]{1,5}")
-_SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://")
 _FORBIDDEN_BYTES = re.compile(rb"[\x00-\x20\x7f-\xff\\#]")
 _BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 # Bytes that percent-decoding must not produce inside a path segment: an
@@ -74,7 +73,7 @@ def parse(uri: bytes) -> Target:
         provider (see L{_check_path}).
     """
     if not uri.startswith(b"/"):
-        raise _invalid(f"must be /https://<provider>/<path>, not {_form_of(uri)}")
+        raise _invalid("must be /https://<provider>/<path>")
     raw = uri[1:]
     if _ENCODED_PREFIX.match(raw):
         path, question, query = raw.partition(b"?")
@@ -91,17 +90,6 @@ def parse(uri: bytes) -> Target:
     _check_path(remainder.partition(b"?")[0])
     host, port = _split_authority(authority)
     return Target(url=raw, authority=authority, host=host, port=port)
-
-
-def _form_of(uri: bytes) -> str:
-    """
-    The RFC 9112 §3.2 form of a request-target that is not origin-form.
-    """
-    if uri == b"*":
-        return "asterisk-form (*)"
-    if _SCHEME.match(uri):
-        return "absolute-form (put the provider URL after the proxy's /)"
-    return "authority-form or another form"
 
 
 def _check_path(path: bytes) -> None:
