@@ -22,13 +22,15 @@ import attrs
 from cryptography import x509
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+from twisted.internet.error import ConnectionDone
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from ssp import demo
 from ssp.config import ServerTLSConfig
 from ssp.pki import Authority, DevelopmentPKI
-from ssp.tls import ServerTLS
+from ssp.tls import ServerTLS, handshake_failure_reason, read_crls
 from tests.ports import free_port
 from tests.support import ENDPOINT, Provider, Proxy, pki, spine_headers
 from tests.test_metrics import _get, samples
@@ -47,6 +49,7 @@ BAD_CERTIFICATES = {
     "consumer-revoked-intermediate": "REVOKED",
     "consumer-untrusted": "UNTRUSTED",
     "consumer-self-signed": "UNTRUSTED",
+    "proxy": "NOT_FOR_CLIENT_AUTH",  # a server-only certificate of the right CA
 }
 
 
@@ -396,26 +399,56 @@ class HandshakeFailureTests(IdentityTestCase):
         self.assertIn("unknown ca", token)
 
 
+class LoadTests(unittest.SynchronousTestCase):
+    """
+    What is refused when CRLs are loaded, and how an unfinished handshake
+    is described.
+    """
+
+    def test_crl_not_yet_valid(self) -> None:
+        crls = CRLs(self)
+        path = crls.write_raw(crls.root.crl(last_update=_now() + datetime.timedelta(hours=1)))
+        error = self.assertRaises(ValueError, read_crls, path, reactor.seconds())
+        self.assertIn(f"{path}: the CRL of CN=SSP Development Spine CA is not valid before",
+                      str(error))
+
+    def test_not_a_crl(self) -> None:
+        path = CRLs(self).write_raw(b"")
+        error = self.assertRaises(ValueError, read_crls, path, reactor.seconds())
+        self.assertEqual(str(error), f"{path}: no CRL found")
+
+    def test_handshake_incomplete(self) -> None:
+        self.assertEqual(handshake_failure_reason(Failure(ConnectionDone())),
+                         "TLS_HANDSHAKE_INCOMPLETE: Connection was closed cleanly.")
+
+
 class CRLs:
     """
     CRL files the tests write: the root's and the sub CA's, as the
     development PKI's but with what each test needs.
     """
 
-    def __init__(self, case: unittest.TestCase) -> None:
+    def __init__(self, case: unittest.SynchronousTestCase) -> None:
         self.directory = Path(case.mktemp())
         self.directory.mkdir(parents=True)
         self.root = Authority.load(pki().path("spine-ca.pem"), pki().path("spine-ca.key"))
         self.sub = Authority.load(pki().path("spine-sub-ca.pem"), pki().path("spine-sub-ca.key"))
         self.written = 0
 
+    def write_raw(self, data: bytes) -> Path:
+        self.written += 1
+        path = self.directory / f"crl-{self.written}.pem"
+        path.write_bytes(data)
+        return path
+
     def write(self, revoked: tuple[x509.Certificate, ...] = (),
               next_update: datetime.datetime | None = None, name: str | None = None) -> Path:
-        self.written += 1
-        path = self.directory / (name or f"crl-{self.written}.pem")
-        path.write_bytes(self.root.crl(next_update=next_update)
-                         + self.sub.crl(revoked, next_update=next_update))
-        return path
+        data = (self.root.crl(next_update=next_update)
+                + self.sub.crl(revoked, next_update=next_update))
+        if name is None:
+            return self.write_raw(data)
+        (self.directory / name).write_bytes(data)
+        return self.directory / name
 
 
 def chained_leaf() -> tuple[x509.Certificate, ...]:
