@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from ssp import __version__
 from ssp.directory import CachingDirectory
 from ssp.interfaces import IDirectory, IThrottle
 from ssp.model import AuditRecord, RateDecision
@@ -93,6 +94,8 @@ class Metrics:
             "ssp_crl_next_update_timestamp_seconds",
             "When a configured CRL file expires (its earliest nextUpdate).", "file",
             crl_next_update))
+        Gauge("ssp_build_info", "The running SSP version (always 1).", ["version"],
+              registry=self.registry).labels(version=__version__).set(1)
 
     def counting(self, throttle: IThrottle) -> IThrottle:
         """

@@ -44,7 +44,8 @@ class Issued:
     def write(self, directory: Path, name: str, chain: bytes = b"") -> tuple[Path, Path]:
         """
         Write C{name.pem} (the certificate, then C{chain}: the intermediate
-        CAs a client sends with it) and C{name.key} (mode 0600).
+        CAs a client sends with it, or the rest of a CA bundle) and
+        C{name.key} (mode 0600).
         """
         cert_path = directory / f"{name}.pem"
         key_path = directory / f"{name}.key"
@@ -246,8 +247,10 @@ def create_development_pki(
     """
     Generate a development PKI into C{directory}:
 
-      - C{spine-ca.pem}: the trust anchor for both legs (and C{.key}, so
-        that tests can issue CRLs);
+      - C{spine-ca.pem}: the trust anchor for both legs, followed by the
+        intermediate CAs below (a client CA bundle holds the whole chain, so
+        that every CRL is signed by one of its CAs); C{spine-ca.key}, so
+        that tests can issue CRLs;
       - C{proxy.pem/.key}: the proxy's server certificate;
       - C{proxy-client.pem/.key}: the proxy's outbound client certificate;
       - C{consumer-<n>.pem/.key} for each consumer FQDN (C{n} from 0);
@@ -265,7 +268,10 @@ def create_development_pki(
     """
     directory.mkdir(parents=True, exist_ok=True)
     ca = Authority.create("SSP Development Spine CA")
-    ca.issued.write(directory, "spine-ca")
+    sub = ca.subordinate("SSP Development Spine Sub CA")
+    revoked_sub = ca.subordinate("SSP Development Revoked Sub CA")
+    ca.issued.write(directory, "spine-ca",
+                    sub.issued.certificate_pem() + revoked_sub.issued.certificate_pem())
     ip_hosts = tuple(h for h in proxy_hosts if _is_ip(h))
     dns_hosts = tuple(h for h in proxy_hosts if not _is_ip(h))
     ca.issue(proxy_hosts[0], dns_hosts, ip_hosts + ("127.0.0.1",), client=False).write(
@@ -287,10 +293,8 @@ def create_development_pki(
         directory, "consumer-untrusted"
     )
     self_signed(first, (first,)).write(directory, "consumer-self-signed")
-    sub = ca.subordinate("SSP Development Spine Sub CA")
     sub.issued.write(directory, "spine-sub-ca")
     sub.issue(first, (first,), server=False).write(directory, "consumer-chained", sub.chain_pem())
-    revoked_sub = ca.subordinate("SSP Development Revoked Sub CA")
     revoked_sub.issue(first, (first,), server=False).write(
         directory, "consumer-revoked-intermediate", revoked_sub.chain_pem()
     )

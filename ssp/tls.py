@@ -146,11 +146,9 @@ class CRLFile:
     next_update: float
 
 
-def read_crls(path: Path, now: float) -> tuple[list[x509.CertificateRevocationList], CRLFile]:
+def read_crls(path: Path) -> list[x509.CertificateRevocationList]:
     """
-    The CRLs of a PEM file, refused (the error names the file) when one is
-    past its nextUpdate or not yet issued: OpenSSL would then refuse every
-    consumer with C{CRL_EXPIRED}.
+    Every CRL in a PEM file; the error names the file.
     """
     data = read_pem(path)
     marker = b"-----END X509 CRL-----"
@@ -158,21 +156,27 @@ def read_crls(path: Path, now: float) -> tuple[list[x509.CertificateRevocationLi
     if not pieces:
         raise ValueError(f"{path}: no CRL found")
     try:
-        crls = [x509.load_pem_x509_crl(p) for p in pieces]
+        return [x509.load_pem_x509_crl(p) for p in pieces]
     except ValueError as e:
         raise ValueError(f"{path}: not a PEM CRL: {e}") from e
+
+
+def fresh_crls(path: Path, now: float) -> tuple[list[x509.CertificateRevocationList], CRLFile]:
+    """
+    L{read_crls}, refused (the error names the file) when a CRL is past its
+    nextUpdate or not yet issued at C{now}: OpenSSL would then refuse every
+    consumer (C{CRL_EXPIRED}, C{CRL_NOT_YET_VALID}).
+    """
+    crls = read_crls(path)
     next_updates = []
     for crl in crls:
-        issuer = crl.issuer.rfc4514_string()
         if crl.last_update_utc.timestamp() > now:
-            raise ValueError(f"{path}: the CRL of {issuer} is not valid before "
-                             f"{crl.last_update_utc:%Y-%m-%dT%H:%M:%SZ} (lastUpdate)")
+            raise ValueError(f"{path}: not yet valid (lastUpdate "
+                             f"{crl.last_update_utc:%Y-%m-%d %H:%M} UTC)")
         next_update = crl.next_update_utc
         if next_update is not None:
             if next_update.timestamp() <= now:
-                raise ValueError(f"{path}: the CRL of {issuer} expired at "
-                                 f"{next_update:%Y-%m-%dT%H:%M:%SZ} (nextUpdate): "
-                                 f"install a fresh one")
+                raise ValueError(f"{path}: expired (nextUpdate {next_update:%Y-%m-%d %H:%M} UTC)")
             next_updates.append(next_update.timestamp())
     return crls, CRLFile(path, min(next_updates, default=math.inf))
 
@@ -194,7 +198,7 @@ class ClientTrust:
         self._crls = []
         files = []
         for path in config.crls:
-            crls, crl_file = read_crls(path, now)
+            crls, crl_file = fresh_crls(path, now)
             self._crls += [_openssl_crl(crl) for crl in crls]
             files.append(crl_file)
         self.crl_files = tuple(files)
