@@ -37,7 +37,9 @@ class Metrics:
                  readiness: Callable[[], dict[str, bool]] = dict,
                  directory: Callable[[], IDirectory | None] = lambda: None,
                  connections: Callable[[], float] = lambda: 0,
-                 refused_connections: Callable[[], float] = lambda: 0) -> None:
+                 refused_connections: Callable[[], float] = lambda: 0,
+                 certificate_expiry: Callable[[], dict[str, float]] = dict,
+                 crl_next_update: Callable[[], dict[str, float]] = dict) -> None:
         """
         @param in_flight: the number of requests in progress.
         @param audit_pending: L{IAuditSink.pending} of the audit sink.
@@ -47,6 +49,10 @@ class Metrics:
         @param connections: open consumer connections.
         @param refused_connections: connections refused so far for being
             over the connection caps.
+        @param certificate_expiry: the notAfter (POSIX time) of the
+            proxy's own certificates, by role (C{server}, C{upstream_client}).
+        @param crl_next_update: the earliest nextUpdate (POSIX time) of
+            each configured CRL file, by path.
         """
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -84,6 +90,14 @@ class Metrics:
         open_connections.set_function(connections)
         self.registry.register(_CacheCollector(directory))
         self.registry.register(_RefusedConnections(refused_connections))
+        self.registry.register(_Timestamps(
+            "ssp_certificate_expiry_timestamp_seconds",
+            "When the proxy's own certificate expires (notAfter), by role.", "role",
+            certificate_expiry))
+        self.registry.register(_Timestamps(
+            "ssp_crl_next_update_timestamp_seconds",
+            "When a configured CRL file expires (its earliest nextUpdate).", "file",
+            crl_next_update))
         Gauge("ssp_build_info", "The running SSP version (always 1).", ["version"],
               registry=self.registry).labels(version=__version__).set(1)
 
@@ -179,6 +193,25 @@ class _RefusedConnections:
         family = CounterMetricFamily(
             "ssp_connections_refused", "Connections closed at once for being over the caps.")
         family.add_metric([], self.refused())
+        yield family
+
+
+@attrs.frozen
+class _Timestamps:
+    """
+    A gauge of POSIX times, one per label value, read when scraped (they
+    change on reload).
+    """
+
+    name: str
+    documentation: str
+    label: str
+    values: Callable[[], dict[str, float]]
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, timestamp in sorted(self.values().items()):
+            family.add_metric([value], timestamp)
         yield family
 
 

@@ -138,6 +138,19 @@ class ProxyRequest(server.Request):
         self.args = {}
         self.process()
 
+    def process(self) -> None:
+        """
+        Hand every request, whatever its target's form, to the proxy
+        resource, so that it is checked, answered and audited like any
+        other: Twisted's own L{server.Request.process} answers C{OPTIONS *}
+        (and any other verb with C{*}) itself, with no client certificate
+        checked, no HSTS and no audit record.
+        """
+        self.site = self.channel.site
+        self.setHeader(b"Date", http.datetimeToString(self.site.reactor.seconds()))
+        self.prepath, self.postpath = [], []
+        self.render(self.site.resource)
+
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._started:
             if self.body is not None:
@@ -810,7 +823,7 @@ class Proxy:
             time=started,
             consumer_address=f"{getattr(peer, 'host', '')}:{getattr(peer, 'port', '')}",
             method=_text(request.method),
-            target=found.target.text if found.target else _text(request.uri[1:]),
+            target=found.target.text if found.target else _text(_unparsed_target(request.uri)),
             trace_id=spine.trace_id if spine else _sent_once(request, b"ssp-traceid"),
             sender=spine.sender if spine else _sent_once(request, b"ssp-from"),
             receiver=spine.receiver if spine else _sent_once(request, b"ssp-to"),
@@ -885,6 +898,15 @@ def _tls_connection(request: ProxyRequest) -> Any:
     transport = request.channel.transport
     get_handle = getattr(transport, "getHandle", None)
     return get_handle() if get_handle is not None else None
+
+
+def _unparsed_target(uri: bytes) -> bytes:
+    """
+    What the audit records as the target of a request refused before its
+    target was parsed: the provider URL after the proxy's C{/}, or any
+    other form (C{*}, C{host:port}, an absolute URL) as received.
+    """
+    return uri[1:] if uri.startswith(b"/") else uri
 
 
 def _query_format(uri: bytes) -> bytes | None:
