@@ -163,6 +163,7 @@ class SSPService(MultiService):
             directory=lambda: self.proxy.checks.directory if self.proxy else None,
             connections=lambda: len(self.site.channels) if self.site else 0,
             refused_connections=lambda: self.site.refused_connections if self.site else 0,
+            known_interaction=self._known_interaction,
         )
         observers: tuple[Callable[[AuditRecord], None], ...] = (self.metrics.observe,)
         if config.log.access_log and config.log.access_log_file is not None:
@@ -217,6 +218,15 @@ class SSPService(MultiService):
             token=config.token,
             clock=self.reactor,
         )
+
+    def _known_interaction(self, interaction: str) -> bool:
+        """
+        Whether the agreements or the directory name C{interaction}, so
+        that metrics may label with it.
+        """
+        if any(interaction in agreement.interactions for agreement in self.config.agreements):
+            return True
+        return self.proxy is not None and self.proxy.checks.directory.knows_interaction(interaction)
 
     def listening(self) -> Deferred[Any]:
         """
