@@ -16,7 +16,7 @@ import os
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import attrs
 from twisted.internet import reactor
@@ -591,6 +591,62 @@ class RedisRateStoreTests(TestCase):
         self.server.start()
         await self.until(lambda: store.available)
         self.assertEqual((await store.spend("k", HOURLY)).remaining, 9)
+
+    async def stall(self, store: RedisRateStore, policy: Callable[[], Awaitable[None]]) -> float:
+        """
+        Pause Redis (C{SIGSTOP}), check that C{policy} applies and wait
+        until the store has failed to reconnect to the stalled server
+        twice, then resume Redis (C{SIGCONT}).
+
+        @return: the seconds the store took to use Redis again.
+        """
+        self.server.pause()
+        self.addCleanup(self.server.resume)
+        await policy()
+        await self.until(lambda: store.probes >= 2 and not store.available)
+        self.server.resume()
+        resumed = reactor.seconds()
+        await self.until(lambda: store.available)
+        return reactor.seconds() - resumed
+
+    async def assertShared(self, store: RedisRateStore) -> None:
+        """
+        What C{store} spends, another store (another worker) sees.
+        """
+        mine = await store.spend("k", HOURLY)
+        theirs = await self.store().spend("k", HOURLY)
+        self.assertEqual(theirs.remaining, mine.remaining - 1)
+
+    async def test_stalled_closed_policy(self) -> None:
+        """
+        With C{"closed"}, a stalled Redis refuses with
+        L{ThrottleUnavailable}; once it runs again the store reconnects by
+        itself, within seconds, and the shared state is used again.
+        """
+        store = self.store(on_failure="closed")
+        self.assertEqual((await store.spend("k", HOURLY)).remaining, 9)
+
+        async def refused() -> None:
+            with self.assertRaises(ThrottleUnavailable):
+                await store.spend("k", HOURLY)
+
+        self.assertLess(await self.stall(store, refused), 5.0)
+        await self.assertShared(store)
+
+    async def test_stalled_local_policy(self) -> None:
+        """
+        With C{"local"}, a stalled Redis falls back to per-process limits,
+        and afterwards limits are shared between processes again.
+        """
+        store = self.store(on_failure="local")
+        await store.spend("k", HOURLY)
+        await store.spend("k", HOURLY)
+
+        async def local() -> None:
+            self.assertEqual((await store.spend("k", HOURLY)).remaining, 9)
+
+        self.assertLess(await self.stall(store, local), 5.0)
+        await self.assertShared(store)
 
     async def test_down_from_the_start(self) -> None:
         """
