@@ -77,6 +77,11 @@ class IThrottle(Interface):
         Spend one request from the provider's global allowance.
         """
 
+    available = Attribute(
+        "False while the shared rate store cannot be reached and C{on_store_failure} "
+        "applies; C{/readyz} and C{ssp_throttle_store_up} report it."
+    )
+
 
 class IAuditSink(Interface):
     """

@@ -64,7 +64,8 @@ class Metrics:
                  directory: Callable[[], IDirectory | None] = lambda: None,
                  connections: Callable[[], float] = lambda: 0,
                  refused_connections: Callable[[], float] = lambda: 0,
-                 known_interaction: Callable[[str], bool] = lambda interaction: False) -> None:
+                 known_interaction: Callable[[str], bool] = lambda interaction: False,
+                 throttle_store_up: Callable[[], bool] = lambda: True) -> None:
         """
         @param in_flight: the number of requests in progress.
         @param audit_pending: L{IAuditSink.pending} of the audit sink.
@@ -75,6 +76,8 @@ class Metrics:
         @param known_interaction: whether the directory or the
             configuration knows an interaction ID, so that it may be a
             label value.
+        @param throttle_store_up: whether the rate store answers
+            (L{IThrottle.available}).
         """
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -109,6 +112,10 @@ class Metrics:
         open_connections = Gauge("ssp_connections", "Open consumer connections.",
                                  registry=self.registry)
         open_connections.set_function(connections)
+        store_up = Gauge("ssp_throttle_store_up",
+                         "1 while the rate-limit store answers, 0 during an outage.",
+                         registry=self.registry)
+        store_up.set_function(lambda: 1 if throttle_store_up() else 0)
         self.registry.register(_CacheCollector(directory))
         self.registry.register(_RefusedConnections(refused_connections))
         self._known_interaction = known_interaction
@@ -162,6 +169,10 @@ class _CountingThrottle:
 
     def consume_provider(self, asid: str) -> Deferred[RateDecision | None]:
         return self._count("provider", self.throttle.consume_provider(asid))
+
+    @property
+    def available(self) -> bool:
+        return bool(self.throttle.available)
 
     def _count(self, role: str, d: Deferred[RateDecision | None]) -> Deferred[RateDecision | None]:
         def decided(decision: RateDecision | None) -> RateDecision | None:
@@ -243,17 +254,25 @@ class _Text(Resource):
         return body
 
 
-def admin_resource(metrics: Metrics, readiness: Callable[[], dict[str, bool]]) -> Resource:
+def admin_resource(metrics: Metrics, readiness: Callable[[], dict[str, bool]],
+                   degraded: Callable[[], list[str]] = list) -> Resource:
     """
     C{/healthz} (the process answers), C{/readyz} (every dependency is
-    usable: 200 or 503 with the failing ones named) and C{/metrics}.
+    usable: 200 or 503 with the failing ones named, and the degraded ones
+    named either way) and C{/metrics}.
+
+    @param degraded: dependencies that are down but stood in for (the
+        rate store under C{on_store_failure = "local"}): still ready.
     """
 
     def ready() -> tuple[int, bytes, bytes]:
         checks = readiness()
         failing = sorted(name for name, ok in checks.items() if not ok)
-        body = ("not ready: " + ", ".join(failing) if failing else "ready").encode() + b"\n"
-        return (503 if failing else 200), b"text/plain", body
+        text = "not ready: " + ", ".join(failing) if failing else "ready"
+        stood_in = sorted(degraded())
+        if stood_in:
+            text += " (degraded: " + ", ".join(stood_in) + ")"
+        return (503 if failing else 200), b"text/plain", text.encode() + b"\n"
 
     root = Resource()
     root.putChild(b"healthz", _Text(lambda: (200, b"text/plain", b"ok\n")))

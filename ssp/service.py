@@ -164,6 +164,7 @@ class SSPService(MultiService):
             connections=lambda: len(self.site.channels) if self.site else 0,
             refused_connections=lambda: self.site.refused_connections if self.site else 0,
             known_interaction=self._known_interaction,
+            throttle_store_up=lambda: self.throttle.available,
         )
         observers: tuple[Callable[[AuditRecord], None], ...] = (self.metrics.observe,)
         if config.log.access_log and config.log.access_log_file is not None:
@@ -192,7 +193,7 @@ class SSPService(MultiService):
         if config.admin.endpoint:
             admin = StreamServerEndpointService(
                 serverFromString(self.reactor, config.admin.endpoint),
-                Site(admin_resource(self.metrics, self.readiness)),
+                Site(admin_resource(self.metrics, self.readiness, self.degraded)),
             )
             admin._raiseSynchronously = True
             admin.setServiceParent(self)
@@ -243,7 +244,9 @@ class SSPService(MultiService):
     def readiness(self) -> dict[str, bool]:
         """
         What C{/readyz} reports: listening, the audit writable, the
-        directory reachable and the server certificate within its validity.
+        directory reachable, the server certificate within its validity and
+        the rate store answering, unless C{on_store_failure = "local"}
+        stands in for it (see L{degraded}).
         """
         assert self.proxy is not None
         return {
@@ -251,7 +254,16 @@ class SSPService(MultiService):
             "audit": bool(self.audit.writable),
             "directory": bool(self.proxy.checks.directory.reachable),
             "tls": self.reactor.seconds() < self._certificate_expiry,
+            "throttle": self.throttle.available or self.config.throttle.on_store_failure == "local",
         }
+
+    def degraded(self) -> list[str]:
+        """
+        What C{/readyz} names as degraded but ready: the rate store while
+        per-process limits stand in for it.
+        """
+        local = self.config.throttle.on_store_failure == "local"
+        return ["throttle"] if local and not self.throttle.available else []
 
     def _handshake_failed(self, peer: Any, reason: Failure) -> None:
         self._record_connection_refusal(peer, "tls-failed", reason.getErrorMessage()[:200], 0)

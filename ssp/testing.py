@@ -76,6 +76,7 @@ class MemoryThrottle:
     consumer_allowance: int = 1_000_000
     provider_allowance: int = 1_000_000
     spent: dict[tuple[str, str], int] = attrs.Factory(dict)
+    available: bool = True
 
     def consume_consumer(self, asid: str) -> Deferred[RateDecision]:
         return succeed(self._spend("consumer", asid, self.consumer_allowance))

@@ -437,6 +437,10 @@ class Throttle:
     def consume_provider(self, asid: str) -> Deferred[RateDecision | None]:
         return self._consume("provider", self.config.provider, asid)
 
+    @property
+    def available(self) -> bool:
+        return bool(self.store.available)
+
     def _consume(self, role: str, limits: LimitSet, asid: str) -> Deferred[RateDecision | None]:
         limit = limits.for_asid(asid)
         if limit is None:
