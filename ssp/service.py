@@ -161,8 +161,8 @@ class SSPService(MultiService):
             in_flight=lambda: self.proxy.in_flight if self.proxy else 0,
             audit_pending=lambda: audit.pending,
             directory=lambda: self.proxy.checks.directory if self.proxy else None,
-            connections=lambda: len(self.site.channels) if self.site else 0,
-            refused_connections=lambda: self.site.refused_connections if self.site else 0,
+            connections=lambda: self.site.caps.open_connections if self.site else 0,
+            refused_connections=lambda: self.site.caps.refused_connections if self.site else 0,
             known_interaction=self._known_interaction,
             throttle_store_up=lambda: self.throttle.available,
         )
@@ -183,6 +183,8 @@ class SSPService(MultiService):
             self.reactor, config.listen.header_timeout,
             on_handshake_failure=self._handshake_failed,
             on_plain_http=self._plain_http,
+            caps=site.caps, proxy_protocol=config.listen.proxy_protocol,
+            on_refused=self._over_connection_caps,
         )
         endpoint = serverFromString(self.reactor, config.listen.endpoint)
         if config.listen.proxy_protocol:
@@ -267,6 +269,9 @@ class SSPService(MultiService):
 
     def _handshake_failed(self, peer: Any, reason: Failure) -> None:
         self._record_connection_refusal(peer, "tls-failed", reason.getErrorMessage()[:200], 0)
+
+    def _over_connection_caps(self, peer: Any) -> None:
+        self._record_connection_refusal(peer, "tls-failed", "CONNECTION_LIMIT_EXCEEDED", 0)
 
     def _plain_http(self, peer: Any) -> None:
         self._record_connection_refusal(peer, "completed", "HTTP_REQUEST_SENT_TO_HTTPS_PORT", 497)
