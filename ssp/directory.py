@@ -645,9 +645,11 @@ class CachingDirectory:
         """
         return interaction in self._interactions
 
-    def __len__(self) -> int:
+    @property
+    def size(self) -> int:
         """
-        How many answers are cached, positive and negative.
+        How many answers are cached, positive and negative.  (Not
+        C{__len__}: an empty cache must still be a true value.)
         """
         return len(self._positive) + len(self._negative)
 

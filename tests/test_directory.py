@@ -765,7 +765,7 @@ class CachingDirectoryTests(SynchronousTestCase):
         self.successResultOf(cache.message_handlers(PROVIDER_PK, METADATA))
         for n in range(1000):
             self.assertIsNone(self.successResultOf(cache.accredited_system(f"9{n}")))
-        self.assertEqual(len(cache), 2 + 5)
+        self.assertEqual(cache.size, 2 + 5)
         queries = self.backend.queries
         self.successResultOf(cache.accredited_system(CONSUMER))
         self.successResultOf(cache.message_handlers(PROVIDER_PK, METADATA))
