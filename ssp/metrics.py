@@ -26,6 +26,7 @@ from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from ssp import __version__
 from ssp.directory import CachingDirectory
 from ssp.interfaces import IDirectory, IThrottle
 from ssp.model import AuditRecord, RateDecision
@@ -120,6 +121,8 @@ class Metrics:
         self.registry.register(_RefusedConnections(refused_connections))
         self._known_interaction = known_interaction
         self._interaction_labels: set[str] = set()
+        Gauge("ssp_build_info", "The running SSP version (always 1).", ["version"],
+              registry=self.registry).labels(version=__version__).set(1)
 
     def counting(self, throttle: IThrottle) -> IThrottle:
         """
