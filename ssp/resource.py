@@ -44,7 +44,7 @@ from ssp.errors import (
 from ssp.interfaces import IAuditSink, IUpstream
 from ssp.model import AuditRecord, Claims, ClientIdentity
 from ssp.pipeline import Checks, Findings, Inbound, admit
-from ssp.tls import send_now
+from ssp.tls import host_of, send_now
 
 log = Logger()
 
@@ -599,7 +599,7 @@ class ProxySite(server.Site):
         """
         channel = super().buildProtocol(addr)
         channel.limits = self.limits
-        channel.address = _host(addr)
+        channel.address = host_of(addr)
         self.channels.add(channel)
         return channel
 
@@ -893,10 +893,6 @@ def _query_format(uri: bytes) -> bytes | None:
         if name == b"_format":
             return value.replace(b"%2B", b"+").replace(b"%2b", b"+")
     return None
-
-
-def _host(address: Any) -> str:
-    return str(getattr(address, "host", ""))
 
 
 def _text(value: bytes | None) -> str:

@@ -269,7 +269,10 @@ class _Uncounted:
         pass
 
 
-def _host(address: object) -> str:
+def host_of(address: object) -> str:
+    """
+    The host of an L{IAddress} (the key of the per-address cap).
+    """
     return str(getattr(address, "host", ""))
 
 
@@ -292,7 +295,7 @@ class _TLSOrPlain(Protocol):
         # off here.
         factory = self._factory
         if not factory.proxy_protocol:
-            self._address = _host(self.transport.getPeer())
+            self._address = host_of(self.transport.getPeer())
         if not factory.caps.open(self._address):
             self._refuse()
             return
@@ -312,7 +315,7 @@ class _TLSOrPlain(Protocol):
             self._silence.cancel()
         if self._address is None:
             # Behind the PROXY protocol: the header has named the consumer.
-            address = _host(self.transport.getPeer())
+            address = host_of(self.transport.getPeer())
             if not self._factory.caps.identify(address):
                 self._refuse()
                 return

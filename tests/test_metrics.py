@@ -111,8 +111,9 @@ class ObserveTests(unittest.TestCase):
         In-flight requests, the audit queue depth and connection counts are
         read when scraped.
         """
-        state = {"in_flight": 3, "pending": 7, "open": 4, "refused": 2}
-        metrics = Metrics(in_flight=lambda: state["in_flight"],
+        state = {"in_flight": 3, "pending": 7, "open": 4, "refused": 2, "store": True}
+        metrics = Metrics(throttle_store_up=lambda: state["store"],
+                          in_flight=lambda: state["in_flight"],
                           audit_pending=lambda: state["pending"],
                           connections=lambda: state["open"],
                           refused_connections=lambda: state["refused"])
@@ -120,7 +121,9 @@ class ObserveTests(unittest.TestCase):
         found = samples(metrics.exposition())
         self.assertEqual([found[(name, ())] for name in (
             "ssp_in_flight", "ssp_audit_pending", "ssp_connections",
-            "ssp_connections_refused_total")], [3, 9, 4, 2])
+            "ssp_connections_refused_total", "ssp_throttle_store_up")], [3, 9, 4, 2, 1])
+        state["store"] = False
+        self.assertEqual(samples(metrics.exposition())[("ssp_throttle_store_up", ())], 0)
 
 
 _BUCKET_LABELS = {str(float(b)) for b in (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
