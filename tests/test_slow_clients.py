@@ -64,10 +64,14 @@ def open_idle(port: int, context: ssl.SSLContext, source: str = "127.0.0.1",
     Blocking: a TLS connection that sends nothing, or L{None} when the
     proxy refuses it (the handshake fails, or the proxy closes it within
     C{probe} seconds).  With C{consumer}, it comes through a load balancer:
-    a PROXY protocol v1 header names C{consumer} first.
+    a PROXY protocol v1 header names C{consumer} first.  A connection
+    refused at accept may be reset before C{connect} even returns.
     """
-    raw = socket.create_connection(("127.0.0.1", port), timeout=5,
-                                   source_address=(source, 0))
+    try:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5,
+                                       source_address=(source, 0))
+    except ConnectionResetError:
+        return None
     try:
         if consumer is not None:
             raw.sendall(f"PROXY TCP4 {consumer} 127.0.0.1 40000 443\r\n".encode())
