@@ -185,11 +185,13 @@ class SSPService(MultiService):
             audit_pending=lambda: audit.pending,
             readiness=lambda: self.readiness() if self.proxy else {},
             directory=lambda: self.proxy.checks.directory if self.proxy else None,
-            connections=lambda: len(self.site.channels) if self.site else 0,
-            refused_connections=lambda: self.site.refused_connections if self.site else 0,
+            connections=lambda: self.site.caps.open_connections if self.site else 0,
+            refused_connections=lambda: self.site.caps.refused_connections if self.site else 0,
             certificate_expiry=lambda: self._certificate_expiry,
             crl_next_update=lambda: {str(f.path): f.next_update
                                      for f in self.server_tls.trust.crl_files},
+            known_interaction=self._known_interaction,
+            throttle_store_up=lambda: self.throttle.available,
         )
         observers: tuple[Callable[[AuditRecord], None], ...] = (self.metrics.observe,)
         if config.log.access_log and config.log.access_log_file is not None:
@@ -208,6 +210,8 @@ class SSPService(MultiService):
             self.reactor, config.listen.header_timeout,
             on_handshake_failure=self._handshake_failed,
             on_plain_http=self._plain_http,
+            caps=site.caps, proxy_protocol=config.listen.proxy_protocol,
+            on_refused=self._over_connection_caps,
         )
         endpoint = self._endpoint("listen.endpoint")
         if config.listen.proxy_protocol:
@@ -219,7 +223,7 @@ class SSPService(MultiService):
         if config.admin.endpoint:
             admin = StreamServerEndpointService(
                 self._endpoint("admin.endpoint"),
-                _QuietSite(admin_resource(self.metrics, self.readiness)),
+                _QuietSite(admin_resource(self.metrics, self.readiness, self.degraded)),
             )
             admin._raiseSynchronously = True
             admin.setName("admin.endpoint")
@@ -250,6 +254,15 @@ class SSPService(MultiService):
             clock=self.reactor,
         )
 
+    def _known_interaction(self, interaction: str) -> bool:
+        """
+        Whether the agreements or the directory name C{interaction}, so
+        that metrics may label with it.
+        """
+        if any(interaction in agreement.interactions for agreement in self.config.agreements):
+            return True
+        return self.proxy is not None and self.proxy.checks.directory.knows_interaction(interaction)
+
     def listening(self) -> Deferred[Any]:
         """
         Fires with the listening port once it is bound.
@@ -275,9 +288,11 @@ class SSPService(MultiService):
     def readiness(self) -> dict[str, bool]:
         """
         What C{/readyz} reports: listening, the audit writable, the
-        directory reachable, the server certificate within its validity and
+        directory reachable, the server certificate within its validity,
         every CRL more than C{tls.crl_expiry_margin} seconds from its
-        nextUpdate (past it, every consumer would be refused).
+        nextUpdate (past it, every consumer would be refused), and the rate
+        store answering, unless C{on_store_failure = "local"} stands in for
+        it (see L{degraded}).
         """
         assert self.proxy is not None
         now = self.reactor.seconds()
@@ -287,10 +302,22 @@ class SSPService(MultiService):
             "directory": bool(self.proxy.checks.directory.reachable),
             "tls": now < self._certificate_expiry["server"],
             "crl": now < self.server_tls.trust.valid_until - self.config.tls.crl_expiry_margin,
+            "throttle": self.throttle.available or self.config.throttle.on_store_failure == "local",
         }
+
+    def degraded(self) -> list[str]:
+        """
+        What C{/readyz} names as degraded but ready: the rate store while
+        per-process limits stand in for it.
+        """
+        local = self.config.throttle.on_store_failure == "local"
+        return ["throttle"] if local and not self.throttle.available else []
 
     def _handshake_failed(self, peer: Any, reason: Failure) -> None:
         self._record_connection_refusal(peer, "tls-failed", handshake_failure_reason(reason), 0)
+
+    def _over_connection_caps(self, peer: Any) -> None:
+        self._record_connection_refusal(peer, "tls-failed", "CONNECTION_LIMIT_EXCEEDED", 0)
 
     def _plain_http(self, peer: Any) -> None:
         self._record_connection_refusal(peer, "completed", "HTTP_REQUEST_SENT_TO_HTTPS_PORT", 497)

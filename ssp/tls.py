@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import math
+import typing
 import weakref
 from pathlib import Path
 from typing import Any, Callable
@@ -399,6 +400,41 @@ def identity_of(certificate: x509.Certificate) -> ClientIdentity:
     )
 
 
+class ConnectionCounter(typing.Protocol):
+    """
+    What L{TLSOrPlainFactory} needs of the connection caps
+    (L{ssp.resource.ConnectionCaps}).
+    """
+
+    def open(self, address: str | None) -> bool: ...
+
+    def identify(self, address: str) -> bool: ...
+
+    def close(self, address: str | None) -> None: ...
+
+
+class _Uncounted:
+    """
+    No caps.
+    """
+
+    def open(self, address: str | None) -> bool:
+        return True
+
+    def identify(self, address: str) -> bool:
+        return True
+
+    def close(self, address: str | None) -> None:
+        pass
+
+
+def host_of(address: object) -> str:
+    """
+    The host of an L{IAddress} (the key of the per-address cap).
+    """
+    return str(getattr(address, "host", ""))
+
+
 class _TLSOrPlain(Protocol):
     """
     Looks at the first byte of a connection: a TLS handshake record goes
@@ -409,13 +445,26 @@ class _TLSOrPlain(Protocol):
         self._factory = factory
         self._tls: Protocol | None = None
         self._silence: IDelayedCall | None = None
+        self._admitted = False
+        self._address: str | None = None
 
     def connectionMade(self) -> None:
-        # Until its first byte a connection is invisible to the site's
-        # limits and timers: a silent one is cut off here.
+        # Counted against the connection caps from now on; until its first
+        # byte it is invisible to the site's timers: a silent one is cut
+        # off here.
         factory = self._factory
+        if not factory.proxy_protocol:
+            self._address = host_of(self.transport.getPeer())
+        if not factory.caps.open(self._address):
+            self._refuse()
+            return
+        self._admitted = True
         self._silence = factory.clock.callLater(factory.first_byte_timeout,
                                                 self.transport.abortConnection)
+
+    def _refuse(self) -> None:
+        self.transport.abortConnection()
+        self._factory.on_refused(self.transport.getPeer())
 
     def dataReceived(self, data: bytes) -> None:
         if self._tls is not None:
@@ -423,6 +472,13 @@ class _TLSOrPlain(Protocol):
             return
         if self._silence is not None and self._silence.active():
             self._silence.cancel()
+        if self._address is None:
+            # Behind the PROXY protocol: the header has named the consumer.
+            address = host_of(self.transport.getPeer())
+            if not self._factory.caps.identify(address):
+                self._refuse()
+                return
+            self._address = address
         if data[0] != _TLS_RECORD_HANDSHAKE:
             self._factory.refuse_plain(self.transport)
             return
@@ -434,6 +490,9 @@ class _TLSOrPlain(Protocol):
         self._tls.dataReceived(data)
 
     def connectionLost(self, reason: Failure) -> None:
+        if not self._admitted:
+            return
+        self._factory.caps.close(self._address)
         if self._silence is not None and self._silence.active():
             self._silence.cancel()
         if self._tls is None:
@@ -468,6 +527,11 @@ class TLSOrPlainFactory(Factory):
 
     @ivar first_byte_timeout: seconds a new connection may stay silent
         before it is aborted (unaudited: nothing was said).
+    @ivar caps: counts each connection from the moment it is accepted
+        (L{ssp.resource.ConnectionCaps}); one it refuses is aborted at once
+        and handed to C{on_refused}.
+    @ivar proxy_protocol: connections come through the PROXY protocol, so
+        the consumer's address is known at the first byte, not at accept.
     """
 
     def __init__(
@@ -478,6 +542,9 @@ class TLSOrPlainFactory(Factory):
         first_byte_timeout: float,
         on_handshake_failure: Callable[[object, Failure], None] = lambda peer, reason: None,
         on_plain_http: Callable[[object], None] = lambda peer: None,
+        caps: ConnectionCounter | None = None,
+        proxy_protocol: bool = False,
+        on_refused: Callable[[object], None] = lambda peer: None,
     ) -> None:
         self.tls = tls
         self.hsts = hsts
@@ -485,6 +552,9 @@ class TLSOrPlainFactory(Factory):
         self.first_byte_timeout = first_byte_timeout
         self.on_handshake_failure = on_handshake_failure
         self.on_plain_http = on_plain_http
+        self.caps = caps or _Uncounted()
+        self.proxy_protocol = proxy_protocol
+        self.on_refused = on_refused
 
     def buildProtocol(self, addr: object) -> _TLSOrPlain:
         return _TLSOrPlain(self)
