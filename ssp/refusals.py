@@ -27,9 +27,9 @@ log = Logger()
 # not grow memory or the record count either).
 MAX_KEYS = 1024
 OTHER = "other"
-# Token prefix of a handshake that failed or was cut (a connection over a
-# cap is aborted during its handshake, so it is one of these too).
-TLS_FAILED = "TLS_FAILED"
+# Token prefix of a handshake that failed or was cut short
+# (L{ssp.tls.handshake_failure_reason}).
+TLS_HANDSHAKE = "TLS_HANDSHAKE"
 
 
 @attrs.define

@@ -6,9 +6,7 @@ performance report GP Connect asks of the proxy, and the basis for the
 activity-based remuneration of provider suppliers.
 
 It is computed from the audit files only (the C{"completed"} record of each
-request), so anyone holding the files can reproduce it.  The numbers
-(L{report}) are kept apart from their formats (L{write_csv},
-L{write_json}), so another format is a function of L{Report} alone.
+request), so anyone holding the files can reproduce it.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import csv
 import json
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -147,21 +145,14 @@ def report(paths: Sequence[Path], since: str | None = None, until: str | None = 
         raise ValueError(f"inverted range: --from {since} is after --to {until}")
     groups: dict[tuple[str, str, str, str], _Group] = {}
     totals: dict[tuple[str, tuple[str, str, str, str]], _Group] = {}
-    for record in read_records(paths):
-        if record.get("event") != "completed":
-            continue
+    for day, record in completed(paths, since, until):
         try:
-            day = datetime.fromtimestamp(record["time"], UTC).strftime("%Y-%m-%d")
-            if (since and day < since) or (until and day > until):
-                continue
             key = (day, record["sender"], record["receiver"], record["interaction"])
             groups.setdefault(key, _Group()).add(record)
             for total in _totals_keys(*key[1:]):
                 totals.setdefault(total, _Group()).add(record)
         except (KeyError, TypeError, ValueError, OverflowError) as e:
-            raise ValueError(
-                f"malformed completed record {record.get('request_id')!r}: {e!r}"
-            ) from None
+            raise _malformed(record, e) from None
     totals.setdefault(("total", ("", "", "", "")), _Group())
     ordered = sorted(totals, key=lambda k: (TOTAL_SCOPES.index(k[0]), k[1]))
     return Report([groups[key].row(key) for key in sorted(groups)],
@@ -176,6 +167,31 @@ def _totals_keys(sender: str, receiver: str, interaction: str
     """
     return (("sender", ("", sender, "", "")), ("receiver", ("", "", receiver, "")),
             ("interaction", ("", "", "", interaction)), ("total", ("", "", "", "")))
+
+
+def completed(paths: Sequence[Path], since: str | None = None, until: str | None = None
+              ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """
+    The C{"completed"} records of audit files with their UTC day
+    (C{YYYY-MM-DD}), those outside C{since}..C{until} left out: what every
+    view of the transaction log is computed from.
+
+    @raise ValueError: naming a record without a usable time.
+    """
+    for record in read_records(paths):
+        if record.get("event") != "completed":
+            continue
+        try:
+            day = datetime.fromtimestamp(record["time"], UTC).strftime("%Y-%m-%d")
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise _malformed(record, e) from None
+        if (since and day < since) or (until and day > until):
+            continue
+        yield day, record
+
+
+def _malformed(record: dict[str, Any], error: Exception) -> ValueError:
+    return ValueError(f"malformed completed record {record.get('request_id')!r}: {error!r}")
 
 
 def _percentile_ms(values: list[float], percentile: int) -> float | None:
@@ -210,11 +226,13 @@ def _day(text: str) -> str:
 
 def main_report(argv: list[str], out: TextIO | None = None) -> int:
     """
-    C{ssp report DIR|FILE... [--format csv|json] [--from DAY] [--to DAY]
+    C{ssp report DIR|FILE... [--format csv|json|html] [--from DAY] [--to DAY]
     [--allow-empty]}: print the transaction log; exit 1 if the files cannot
     be read or (without C{--allow-empty}) hold no request in the range, 2
     on bad arguments (an inverted range).
     """
+    from ssp import report_html as html  # imports this module
+
     out = out if out is not None else sys.stdout
     parser = argparse.ArgumentParser(
         prog="ssp report",
@@ -222,7 +240,8 @@ def main_report(argv: list[str], out: TextIO | None = None) -> int:
         "from the audit files.",
     )
     parser.add_argument("paths", nargs="+", type=Path, help="audit directories or files")
-    parser.add_argument("--format", choices=("csv", "json"), default="csv")
+    parser.add_argument("--format", choices=("csv", "json", "html"), default="csv",
+                        help="html: one self-contained page for people (default csv)")
     parser.add_argument("--from", dest="since", type=_day, help="first day (UTC), inclusive")
     parser.add_argument("--to", dest="until", type=_day, help="last day (UTC), inclusive")
     parser.add_argument("--allow-empty", action="store_true",
@@ -237,13 +256,18 @@ def main_report(argv: list[str], out: TextIO | None = None) -> int:
         return 2
     try:
         result = report(options.paths, options.since, options.until)
+        extra = (html.extras(options.paths, options.since, options.until)
+                 if options.format == "html" else None)
     except OSError as e:
         print(f"ERROR: {e.filename}: {e.strerror}", file=sys.stderr)
         return 1
     except ValueError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1
-    (write_json if options.format == "json" else write_csv)(result.all_rows(), out)
+    if extra is not None:
+        html.write_html(result.rows, extra, out)
+    else:
+        (write_json if options.format == "json" else write_csv)(result.all_rows(), out)
     if not result.rows:
         print("WARNING: no completed requests found in " + " ".join(map(str, options.paths))
               + (f" between {options.since or 'the start'} and {options.until or 'the end'}"

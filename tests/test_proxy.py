@@ -524,7 +524,7 @@ class TLSPolicyTests(ProxyTestCase):
             await deferLater(reactor, 0.01)
         [record] = proxy.audit.records
         self.assertEqual((record.event, record.count), ("connection-refused", 1))
-        self.assertTrue(record.token.startswith("TLS_FAILED: "), record.token)
+        self.assertTrue(record.token.startswith("TLS_HANDSHAKE_FAILED: "), record.token)
 
     async def test_non_pfs_and_cbc_suites_refused(self):
         provider, proxy = await self.setup()

@@ -60,7 +60,7 @@ class FloodTests(TestCase):
         peer = IPv4Address("TCP", "192.0.2.7", 40000)
         for n in range(13401):
             refusals.refused(IPv4Address("TCP", "192.0.2.7", 40000 + n % 20000),
-                             "TLS_FAILED: Connection was closed cleanly.")
+                             "TLS_HANDSHAKE_INCOMPLETE: Connection was closed cleanly.")
             if n % 670 == 669:
                 clock.advance(1)
         refusals.refused(peer, "HTTP_REQUEST_SENT_TO_HTTPS_PORT", 497)
@@ -114,7 +114,7 @@ class RealSocketFloodTests(TestCase):
         await sink.stop()
         records = list(read_records([directory]))
         self.assertEqual(sorted((r["token"][:10], r["count"], r["status"]) for r in records),
-                         [("HTTP_REQUE", 100, 497), ("TLS_FAILED", 300, 0)])
+                         [("HTTP_REQUE", 100, 497), ("TLS_HANDSH", 300, 0)])
         self.assertLess(sum(p.stat().st_size for p in audit_files(directory)), 1500)
 
 
