@@ -220,10 +220,12 @@ class SSPService(MultiService):
 
     def listening(self) -> Deferred[Any]:
         """
-        Fires with the listening port once it is bound.
+        Fires with the listening port once it is bound (L{None} if that
+        failed).  A Deferred of the caller's own: whatever its callbacks
+        return, the listener keeps its port, and stops it on stop.
         """
         assert self._listener is not None
-        return self._listener._waitingForPort
+        return _branch(self._listener._waitingForPort)
 
     def _ready(self, port: Any) -> Any:
         if port is not None:  # None: listening failed and was logged
@@ -418,6 +420,21 @@ def _expiry(config: ServerTLSConfig) -> float:
     When the server certificate expires, as a POSIX time.
     """
     return read_certificates(config.certificate)[0].not_valid_after_utc.timestamp()
+
+
+def _branch(trunk: Deferred[Any]) -> Deferred[Any]:
+    """
+    A new Deferred that fires with C{trunk}'s result, leaving C{trunk}'s
+    own result as it was.
+    """
+    branch: Deferred[Any] = Deferred()
+
+    def fire(result: Any) -> Any:
+        branch.callback(result)
+        return result
+
+    trunk.addCallback(fire)
+    return branch
 
 
 def _close_idle(transport: Any) -> None:

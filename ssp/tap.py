@@ -119,7 +119,7 @@ def _worker_service(reactor: Any, options: Options, config: ssp_config.Config | 
         raise SystemExit(str(e)) from None
     proxy = SSPService(config, reactor, path, adjust=lambda loaded: workers.worker_config(
         _overridden(loaded, options), options["worker"]))
-    return workers.worker_service(proxy, proxy.listening, reactor)
+    return workers.worker_service(proxy, proxy.listening, reactor, config.audit.directory)
 
 
 def _master_service(reactor: Any, options: Options, config: ssp_config.Config | None,

@@ -658,11 +658,12 @@ class MasterProcess:
     args: list[str]
     environ: dict[str, str] = attrs.Factory(dict)
     activation: socket.socket | None = None
+    log_name: str = "twistd.log"
     process: subprocess.Popen | None = None
 
     @property
     def log(self) -> Path:
-        return self.workdir / "twistd.log"
+        return self.workdir / self.log_name
 
     def start(self, case: unittest.TestCase) -> None:
         command, fds = TWISTD + ["-n", "--pidfile=", "ssp", *self.args], ()
@@ -759,16 +760,34 @@ def _listeners(port: int, pids: list[int]) -> dict[int, int]:
     How many sockets listening on C{port} each of C{pids} holds, after
     checking that they hold all there are.
     """
+    inodes = _listen_inodes(port)
+    counts = {pid: _held(pid, inodes) for pid in pids}
+    assert sum(counts.values()) == len(inodes), (counts, inodes)
+    return counts
+
+
+def _listen_inodes(port: int) -> set[str]:
+    """
+    The sockets listening on C{port}, as C{/proc/PID/fd} links name them.
+    """
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
                 inodes.add(f"socket:[{fields[9]}]")
-    held = {pid: [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()] for pid in pids}
-    counts = {pid: len(inodes.intersection(links)) for pid, links in held.items()}
-    assert sum(counts.values()) == len(inodes), (counts, inodes)
-    return counts
+    return inodes
+
+
+def _held(pid: int, inodes: set[str]) -> int:
+    """
+    How many of C{inodes} process C{pid} holds (none once it is gone).
+    """
+    try:
+        links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+    except FileNotFoundError:
+        return 0
+    return len(inodes.intersection(links))
 
 
 def _fetch(connection: http.client.HTTPSConnection, resource: str) -> tuple[int, bytes]:
@@ -792,6 +811,7 @@ class _Masters:
 
     reuse_port = False
     proxy_protocol = False
+    drain_timeout = 30.0
 
     def setUp(self):
         self.provider = Provider(self)
@@ -812,12 +832,17 @@ class _Masters:
         for key in ("reuse_port", "proxy_protocol"):
             if getattr(self, key):
                 text = text.replace("\n[listen]\n", f"\n[listen]\n{key} = true\n")
+        text = text.replace("\n[listen]\n", f"\n[listen]\ndrain_timeout = {self.drain_timeout}\n")
         self.config.write_text(text)
 
-    async def start(self, **environ: str) -> MasterProcess:
+    def launch(self, log_name: str = "twistd.log", **environ: str) -> MasterProcess:
         proxy = MasterProcess(self.workdir, ["--config", str(self.config), "--workers", "2"],
-                              environ)
+                              environ, log_name=log_name)
         proxy.start(self)
+        return proxy
+
+    async def start(self, **environ: str) -> MasterProcess:
+        proxy = self.launch(**environ)
         await deferToThread(proxy.wait_for, r"Worker \d listening", 2)
         return proxy
 
@@ -1015,6 +1040,134 @@ class ReusePortWorkersTests(_Masters, unittest.TestCase):
             self.assertNotEqual(ran.returncode, 0)
             self.assertIn("listen.reuse_port: needs a tcp: listen.endpoint, not "
                           "'systemd:domain=INET:name=ssp-https'", ran.stdout + ran.stderr)
+
+
+class _Stopping(_Masters):
+    """
+    Issue 17: a worker stops listening the moment it is asked to stop (a
+    signal to it or to its master) or its master dies, and drains what it
+    holds; a proxy restarted at once binds and serves; every answer has
+    its audit record, in one unbroken chain per worker.
+
+    The drain timeout is long, so a worker that kept listening while
+    draining (as before) is caught listening by every wait below.
+    """
+
+    drain_timeout = 300.0
+
+    async def test_stop_listening_at_once(self):
+        consumer = Consumer(self.port, pki(), "consumer-0")
+        answered: list[tuple[str, int]] = []
+        resource = self.provider.resource
+
+        async def get(path: str = "metadata") -> Any:
+            headers = spine_headers()
+            reply = await consumer.get(path, headers)
+            answered.append((headers["Ssp-TraceID"], reply.status))
+            return reply
+
+        async def stall() -> tuple[Deferred[Any], int]:
+            """
+            A request the provider holds, and the worker that forwarded it.
+            """
+            resource.__dict__.pop("stalled", None)
+            reply = Deferred.fromCoroutine(get("stall"))
+            await _until(lambda: hasattr(resource, "stalled"))
+            (worker,) = [k for k in range(2) if _holding(self.workdir / "audit" / f"worker-{k}")]
+            return reply, worker
+
+        async def release(reply: Deferred[Any]) -> None:
+            resource.stalled.write(b"late")
+            resource.stalled.finish()
+            self.assertEqual(((await reply).status, (await reply).body), (200, b"late"))
+
+        async def served(count: int = 4) -> None:
+            self.assertEqual([(await get()).status for _ in range(count)], [200] * count)
+
+        proxy = await self.start()
+        pids = proxy.pids()
+
+        # SIGTERM to one worker: it stops listening, drains its request,
+        # the other serves meanwhile, and the master replaces it.
+        stalled, worker = await stall()
+        os.kill(pids[worker], signal.SIGTERM)
+        await _until(lambda: not _held(pids[worker], _listen_inodes(self.port)))
+        self.assertTrue(_alive(pids[worker]))
+        await served()
+        await release(stalled)
+        await deferToThread(proxy.wait_for, rf"Worker {worker} listening", 2)
+
+        # kill -9 of the master, and a restart at once: the orphaned workers
+        # stop listening, the new master binds (no EADDRINUSE) and serves,
+        # while an orphan still drains its request.
+        stalled, worker = await stall()
+        orphans = proxy.pids()
+        os.kill(proxy.process.pid, signal.SIGKILL)
+        restarted = self.launch("restarted.log")
+        await _until(lambda: not any(_held(pid, _listen_inodes(self.port))
+                                     for pid in orphans.values()))
+        self.assertTrue(_alive(orphans[worker]))
+        await deferToThread(restarted.wait_for, r"Worker \d listening")
+        await served()
+        await release(stalled)
+        await deferToThread(restarted.wait_for, r"Worker \d listening", 2)
+        await _until(lambda: not any(_alive(pid) for pid in orphans.values()))
+
+        # SIGTERM to the master: nothing listens any more, at once, while
+        # the workers drain.
+        stalled, worker = await stall()
+        os.kill(restarted.process.pid, signal.SIGTERM)
+        await _until(lambda: not _listen_inodes(self.port))
+        with self.assertRaises(ConnectionRefusedError):
+            await deferToThread(socket.create_connection, ("127.0.0.1", self.port), 10)
+        self.assertIsNone(restarted.process.poll())
+        await release(stalled)
+        self.assertEqual(await deferToThread(restarted.process.wait, 60), -signal.SIGTERM)
+        self.assertNotIn("Traceback", proxy.text() + restarted.text())
+
+        trails = [audit.audit_files(self.workdir / "audit" / f"worker-{k}") for k in range(2)]
+        for files in trails:
+            self.assertTrue(audit.verify(files).ok, audit.verify(files))
+        completed = {(r["trace_id"], r["status"]) for files in trails
+                     for r in audit.read_records(files) if r["event"] == "completed"}
+        self.assertEqual(set(answered) - completed, set())
+        self.assertEqual({status for _, status in answered}, {200})
+
+
+class SharedSocketStopTests(_Stopping, unittest.TestCase):
+    timeout = 180
+
+
+class ReusePortStopTests(_Stopping, unittest.TestCase):
+    timeout = 180
+    reuse_port = True
+
+
+def _holding(audit_dir: Path) -> bool:
+    """
+    Whether the worker of C{audit_dir} forwarded a C{stall} request that has
+    not completed.
+    """
+    if not audit_dir.exists():
+        return False
+    counts = {"authorised": 0, "completed": 0}
+    for record in audit.read_records(audit.audit_files(audit_dir)):
+        if record["target"].endswith("/stall") and record["event"] in counts:
+            counts[record["event"]] += 1
+    return counts["authorised"] > counts["completed"]
+
+
+async def _until(predicate: Any, timeout: float = 20.0) -> None:
+    """
+    Wait for C{predicate()} to hold, polling; fail after C{timeout} seconds:
+    generous, yet below the test consumer's 30-s socket timeout, which
+    would end a held request (and the drain) anyway.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not {predicate}")
+        await _tick()
 
 
 class ActivatedWorkersTests(unittest.TestCase):
