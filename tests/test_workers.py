@@ -1055,52 +1055,89 @@ class _Stopping(_Masters):
 
     drain_timeout = 300.0
 
-    async def test_stop_listening_at_once(self):
-        consumer = Consumer(self.port, pki(), "consumer-0")
-        answered: list[tuple[str, int]] = []
+    def setUp(self):
+        super().setUp()
+        self.consumer = Consumer(self.port, pki(), "consumer-0")
+        self.answered: list[tuple[str, int]] = []
+
+    async def get(self, path: str = "metadata") -> Any:
+        headers = spine_headers()
+        reply = await self.consumer.get(path, headers)
+        self.answered.append((headers["Ssp-TraceID"], reply.status))
+        return reply
+
+    async def served(self, count: int = 4) -> None:
+        self.assertEqual([(await self.get()).status for _ in range(count)], [200] * count)
+
+    async def stall(self) -> tuple[Deferred[Any], int]:
+        """
+        A request the provider holds, and the worker that forwarded it.
+        """
         resource = self.provider.resource
+        resource.__dict__.pop("stalled", None)
+        reply = Deferred.fromCoroutine(self.get("stall"))
+        await _until(lambda: hasattr(resource, "stalled"))
+        (worker,) = [k for k in range(2) if _holding(self.workdir / "audit" / f"worker-{k}")]
+        return reply, worker
 
-        async def get(path: str = "metadata") -> Any:
-            headers = spine_headers()
-            reply = await consumer.get(path, headers)
-            answered.append((headers["Ssp-TraceID"], reply.status))
-            return reply
+    async def release(self, reply: Deferred[Any]) -> None:
+        self.provider.resource.stalled.write(b"late")
+        self.provider.resource.stalled.finish()
+        answer = await reply
+        self.assertEqual((answer.status, answer.body), (200, b"late"))
 
-        async def stall() -> tuple[Deferred[Any], int]:
-            """
-            A request the provider holds, and the worker that forwarded it.
-            """
-            resource.__dict__.pop("stalled", None)
-            reply = Deferred.fromCoroutine(get("stall"))
-            await _until(lambda: hasattr(resource, "stalled"))
-            (worker,) = [k for k in range(2) if _holding(self.workdir / "audit" / f"worker-{k}")]
-            return reply, worker
+    def unaudited(self) -> set[tuple[str, int]]:
+        """
+        The answers without their completed record.
+        """
+        trails = [self.workdir / "audit" / f"worker-{k}" for k in range(2)]
+        completed = {(r["trace_id"], r["status"]) for trail in trails if trail.exists()
+                     for r in audit.read_records(audit.audit_files(trail))
+                     if r["event"] == "completed"}
+        return set(self.answered) - completed
 
-        async def release(reply: Deferred[Any]) -> None:
-            resource.stalled.write(b"late")
-            resource.stalled.finish()
-            self.assertEqual(((await reply).status, (await reply).body), (200, b"late"))
+    async def assert_audited(self, *masters: MasterProcess) -> None:
+        """
+        Every answer gets its completed record (written just after the
+        answer), each worker's chain is whole, and nothing crashed.
+        """
+        await _until(lambda: not self.unaudited())
+        for k in range(2):
+            files = audit.audit_files(self.workdir / "audit" / f"worker-{k}")
+            self.assertTrue(not files or audit.verify(files).ok, audit.verify(files))
+        self.assertEqual({status for _, status in self.answered}, {200})
+        for master in masters:
+            self.assertNotIn("Traceback", master.text())
+        for master in masters:
+            self.assertNotIn("Traceback", master.text())
 
-        async def served(count: int = 4) -> None:
-            self.assertEqual([(await get()).status for _ in range(count)], [200] * count)
-
+    async def test_sigterm_to_a_worker(self):
+        """
+        The worker stops listening at once and drains its request while
+        the other serves; the master replaces it.
+        """
         proxy = await self.start()
         pids = proxy.pids()
-
-        # SIGTERM to one worker: it stops listening, drains its request,
-        # the other serves meanwhile, and the master replaces it.
-        stalled, worker = await stall()
+        stalled, worker = await self.stall()
         os.kill(pids[worker], signal.SIGTERM)
         await _until(lambda: not _held(pids[worker], _listen_inodes(self.port)))
         self.assertTrue(_alive(pids[worker]))
-        await served()
-        await release(stalled)
+        await self.served()
+        await self.release(stalled)
         await deferToThread(proxy.wait_for, rf"Worker {worker} listening", 2)
+        await self.served()
+        await self.assert_audited(proxy)
 
-        # kill -9 of the master, and a restart at once: the orphaned workers
-        # stop listening, the new master binds (no EADDRINUSE) and serves,
-        # while an orphan still drains its request.
-        stalled, worker = await stall()
+    async def test_kill_9_of_the_master_and_restart(self):
+        """
+        The orphaned workers notice through their lifeline and stop
+        listening; a master restarted at once binds (no EADDRINUSE) and
+        serves while an orphan still drains its request.  The restarted
+        worker with the orphan's number waits for it to close its audit
+        chain.
+        """
+        proxy = await self.start()
+        stalled, worker = await self.stall()
         orphans = proxy.pids()
         os.kill(proxy.process.pid, signal.SIGKILL)
         restarted = self.launch("restarted.log")
@@ -1108,30 +1145,29 @@ class _Stopping(_Masters):
                                      for pid in orphans.values()))
         self.assertTrue(_alive(orphans[worker]))
         await deferToThread(restarted.wait_for, r"Worker \d listening")
-        await served()
-        await release(stalled)
+        await self.served()
+        await self.release(stalled)
         await deferToThread(restarted.wait_for, r"Worker \d listening", 2)
         await _until(lambda: not any(_alive(pid) for pid in orphans.values()))
+        await self.served()
+        await self.assert_audited(proxy, restarted)
 
-        # SIGTERM to the master: nothing listens any more, at once, while
-        # the workers drain.
-        stalled, worker = await stall()
-        os.kill(restarted.process.pid, signal.SIGTERM)
+    async def test_sigterm_to_the_master(self):
+        """
+        Nothing listens any more, at once, while the workers drain; then
+        everything exits.
+        """
+        proxy = await self.start()
+        stalled, _ = await self.stall()
+        os.kill(proxy.process.pid, signal.SIGTERM)
         await _until(lambda: not _listen_inodes(self.port))
         with self.assertRaises(ConnectionRefusedError):
             await deferToThread(socket.create_connection, ("127.0.0.1", self.port), 10)
-        self.assertIsNone(restarted.process.poll())
-        await release(stalled)
-        self.assertEqual(await deferToThread(restarted.process.wait, 60), -signal.SIGTERM)
-        self.assertNotIn("Traceback", proxy.text() + restarted.text())
-
-        trails = [audit.audit_files(self.workdir / "audit" / f"worker-{k}") for k in range(2)]
-        for files in trails:
-            self.assertTrue(audit.verify(files).ok, audit.verify(files))
-        completed = {(r["trace_id"], r["status"]) for files in trails
-                     for r in audit.read_records(files) if r["event"] == "completed"}
-        self.assertEqual(set(answered) - completed, set())
-        self.assertEqual({status for _, status in answered}, {200})
+        self.assertIsNone(proxy.process.poll())
+        await self.release(stalled)
+        self.assertEqual(await deferToThread(proxy.process.wait, 60), -signal.SIGTERM)
+        self.assertEqual([pid for pid in proxy.pids().values() if _alive(pid)], [])
+        await self.assert_audited(proxy)
 
 
 class SharedSocketStopTests(_Stopping, unittest.TestCase):
