@@ -234,12 +234,14 @@ class SSPService(MultiService):
 
     def readiness(self) -> dict[str, bool]:
         """
-        What C{/readyz} reports: listening, the audit writable, the
-        directory reachable and the server certificate within its validity.
+        What C{/readyz} reports: listening (no longer once a stop began,
+        so a balancer looks elsewhere during the drain), the audit
+        writable, the directory reachable and the server certificate
+        within its validity.
         """
         assert self.proxy is not None
         return {
-            "listening": self.running,
+            "listening": self._listener is not None and self._listener.running,
             "audit": bool(self.audit.writable),
             "directory": bool(self.proxy.checks.directory.reachable),
             "tls": self.reactor.seconds() < self._certificate_expiry,

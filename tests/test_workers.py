@@ -9,6 +9,7 @@ limit, as several workers or hosts must.
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import io
 import json
@@ -51,6 +52,7 @@ from ssp.pki import DevelopmentPKI
 from tests import redis
 from tests.ports import free_port
 from tests.support import ENDPOINT, ROOT, Consumer, Provider, pki, spine_headers
+from tests.support import Proxy as InProcessProxy
 from tests.test_crash import TWISTD, wait_listening, write_config
 
 # Unit tests: the master against a fake reactor.
@@ -596,6 +598,71 @@ class _Recorder:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(reactor, name)
+
+
+class StopListeningTests(unittest.TestCase):
+    """
+    The proxy itself (what each worker runs), over real TLS sockets.
+    """
+
+    timeout = 60
+
+    async def test_stop_closes_the_port_at_once_whatever_listeners_returned(self):
+        """
+        A worker's link and the demo's announcement add callbacks to
+        C{listening()} that return nothing; stop still closes the port at
+        once, not after the drain, and readiness says so, while the
+        request in flight finishes and is audited.
+        """
+        provider = Provider(self)
+        proxy = await InProcessProxy(self, provider).start()
+        proxy.service.listening().addCallback(lambda _: None)
+        stalled = proxy.consumer().get("stall")
+        await _until(lambda: hasattr(provider.resource, "stalled"))
+        stopped = proxy.service.stopService()
+        await _until(lambda: not proxy.service.readiness()["listening"])
+        with self.assertRaises(ConnectionRefusedError):
+            await deferToThread(socket.create_connection, ("127.0.0.1", proxy.port), 10)
+        self.assertNoResult(stopped)
+        provider.resource.stalled.write(b"late")
+        provider.resource.stalled.finish()
+        self.assertEqual((await stalled).status, 200)
+        await stopped
+        self.assertEqual([(r.event, r.status) for r in proxy.audit.records],
+                         [("authorised", 0), ("completed", 200)])
+
+
+class TrailLockTests(unittest.TestCase):
+    async def test_waits_for_the_previous_writer(self):
+        """
+        While another process (here: another open file) holds a worker's
+        audit chain, the worker says so and waits; then it holds the lock.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        orphan = os.open(directory / workers.TRAIL_LOCK, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(orphan, fcntl.LOCK_EX)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        lock = workers.TrailLock(directory)
+        started = deferToThread(lock.privilegedStartService)
+        await _until(lambda: any("still open in another process" in _text(e) for e in logged))
+        self.assertNoResult(started)
+        os.close(orphan)
+        await started
+        self.addCleanup(os.close, lock._fd)
+        other = os.open(directory / workers.TRAIL_LOCK, os.O_RDWR)
+        self.addCleanup(os.close, other)
+        self.assertRaises(BlockingIOError, fcntl.flock, other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def test_free_lock_taken_silently(self):
+        directory = Path(self.mktemp()) / "worker-1"
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        lock = workers.TrailLock(directory)
+        lock.startService()
+        self.addCleanup(os.close, lock._fd)
+        self.assertTrue(lock.running)
+        self.assertTrue((directory / workers.TRAIL_LOCK).exists())
+        self.assertEqual(len(logged), 0)
 
 
 class WorkerLinkTests(unittest.TestCase):
