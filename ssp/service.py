@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from weakref import WeakSet
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
@@ -131,9 +132,12 @@ class SSPService(MultiService):
             if not self.site.channels or self.reactor.seconds() >= deadline:
                 break
             await deferLater(self.reactor, min(0.05, timeout), lambda: None)
-        remaining = list(self.site.channels)
-        for channel in remaining:
-            channel.transport.abortConnection()
+        # Channels left after the timeout, and connections accepted before
+        # the port closed that never became channels (silent, or still in
+        # the handshake): none may bring a request once the audit closes.
+        remaining = [*self.site.channels, *self._accepting.open()]
+        for protocol in remaining:
+            protocol.transport.abortConnection()
         if remaining:
             await waitUntilAllDisconnected(self.reactor, remaining)
 
@@ -176,7 +180,7 @@ class SSPService(MultiService):
             config.upstream.idle_timeout, hsts, observers=observers, cors=config.cors,
         )
         site = self.site = ProxySite(ProxyResource(self.proxy), self.reactor, config.listen)
-        listener = TLSOrPlainFactory(
+        listener = self._accepting = _Accepting(
             BulkTLSFactory(self.server_tls, False, site), hsts,
             self.reactor, config.listen.header_timeout,
             on_handshake_failure=self._handshake_failed,
@@ -388,6 +392,31 @@ class SSPService(MultiService):
                 call.cancel()
                 await self._retire(*retired)
 
+class _Accepting(TLSOrPlainFactory):
+    """
+    The listening factory, remembering the connections it accepted (weakly:
+    a closed one is forgotten with its transport), so that a stop can cut
+    those the site does not know yet.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._accepted: WeakSet[Any] = WeakSet()
+
+    def buildProtocol(self, addr: object) -> Any:
+        protocol = super().buildProtocol(addr)
+        self._accepted.add(protocol)
+        return protocol
+
+    def open(self) -> list[Any]:
+        """
+        The accepted connections still open, as the protocols their TCP
+        transports drive (the PROXY-protocol wrapper, when there is one).
+        """
+        transports = {_socket_of(p.transport) for p in self._accepted if p.transport is not None}
+        return [t.protocol for t in transports if t.connected]
+
+
 @attrs.frozen
 class _Parts:
     """
@@ -446,7 +475,14 @@ def _close_idle(transport: Any) -> None:
     whole timeout.  The TLS layer writes its own alert first.
     """
     transport.loseConnection()
-    getattr(transport, "transport", transport).loseConnection()
+    _socket_of(transport).loseConnection()
+
+
+def _socket_of(transport: Any) -> Any:
+    """
+    The TCP transport under a TLS or PROXY-protocol layer.
+    """
+    return getattr(transport, "transport", transport)
 
 
 def _same_store(new: ThrottleConfig, old: ThrottleConfig) -> bool:

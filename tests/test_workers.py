@@ -632,6 +632,29 @@ class StopListeningTests(unittest.TestCase):
                          [("authorised", 0), ("completed", 200)])
 
 
+    async def test_stop_cuts_connections_that_never_became_channels(self):
+        """
+        A connection accepted before the stop but silent through the drain
+        is cut before the audit closes, so it can never bring a request
+        that would be answered unaudited (as C{503 AUDIT_UNAVAILABLE}).
+        """
+        provider = Provider(self)
+        proxy = await InProcessProxy(self, provider, listen={"header_timeout": 120.0}).start()
+        silent = await deferToThread(socket.create_connection, ("127.0.0.1", proxy.port), 10)
+        self.addCleanup(silent.close)
+        await _until(lambda: proxy.service._accepting.open())
+        await proxy.service.stopService()
+
+        def read() -> bytes:
+            silent.settimeout(10)
+            try:
+                return silent.recv(1)
+            except ConnectionResetError:
+                return b""
+
+        self.assertEqual(await deferToThread(read), b"")
+
+
 class TrailLockTests(unittest.TestCase):
     async def test_waits_for_the_previous_writer(self):
         """
