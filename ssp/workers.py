@@ -18,7 +18,11 @@ never accepts on would take its share of the connections.
 
 Per worker K the configuration is adjusted by L{worker_config}: its own
 audit chain in C{<audit.directory>/worker-K} (one hash chain must have one
-writer) and its own admin listener on the configured port + K.
+writer; L{TrailLock} keeps it so across a restart) and its own admin
+listener on the configured port + K.
+
+A worker stops listening as soon as it is told to stop, by C{SIGTERM} or
+by the end of its lifeline, and then drains (L{ssp.service.SSPService}).
 
 Between master and worker::
 
