@@ -392,6 +392,7 @@ class SSPService(MultiService):
                 call.cancel()
                 await self._retire(*retired)
 
+
 class _Accepting(TLSOrPlainFactory):
     """
     The listening factory, remembering the connections it accepted (weakly:

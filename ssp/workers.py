@@ -677,9 +677,8 @@ class TrailLock(Service):
     at most the orphan's C{drain_timeout}.
     """
 
-    def __init__(self, directory: Path, lock: Callable[[int, int], None] = fcntl.flock) -> None:
+    def __init__(self, directory: Path) -> None:
         self._path = directory / TRAIL_LOCK
-        self._lock = lock
         self._fd: int | None = None
 
     def privilegedStartService(self) -> None:
@@ -688,12 +687,12 @@ class TrailLock(Service):
         fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:
-                self._lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 log.warn("Audit trail {directory} is still open in another process (a worker "
                          "of a master that died, draining); waiting for it to finish",
                          directory=str(self._path.parent))
-                self._lock(fd, fcntl.LOCK_EX)
+                fcntl.flock(fd, fcntl.LOCK_EX)
         except BaseException:
             os.close(fd)
             raise
