@@ -631,7 +631,6 @@ class StopListeningTests(unittest.TestCase):
         self.assertEqual([(r.event, r.status) for r in proxy.audit.records],
                          [("authorised", 0), ("completed", 200)])
 
-
     async def test_stop_cuts_connections_that_never_became_channels(self):
         """
         A connection accepted before the stop but silent through the drain
