@@ -905,6 +905,7 @@ class _Masters:
     reuse_port = False
     proxy_protocol = False
     drain_timeout = 30.0
+    admin_listeners = True
 
     def setUp(self):
         self.provider = Provider(self)
@@ -918,8 +919,10 @@ class _Masters:
     def write(self, agreements: bool) -> None:
         write_config(self.config, self.port, self.provider.port.getHost().port,
                      self.workdir / "audit")
-        text = self.config.read_text().replace(
-            '[admin]\nendpoint = ""', f'[admin]\nendpoint = "tcp:{self.admin}:interface=127.0.0.1"')
+        text = self.config.read_text()
+        if self.admin_listeners:
+            text = text.replace('[admin]\nendpoint = ""',
+                                f'[admin]\nendpoint = "tcp:{self.admin}:interface=127.0.0.1"')
         if not agreements:
             text = text[:text.index("[[agreements]]")]
         for key in ("reuse_port", "proxy_protocol"):
@@ -1147,6 +1150,8 @@ class _Stopping(_Masters):
     """
 
     drain_timeout = 300.0
+    # Fewer fixed ports to race other processes for.
+    admin_listeners = False
 
     def setUp(self):
         super().setUp()
