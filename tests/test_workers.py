@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
@@ -1265,6 +1266,54 @@ class _Stopping(_Masters):
         await self.release(stalled)
         self.assertEqual(await deferToThread(proxy.process.wait, 60), -signal.SIGTERM)
         self.assertEqual([pid for pid in proxy.pids().values() if _alive(pid)], [])
+        await self.assert_audited(proxy)
+
+
+    async def test_sigterm_to_the_master_under_load(self):
+        """
+        Eight consumers keep requesting (half on keep-alive connections,
+        half on a new one each time) through a stop: they meet refused or
+        closed connections, never a 503, and every answer is audited (as
+        the issue found, 503 C{AUDIT_UNAVAILABLE} without a record came
+        from workers still accepting after their audit closed).
+        """
+        proxy = await self.start()
+        results: list[tuple[str, int]] = []
+        failures: list[str] = []
+        done = threading.Event()
+
+        def consume(keep_alive: bool) -> None:
+            connection = None
+            while not done.is_set():
+                try:
+                    if connection is None:
+                        connection = self.consumer.connect()
+                    headers = spine_headers()
+                    connection.request("GET", f"/{ENDPOINT}/metadata", headers=headers)
+                    response = connection.getresponse()
+                    response.read()
+                    results.append((headers["Ssp-TraceID"], response.status))
+                    if not keep_alive or response.will_close:
+                        connection.close()
+                        connection = None
+                except OSError as e:
+                    failures.append(type(e).__name__)
+                    connection = None
+                    done.wait(0.01)
+
+        consumers = [threading.Thread(target=consume, args=(n % 2 == 0,)) for n in range(8)]
+        for thread in consumers:
+            thread.start()
+        try:
+            await _until(lambda: len(results) >= 50)
+            os.kill(proxy.process.pid, signal.SIGTERM)
+            self.assertEqual(await deferToThread(proxy.process.wait, 60), -signal.SIGTERM)
+            await _until(lambda: len(failures) >= 8)
+        finally:
+            done.set()
+            for thread in consumers:
+                await deferToThread(thread.join)
+        self.answered = results
         await self.assert_audited(proxy)
 
 
