@@ -452,6 +452,11 @@ class Master(MultiService):
 
     def _bound(self, port: IListeningPort) -> IListeningPort:
         port.stopReading()  # type: ignore[attr-defined]
+        # Closing the master's copy must not shut the socket down: that
+        # would pull it from under workers still accepting (their accept
+        # fails with EINVAL).  Each worker closes its own copy as it stops,
+        # as Twisted already does for an adopted (systemd) socket.
+        port._shouldShutdown = False  # type: ignore[attr-defined]
         self.port = port
         return port
 
