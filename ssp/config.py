@@ -158,6 +158,7 @@ class ServerTLSConfig:
     private_key: Path
     client_ca: Path
     crls: tuple[Path, ...] = ()
+    crl_expiry_margin: float = attrs.field(default=3600.0, validator=ge(0))
     ciphers: str = DEFAULT_CIPHERS
     hsts: str = attrs.field(default="max-age=31536000; includeSubDomains", validator=_header_value)
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
@@ -34,16 +34,25 @@ class Metrics:
 
     def __init__(self, in_flight: Callable[[], float] = lambda: 0,
                  audit_pending: Callable[[], float] = lambda: 0,
+                 readiness: Callable[[], dict[str, bool]] = dict,
                  directory: Callable[[], IDirectory | None] = lambda: None,
                  connections: Callable[[], float] = lambda: 0,
-                 refused_connections: Callable[[], float] = lambda: 0) -> None:
+                 refused_connections: Callable[[], float] = lambda: 0,
+                 certificate_expiry: Callable[[], dict[str, float]] = dict,
+                 crl_next_update: Callable[[], dict[str, float]] = dict) -> None:
         """
         @param in_flight: the number of requests in progress.
         @param audit_pending: L{IAuditSink.pending} of the audit sink.
+        @param readiness: what C{/readyz} checks, by name; exported as
+            C{ssp_ready} so an alert can say which check fails.
         @param directory: the directory in use (it changes on reload).
         @param connections: open consumer connections.
         @param refused_connections: connections refused so far for being
             over the connection caps.
+        @param certificate_expiry: the notAfter (POSIX time) of the
+            proxy's own certificates, by role (C{server}, C{upstream_client}).
+        @param crl_next_update: the earliest nextUpdate (POSIX time) of
+            each configured CRL file, by path.
         """
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -75,11 +84,20 @@ class Metrics:
                         "Audit records accepted but not yet durable (the queue depth).",
                         registry=self.registry)
         pending.set_function(audit_pending)
+        self.registry.register(_Readiness(readiness))
         open_connections = Gauge("ssp_connections", "Open consumer connections.",
                                  registry=self.registry)
         open_connections.set_function(connections)
         self.registry.register(_CacheCollector(directory))
         self.registry.register(_RefusedConnections(refused_connections))
+        self.registry.register(_Timestamps(
+            "ssp_certificate_expiry_timestamp_seconds",
+            "When the proxy's own certificate expires (notAfter), by role.", "role",
+            certificate_expiry))
+        self.registry.register(_Timestamps(
+            "ssp_crl_next_update_timestamp_seconds",
+            "When a configured CRL file expires (its earliest nextUpdate).", "file",
+            crl_next_update))
         Gauge("ssp_build_info", "The running SSP version (always 1).", ["version"],
               registry=self.registry).labels(version=__version__).set(1)
 
@@ -132,6 +150,22 @@ class _CountingThrottle:
 
 
 @attrs.frozen
+class _Readiness:
+    """
+    C{ssp_ready{check}}: 1 when that C{/readyz} check passes, else 0.
+    """
+
+    readiness: Callable[[], dict[str, bool]]
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "ssp_ready", "1 when the /readyz check passes, 0 when it fails.", labels=["check"])
+        for check, ok in sorted(self.readiness().items()):
+            family.add_metric([check], 1 if ok else 0)
+        yield family
+
+
+@attrs.frozen
 class _CacheCollector:
     """
     The SDS cache's counters, read when scraped; absent for a directory
@@ -159,6 +193,25 @@ class _RefusedConnections:
         family = CounterMetricFamily(
             "ssp_connections_refused", "Connections closed at once for being over the caps.")
         family.add_metric([], self.refused())
+        yield family
+
+
+@attrs.frozen
+class _Timestamps:
+    """
+    A gauge of POSIX times, one per label value, read when scraped (they
+    change on reload).
+    """
+
+    name: str
+    documentation: str
+    label: str
+    values: Callable[[], dict[str, float]]
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, timestamp in sorted(self.values().items()):
+            family.add_metric([value], timestamp)
         yield family
 
 

@@ -32,7 +32,7 @@ from ssp import __version__, preflight
 from ssp import config as ssp_config
 from ssp.accesslog import AccessLogFile
 from ssp.audit import FileAuditSink
-from ssp.config import Config, ServerTLSConfig, ThrottleConfig
+from ssp.config import Config, ThrottleConfig
 from ssp.directory import directory_from_config
 from ssp.forward import Upstream
 from ssp.interfaces import IAuditSink, IDirectory, IThrottle
@@ -42,7 +42,14 @@ from ssp.pipeline import Checks
 from ssp.resource import Proxy, ProxyResource, ProxySite
 from ssp.systemd import SystemdNotifier
 from ssp.throttle import Throttle, throttle_from_config
-from ssp.tls import BulkTLSFactory, ServerTLS, TLSOrPlainFactory, UpstreamTLS, read_certificates
+from ssp.tls import (
+    BulkTLSFactory,
+    ServerTLS,
+    TLSOrPlainFactory,
+    UpstreamTLS,
+    handshake_failure_reason,
+    read_certificates,
+)
 
 log = Logger()
 
@@ -161,8 +168,8 @@ class SSPService(MultiService):
         config = self.config
         self.systemd = SystemdNotifier(self.reactor, os.environ)
         self.systemd.setServiceParent(self)
-        self.server_tls = ServerTLS(config.tls)
-        self._certificate_expiry = _expiry(config.tls)
+        self.server_tls = ServerTLS(config.tls, self.reactor)
+        self._certificate_expiry = _expiry(config)
         parts = self._reloadable(config, None)
         if parts.directory_service is not None:
             parts.directory_service.setServiceParent(self)
@@ -180,9 +187,13 @@ class SSPService(MultiService):
         self.metrics = Metrics(
             in_flight=lambda: self.proxy.in_flight if self.proxy else 0,
             audit_pending=lambda: audit.pending,
+            readiness=lambda: self.readiness() if self.proxy else {},
             directory=lambda: self.proxy.checks.directory if self.proxy else None,
             connections=lambda: len(self.site.channels) if self.site else 0,
             refused_connections=lambda: self.site.refused_connections if self.site else 0,
+            certificate_expiry=lambda: self._certificate_expiry,
+            crl_next_update=lambda: {str(f.path): f.next_update
+                                     for f in self.server_tls.trust.crl_files},
         )
         observers: tuple[Callable[[AuditRecord], None], ...] = (self.metrics.observe,)
         if config.log.access_log and config.log.access_log_file is not None:
@@ -271,19 +282,23 @@ class SSPService(MultiService):
         """
         What C{/readyz} reports: listening (no longer once a stop began,
         so a balancer looks elsewhere during the drain), the audit
-        writable, the directory reachable and the server certificate
-        within its validity.
+        writable, the directory reachable, the server certificate within
+        its validity and every CRL more than C{tls.crl_expiry_margin}
+        seconds from its nextUpdate (past it, every consumer would be
+        refused).
         """
         assert self.proxy is not None
+        now = self.reactor.seconds()
         return {
             "listening": self._listener is not None and self._listener.running,
             "audit": bool(self.audit.writable),
             "directory": bool(self.proxy.checks.directory.reachable),
-            "tls": self.reactor.seconds() < self._certificate_expiry,
+            "tls": now < self._certificate_expiry["server"],
+            "crl": now < self.server_tls.trust.valid_until - self.config.tls.crl_expiry_margin,
         }
 
     def _handshake_failed(self, peer: Any, reason: Failure) -> None:
-        self._record_connection_refusal(peer, "tls-failed", reason.getErrorMessage()[:200], 0)
+        self._record_connection_refusal(peer, "tls-failed", handshake_failure_reason(reason), 0)
 
     def _plain_http(self, peer: Any) -> None:
         self._record_connection_refusal(peer, "completed", "HTTP_REQUEST_SENT_TO_HTTPS_PORT", 497)
@@ -365,8 +380,9 @@ class SSPService(MultiService):
             config = self._adjust(ssp_config.load(self.config_path))
             preflight.check(config, self.config_path, self.reactor.seconds())
             parts = self._reloadable(config, self.config)
+            certificate_expiry = _expiry(config)
             self.server_tls.reload(config.tls)
-            self._certificate_expiry = _expiry(config.tls)
+            self._certificate_expiry = certificate_expiry
         except Exception as e:
             log.error("Reload rejected, keeping the running configuration: {error}", error=e)
             return False
@@ -506,11 +522,16 @@ def _setting(config: Config, key: str) -> Any:
     return config
 
 
-def _expiry(config: ServerTLSConfig) -> float:
+def _expiry(config: Config) -> dict[str, float]:
     """
-    When the server certificate expires, as a POSIX time.
+    When the server certificate and the upstream client certificate
+    expire, as POSIX times, by role.
     """
-    return read_certificates(config.certificate)[0].not_valid_after_utc.timestamp()
+    return {
+        role: read_certificates(path)[0].not_valid_after_utc.timestamp()
+        for role, path in (("server", config.tls.certificate),
+                           ("upstream_client", config.upstream.certificate))
+    }
 
 
 def _branch(trunk: Deferred[Any]) -> Deferred[Any]:

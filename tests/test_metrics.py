@@ -164,6 +164,7 @@ class AdminListenerTests(unittest.TestCase):
         service = proxy.service
         service.proxy.checks = attrs.evolve(service.proxy.checks,
                                             directory=MemoryDirectory(available=False))
-        service._certificate_expiry = reactor.seconds() - 1
+        service._certificate_expiry = dict(service._certificate_expiry,
+                                           server=reactor.seconds() - 1)
         self.assertEqual(await deferToThread(_get, f"{base}/readyz"),
                          (503, "not ready: audit, directory, tls\n"))

@@ -191,6 +191,24 @@ class SlowClientScenarios(unittest.TestCase):
                      "upstream connection of the stalled upload left open")
         return tally
 
+    async def stalled_body_with_shorter_response_timeout(self) -> Tally:
+        """
+        A consumer stalling mid-body is the consumer's failure (408 at
+        idle_timeout), even when the provider's response_timeout is
+        shorter: the provider cannot answer a request it has not had whole.
+        The upstream request is cancelled with it.
+        """
+        tally = Tally()
+        provider, proxy = await self.proxy(idle_timeout=1.5, upstream={"response_timeout": 0.1})
+        result = await send(proxy, head(b"POST", ECHO, lines=[b"Content-Length: 10"]) + b"x")
+        await self.refused_and_audited(tally, proxy, provider, result, 408, "REQUEST_TIMEOUT",
+                                       "failed")
+        tally.expect(provider.tracking.accepted == 1, "the request never went upstream")
+        tally.expect(await wait_for(lambda: all(not p.transport.connected
+                                                for p in provider.tracking.live)),
+                     "upstream connection of the stalled upload left open")
+        return tally
+
     async def trickled_body_within_idle_timeout(self) -> Tally:
         tally = Tally()
         provider, proxy = await self.proxy(idle_timeout=0.6)
@@ -299,7 +317,8 @@ class SlowClientScenarios(unittest.TestCase):
         crashes = FailureCounter(self)
         scenarios: list[Callable[[], Awaitable[Tally]]] = [
             self.slowloris_headers, self.slowloris_request_line, self.silent_connection,
-            self.stalled_body, self.trickled_body_within_idle_timeout,
+            self.stalled_body, self.stalled_body_with_shorter_response_timeout,
+            self.trickled_body_within_idle_timeout,
             self.slow_provider_outlives_header_timeout, self.idle_keep_alive,
             self.many_idle_connections, self.per_address_cap,
             self.per_address_cap_behind_proxy_protocol, self.global_cap,
