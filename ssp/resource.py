@@ -89,6 +89,7 @@ class ProxyRequest(server.Request):
     work: Deferred[None] | None = None
     _started = False
     _max_body = 0
+    expects_continue = False
 
     def gotLength(self, length: int | None) -> None:
         self.content = None
@@ -120,6 +121,19 @@ class ProxyRequest(server.Request):
             self.refuse(PayloadTooLarge(self._max_body))
             return True
         return False
+
+    def send_continue(self) -> None:
+        """
+        Send the C{100 Continue} the consumer waits for (RFC 9110 §10.1.1)
+        now that the request is admitted and about to be forwarded; a
+        refused request gets only its final status.  Not sent when the
+        body is already in, or when there is none.
+        """
+        if not self.expects_continue:
+            return
+        self.expects_continue = False
+        if self.body is not None and not self.body.complete and not self.startedWriting:
+            self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def describe(self, command: bytes, path: bytes, version: bytes) -> None:
         """
@@ -406,6 +420,13 @@ class ProxyChannel(http.HTTPChannel):
         self._phase = _BODY
         if self.length != 0 and self.requests:
             self.requests[-1].start(self._command, self._path, self._version)
+
+    def _send100Continue(self) -> None:
+        """
+        Twisted sends C{100 Continue} as soon as the head is in, before any
+        check: note the expectation instead, for L{ProxyRequest.send_continue}.
+        """
+        self.requests[-1].expects_continue = True
 
     def checkPersistence(self, request: Any, version: bytes) -> bool:
         """
@@ -749,6 +770,7 @@ class Proxy:
             body.finish()
         sent = self.clock.seconds()
         outcome.decision = "forwarded"
+        request.send_continue()
         try:
             response = await self.upstream.request(
                 request.method, url.url,
@@ -824,6 +846,8 @@ class Proxy:
         xml = errors.wants_xml(request.getHeader(b"accept"), _query_format(request.uri))
         content_type, body = errors.operation_outcome(refusal, xml)
         request.setResponseCode(refusal.status, REASONS.get(refusal.status))
+        if refusal.closes_connection:
+            request.channel.stop_reading()
         response_headers = request.responseHeaders
         if not request.channel.persistent or (request.body is not None
                                               and not request.body.complete):

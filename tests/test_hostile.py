@@ -822,3 +822,73 @@ class FramingTests(unittest.TestCase):
         self.assertTrue(record.consumer_address.startswith("127.0.0.1:"))
         self.assertEqual(record.sender, spine_headers()["Ssp-From"])
 
+
+
+def interim_then_final(port: int, context: ssl.SSLContext, request_head: bytes,
+                       body: bytes) -> tuple[list[int], bytes]:
+    """
+    Blocking: send a head carrying C{Expect: 100-continue} and, like a
+    client that waits, send C{body} only on C{100 Continue}; the status
+    codes received in order and the last response's bytes.
+    """
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    tls = context.wrap_socket(raw, server_hostname="localhost")
+    statuses: list[int] = []
+    data = b""
+    try:
+        tls.sendall(request_head)
+        while not statuses or statuses[-1] == 100:
+            while b"\r\n\r\n" not in data:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    return statuses, data
+                data += chunk
+            status_line, _, data = data.partition(b"\r\n")
+            statuses.append(int(status_line.split(b" ")[1]))
+            if statuses[-1] == 100:
+                data = data.partition(b"\r\n\r\n")[2]
+                tls.sendall(body)
+        while len(parse_responses(b"HTTP/1.1 200 x\r\n" + data)[0]) < 1:
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return statuses, data
+    finally:
+        tls.close()
+
+
+class ExpectContinueTests(unittest.TestCase):
+    """
+    C{100 Continue} is sent only once a request is admitted, just before
+    it is forwarded; a refused request gets its final status alone.
+    """
+
+    async def exchange(self, cert: str | None, lines: list[bytes], spine: bool = True
+                       ) -> tuple[Provider, Proxy, list[int], bytes]:
+        provider = Provider(self)
+        proxy = await Proxy(self, provider, listen=LIMITS).start()
+        request = head(b"POST", ECHO, spine=spine,
+                       lines=[b"Expect: 100-continue", b"Content-Length: 5"] + lines)
+        context = proxy.consumer(cert).context
+        statuses, rest = await deferToThread(interim_then_final, proxy.port, context,
+                                             request, b"hello")
+        return provider, proxy, statuses, rest
+
+    async def test_no_certificate(self):
+        provider, proxy, statuses, _ = await self.exchange(None, [])
+        self.assertEqual(statuses, [496])
+        self.assertEqual(provider.seen, [])
+
+    async def test_refused_by_the_checks(self):
+        provider, proxy, statuses, _ = await self.exchange("consumer-0", [], spine=False)
+        self.assertEqual(statuses, [400])
+        self.assertTrue(await wait_for(lambda: len(proxy.audit.completed()) == 1))
+        self.assertEqual(proxy.audit.completed()[0].token, BAD + "Ssp-TraceID header is missing")
+        self.assertEqual(provider.seen, [])
+
+    async def test_admitted(self):
+        provider, proxy, statuses, rest = await self.exchange("consumer-0", [])
+        self.assertEqual(statuses, [100, 200])
+        self.assertEqual(json.loads(rest.partition(b"\r\n\r\n")[2])["body_length"], 5)
+        self.assertEqual([seen.body_length for seen in provider.seen], [5])
