@@ -42,7 +42,7 @@ from ssp.errors import (
     URITooLong,
 )
 from ssp.interfaces import IAuditSink, IUpstream
-from ssp.model import AuditRecord, Claims, ClientIdentity
+from ssp.model import AuditRecord, Claims
 from ssp.pipeline import Checks, Findings, Inbound, admit
 from ssp.tls import host_of, send_now
 
@@ -865,9 +865,15 @@ class Proxy:
         """
         Answer and audit a request the channel refused before it could be
         admitted (its framing, size or timing); the connection then closes.
+        The certificate check still comes first: a consumer without a good
+        certificate gets its 496/495, whatever else is wrong.
         """
         started = self.clock.seconds()
-        found = Findings(client=self._identity(request))
+        found = Findings()
+        try:
+            found.client = self.checks.identify(_tls_connection(request))
+        except Refusal as unidentified:
+            refusal = unidentified
         outcome = _Outcome()
         outcome.refused(refusal)
         outcome.total_latency = 0.0
@@ -876,12 +882,6 @@ class Proxy:
         Deferred.fromCoroutine(self._complete(
             self._record("completed", uuid.uuid4().hex, started, request, found, outcome)
         ))
-
-    def _identity(self, request: ProxyRequest) -> ClientIdentity | None:
-        try:
-            return self.checks.identify(_tls_connection(request))
-        except Refusal:
-            return None
 
     def _record(self, event: str, request_id: str, started: float, request: ProxyRequest,
                 found: Findings, outcome: _Outcome) -> AuditRecord:

@@ -299,6 +299,26 @@ class ConnectionClosedTests(IdentityTestCase):
     async def test_with_bad_certificate(self) -> None:
         await self.refused_once("consumer-expired", 495, "CLIENT_CERTIFICATE_INVALID_EXPIRED")
 
+    async def test_malformed_request_gets_the_certificate_refusal(self) -> None:
+        """
+        Step 1 comes first even for a request head the channel refuses
+        (its framing, a repeated singleton, a missing C{Host}): without a
+        good certificate the answer is 496/495, not the framing's 400.
+        """
+        provider, proxy = await self.start()
+        heads = (metadata_request().replace(b"\r\n\r\n", b"\r\nAuthorization: x\r\n\r\n"),
+                 b"GET / HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1\r\nX: \x01\r\n\r\n",
+                 b"GET / HTTP/9.9\r\n\r\n")
+        for cert, status in ((None, 496), ("consumer-untrusted", 495)):
+            for request in heads:
+                result = await deferToThread(raw_exchange, proxy.port, client_context(cert),
+                                             [request])
+                self.assertEqual((result.statuses, result.closed), ((status,), True), request)
+        await until(lambda: len(proxy.audit.records) == 2 * len(heads))
+        self.assertEqual(sorted(r.status for r in proxy.audit.records),
+                         [495] * len(heads) + [496] * len(heads))
+        self.assertEqual(provider.seen, [])
+
     async def test_good_certificate_kept_alive(self) -> None:
         provider, proxy = await self.start()
         result = await deferToThread(raw_exchange, proxy.port, client_context("consumer-0"),
