@@ -889,37 +889,31 @@ class FramingTests(unittest.TestCase):
 
 
 def interim_then_final(port: int, context: ssl.SSLContext, request_head: bytes,
-                       body: bytes) -> tuple[list[int], bytes]:
+                       body: bytes) -> tuple[list[int], RawResponse | None]:
     """
     Blocking: send a head carrying C{Expect: 100-continue} and, like a
-    client that waits, send C{body} only on C{100 Continue}; the status
-    codes received in order and the last response's bytes.
+    client that waits, send C{body} only once C{100 Continue} arrives; the
+    status codes of every head received, in order, and the final response.
     """
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
     tls = context.wrap_socket(raw, server_hostname="localhost")
-    statuses: list[int] = []
-    data = b""
+    data, body_sent = b"", False
     try:
         tls.sendall(request_head)
-        while not statuses or statuses[-1] == 100:
-            while b"\r\n\r\n" not in data:
-                chunk = tls.recv(65536)
-                if not chunk:
-                    return statuses, data
-                data += chunk
-            status_line, _, data = data.partition(b"\r\n")
-            statuses.append(int(status_line.split(b" ")[1]))
-            if statuses[-1] == 100:
-                data = data.partition(b"\r\n\r\n")[2]
+        while not parse_responses(data)[0]:
+            if not body_sent and data.startswith(b"HTTP/1.1 100 ") and b"\r\n\r\n" in data:
                 tls.sendall(body)
-        while len(parse_responses(b"HTTP/1.1 200 x\r\n" + data)[0]) < 1:
+                body_sent = True
             chunk = tls.recv(65536)
             if not chunk:
                 break
             data += chunk
-        return statuses, data
     finally:
         tls.close()
+    statuses = [int(line.split(b" ")[1]) for line in data.split(b"\r\n")
+                if line.startswith(b"HTTP/1.1 ")]
+    responses = parse_responses(data)[0]
+    return statuses, responses[0] if responses else None
 
 
 class ExpectContinueTests(unittest.TestCase):
@@ -929,19 +923,20 @@ class ExpectContinueTests(unittest.TestCase):
     """
 
     async def exchange(self, cert: str | None, lines: list[bytes], spine: bool = True
-                       ) -> tuple[Provider, Proxy, list[int], bytes]:
+                       ) -> tuple[Provider, Proxy, list[int], RawResponse | None]:
         provider = Provider(self)
         proxy = await Proxy(self, provider, listen=LIMITS).start()
         request = head(b"POST", ECHO, spine=spine,
                        lines=[b"Expect: 100-continue", b"Content-Length: 5"] + lines)
         context = proxy.consumer(cert).context
-        statuses, rest = await deferToThread(interim_then_final, proxy.port, context,
-                                             request, b"hello")
-        return provider, proxy, statuses, rest
+        statuses, final = await deferToThread(interim_then_final, proxy.port, context,
+                                              request, b"hello")
+        return provider, proxy, statuses, final
 
     async def test_no_certificate(self):
-        provider, proxy, statuses, _ = await self.exchange(None, [])
+        provider, proxy, statuses, final = await self.exchange(None, [])
         self.assertEqual(statuses, [496])
+        self.assertEqual(final.token(), "CLIENT_CERTIFICATE_REQUIRED")
         self.assertEqual(provider.seen, [])
 
     async def test_refused_by_the_checks(self):
@@ -952,7 +947,7 @@ class ExpectContinueTests(unittest.TestCase):
         self.assertEqual(provider.seen, [])
 
     async def test_admitted(self):
-        provider, proxy, statuses, rest = await self.exchange("consumer-0", [])
+        provider, proxy, statuses, final = await self.exchange("consumer-0", [])
         self.assertEqual(statuses, [100, 200])
-        self.assertEqual(json.loads(rest.partition(b"\r\n\r\n")[2])["body_length"], 5)
+        self.assertEqual(json.loads(final.body)["body_length"], 5)
         self.assertEqual([seen.body_length for seen in provider.seen], [5])
