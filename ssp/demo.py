@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_demo -*-
+# -*- test-case-name: tests.test_proxy -*-
 """
 The embedded demo: a development PKI in C{certs/}, the demo SDS in
 C{etc/demo-sds.ldif}, a demo FHIR provider on loopback that requires the

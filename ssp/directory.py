@@ -55,7 +55,7 @@ from zope.interface import implementer
 
 from ssp.config import ConfigError, DirectoryConfig
 from ssp.errors import DirectoryUnavailable
-from ssp.interfaces import IDirectory
+from ssp.interfaces import ICacheCounters, IDirectory
 from ssp.model import AccreditedSystem, MessageHandler
 
 log = Logger()
@@ -491,7 +491,7 @@ class _Entry:
     lifetime: float
 
 
-@implementer(IDirectory)
+@implementer(IDirectory, ICacheCounters)
 class CachingDirectory:
     """
     A cache in front of another L{IDirectory}.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_errors -*-
+# -*- test-case-name: tests.test_parsing,tests.test_proxy -*-
 """
 Refusals: every reason the proxy answers a request itself, as a typed
 exception, and the one place they become a FHIR C{OperationOutcome}.
@@ -175,6 +175,19 @@ class DirectoryUnavailable(Refusal):
     issue_code = "transient"
 
     def __init__(self, token: str = "SDS_UNAVAILABLE") -> None:
+        super().__init__(token)
+
+
+class ThrottleUnavailable(Refusal):
+    """
+    The shared rate store cannot be reached and the policy is to fail
+    closed (503): no request is admitted that nobody could count.
+    """
+
+    status = 503
+    issue_code = "transient"
+
+    def __init__(self, token: str = "THROTTLE_UNAVAILABLE") -> None:
         super().__init__(token)
 
 

@@ -43,7 +43,8 @@ from zope.interface import implementer
 from ssp.config import UpstreamConfig
 from ssp.errors import UpstreamFailed, UpstreamTimeout
 from ssp.interfaces import IUpstream
-from ssp.tls import BulkTLSEndpoint, UpstreamTLS, send_now
+from ssp.tls import BulkTLSEndpoint, UpstreamTLS
+from ssp.wire import send_now
 
 log = Logger()
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_headers -*-
+# -*- test-case-name: tests.test_parsing -*-
 """
 Request and response headers: validating the C{Ssp-*} headers and
 deciding what crosses the proxy.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_interfaces -*-
+# -*- test-case-name: tests.test_contracts -*-
 """
 The pluggable concerns of the proxy, as zope Interfaces.
 
@@ -53,6 +53,17 @@ class IDirectory(Interface):
     )
 
 
+class ICacheCounters(Interface):
+    """
+    A cache's lookup counters, which C{/metrics} exports
+    (C{ssp_sds_cache_lookups}); a directory without a cache lacks them.
+    """
+
+    hits = Attribute("Lookups answered from a fresh entry.")
+    misses = Attribute("Lookups that asked the directory behind.")
+    stale_served = Attribute("Lookups answered from a stale entry while SDS was down.")
+
+
 class IThrottle(Interface):
     """
     Rate limits per consumer ASID (C{Ssp-From}) and per provider ASID
@@ -68,6 +79,17 @@ class IThrottle(Interface):
     def consume_provider(asid: str) -> "Deferred[RateDecision | None]":
         """
         Spend one request from the provider's global allowance.
+        """
+
+    def peek_consumer(asid: str) -> "Deferred[RateDecision | None]":
+        """
+        What L{consume_consumer} would decide now, spending nothing: how
+        C{ssp explain} asks without using up anyone's allowance.
+        """
+
+    def peek_provider(asid: str) -> "Deferred[RateDecision | None]":
+        """
+        What L{consume_provider} would decide now, spending nothing.
         """
 
 

@@ -18,8 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from ssp.directory import CachingDirectory
-from ssp.interfaces import IDirectory, IThrottle
+from ssp.interfaces import ICacheCounters, IDirectory, IThrottle
 from ssp.model import AuditRecord, RateDecision
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -114,6 +113,12 @@ class _CountingThrottle:
     def consume_provider(self, asid: str) -> Deferred[RateDecision | None]:
         return self._count("provider", self.throttle.consume_provider(asid))
 
+    def peek_consumer(self, asid: str) -> Deferred[RateDecision | None]:
+        return self.throttle.peek_consumer(asid)  # a peek decides nothing: not counted
+
+    def peek_provider(self, asid: str) -> Deferred[RateDecision | None]:
+        return self.throttle.peek_provider(asid)
+
     def _count(self, role: str, d: Deferred[RateDecision | None]) -> Deferred[RateDecision | None]:
         def decided(decision: RateDecision | None) -> RateDecision | None:
             outcome = "unlimited" if decision is None else (
@@ -139,7 +144,7 @@ class _CacheCollector:
 
     def collect(self) -> Iterator[Metric]:
         directory = self.directory()
-        if isinstance(directory, CachingDirectory):
+        if ICacheCounters.providedBy(directory):
             lookups = CounterMetricFamily(
                 "ssp_sds_cache_lookups", "SDS lookups by cache outcome.", labels=["outcome"])
             lookups.add_metric(["hit"], directory.hits)

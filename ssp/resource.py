@@ -44,7 +44,7 @@ from ssp.errors import (
 from ssp.interfaces import IAuditSink, IUpstream
 from ssp.model import AuditRecord, Claims, ClientIdentity
 from ssp.pipeline import Checks, Findings, Inbound, admit
-from ssp.tls import send_now
+from ssp.wire import send_now
 
 log = Logger()
 

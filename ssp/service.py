@@ -20,7 +20,6 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succee
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import deferLater
-from twisted.internet.testing import waitUntilAllDisconnected
 from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
@@ -134,8 +133,8 @@ class SSPService(MultiService):
         remaining = list(self.site.channels)
         for channel in remaining:
             channel.transport.abortConnection()
-        if remaining:
-            await waitUntilAllDisconnected(self.reactor, remaining)
+        while any(channel.transport.connected for channel in remaining):
+            await deferLater(self.reactor, 0.01, lambda: None)
 
     def _build(self) -> None:
         config = self.config

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_service -*-
 """
 C{twistd ssp}: command-line options and service construction.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tls -*-
+# -*- test-case-name: tests.test_proxy,tests.test_bulk_tls -*-
 """
 Transport security on both legs.
 
@@ -479,27 +479,3 @@ class BulkTLSEndpoint:
     def connect(self, factory: interfaces.IProtocolFactory) -> Deferred[interfaces.IProtocol]:
         connecting = self._endpoint.connect(BulkTLSFactory(self._creator, True, factory))
         return connecting.addCallback(lambda tls: tls.wrappedProtocol)
-
-
-def send_now(transport: interfaces.ITransport) -> None:
-    """
-    Hand what a TLS transport holds to the kernel now.
-
-    Twisted's TLS transport keeps small writes until the end of the reactor
-    turn, and its TCP transport sends only at the next poll, after every
-    other call due in that turn (here: the audit record, the access log).
-    At the end of a response or a request that is latency for nothing:
-    profiling showed 0.4 ms of the added latency at modest rates here.
-    """
-    aggregator = getattr(transport, "_aggregator", None)
-    if aggregator is not None:
-        aggregator.flush()
-    tcp = getattr(transport, "transport", None)
-    do_write = getattr(tcp, "doWrite", None)
-    # A closing connection is left to the reactor, which must see the
-    # result of its last write to finish closing it.
-    if (do_write is not None and getattr(tcp, "connected", False)
-            and not tcp.disconnecting and not getattr(tcp, "_writeDisconnecting", False)):
-        # An error leaves the data buffered and the socket registered for
-        # writing: the reactor then sees it and closes the connection.
-        do_write()

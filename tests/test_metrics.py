@@ -20,7 +20,7 @@ from ssp.directory import CachingDirectory
 from ssp.metrics import Metrics
 from ssp.model import AuditRecord
 from ssp.testing import MemoryDirectory, MemoryThrottle
-from ssp.throttle import ThrottleUnavailable
+from ssp.errors import ThrottleUnavailable
 from tests.ports import free_port
 from tests.support import Provider, Proxy, spine_headers
 

@@ -29,7 +29,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from ssp.config import LimitSet, RateLimit, ThrottleConfig, parse
-from ssp.errors import ProviderBusy, TooManyRequests
+from ssp.errors import ProviderBusy, ThrottleUnavailable, TooManyRequests
 from ssp.interfaces import IThrottle
 from ssp.model import RateDecision
 from ssp.throttle import (
@@ -37,7 +37,6 @@ from ssp.throttle import (
     MemoryRateStore,
     RedisRateStore,
     Throttle,
-    ThrottleUnavailable,
     check_consumer,
     check_provider,
     emission_interval,
