@@ -337,7 +337,7 @@ class ClockedTimeouts(unittest.SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.audit = RecordingAuditSink()
+        self.audit = RecordingAuditSink(clock=self.clock)
         checks = Checks(identify=_no_certificate, directory=MemoryDirectory(),
                         throttle=MemoryThrottle(), agreements=(), token=TokenConfig(),
                         clock=self.clock)
