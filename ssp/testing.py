@@ -22,7 +22,12 @@ from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
 from ssp.config import RateLimit
-from ssp.errors import AuditUnavailable, DirectoryUnavailable, UpstreamFailed
+from ssp.errors import (
+    AuditUnavailable,
+    DirectoryUnavailable,
+    ThrottleUnavailable,
+    UpstreamFailed,
+)
 from ssp.interfaces import IAuditSink, IDirectory, IThrottle, IUpstream
 from ssp.model import AccreditedSystem, AuditRecord, MessageHandler, RateDecision
 from ssp.throttle import gcra
@@ -81,26 +86,31 @@ class MemoryThrottle:
     GCRA of L{ssp.throttle.gcra}, so decisions match the real throttle's).
     A fresh L{Clock} never moves, so by default nothing refills and tests
     can say exactly which request is refused.
+
+    @ivar available: when false every decision fails with
+        L{ThrottleUnavailable}, as a shared store that is down does under
+        C{on_store_failure = "closed"}.
     """
 
     consumer_allowance: int = 1_000_000
     provider_allowance: int = 1_000_000
     period: float = 60.0
     clock: IReactorTime = attrs.Factory(Clock)
+    available: bool = True
     _tats: dict[str, int] = attrs.field(factory=dict, init=False)
     _spent: int = attrs.field(default=0, init=False)
 
     def consume_consumer(self, asid: str) -> Deferred[RateDecision | None]:
-        return succeed(self._decide(f"consumer:{asid}", self.consumer_allowance, spend=True))
+        return self._decide(f"consumer:{asid}", self.consumer_allowance, spend=True)
 
     def consume_provider(self, asid: str) -> Deferred[RateDecision | None]:
-        return succeed(self._decide(f"provider:{asid}", self.provider_allowance, spend=True))
+        return self._decide(f"provider:{asid}", self.provider_allowance, spend=True)
 
     def peek_consumer(self, asid: str) -> Deferred[RateDecision | None]:
-        return succeed(self._decide(f"consumer:{asid}", self.consumer_allowance, spend=False))
+        return self._decide(f"consumer:{asid}", self.consumer_allowance, spend=False)
 
     def peek_provider(self, asid: str) -> Deferred[RateDecision | None]:
-        return succeed(self._decide(f"provider:{asid}", self.provider_allowance, spend=False))
+        return self._decide(f"provider:{asid}", self.provider_allowance, spend=False)
 
     @property
     def spent(self) -> int:
@@ -110,7 +120,12 @@ class MemoryThrottle:
         """
         return self._spent
 
-    def _decide(self, key: str, allowance: int, spend: bool) -> RateDecision:
+    def _decide(self, key: str, allowance: int, spend: bool) -> Deferred[RateDecision | None]:
+        if not self.available:
+            return fail(ThrottleUnavailable())
+        return succeed(self._gcra(key, allowance, spend))
+
+    def _gcra(self, key: str, allowance: int, spend: bool) -> RateDecision:
         if allowance <= 0:
             return RateDecision(False, 0, 0, self.period, self.period)
         limit = RateLimit(rate=allowance, period=self.period, burst=allowance)

@@ -182,6 +182,29 @@ class ServerTLS:
         self._identities[connection] = identity
         return identity
 
+    def verify_pem(self, pem: bytes) -> ClientIdentity:
+        """
+        Verify a PEM certificate (leaf first, then any intermediates)
+        against the current client CAs and CRLs as a handshake would, for
+        C{ssp explain}: the same verdicts as L{client_identity}.
+
+        @raise CertificateInvalid: it fails verification (495).
+        @raise ValueError: C{pem} holds no certificate.
+        """
+        leaf, *chain = x509.load_pem_x509_certificates(pem)
+        context = crypto.X509StoreContext(
+            self._context.get_cert_store(),
+            crypto.X509.from_cryptography(leaf),
+            [crypto.X509.from_cryptography(c) for c in chain],
+        )
+        try:
+            context.verify_certificate()
+        except crypto.X509StoreContextError as e:
+            raise CertificateInvalid(
+                f"CLIENT_CERTIFICATE_INVALID_{_verify_reason(e.errors[0])}"
+            ) from e
+        return identity_of(leaf)
+
     def _identity_of(self, peer: crypto.X509) -> ClientIdentity:
         """
         L{identity_of}, remembered by the certificate's DER bytes (dumping
