@@ -174,16 +174,20 @@ class RecordingAuditSink:
 
     def append(self, record: AuditRecord) -> Deferred[None]:
         self.pending += 1
+        d: Deferred[None] = Deferred()
 
-        def settle(_: object) -> None:
+        def settle() -> None:
+            # As in the file sink, a caller cancelling its Deferred does not
+            # take the record back: it is kept (or fails) all the same.
             self.pending -= 1
             if not self.writable:
-                raise AuditUnavailable()
+                d.errback(AuditUnavailable())
+                return
             self.records.append(record)
+            d.callback(None)
 
-        d: Deferred[None] = Deferred()
-        d.addCallback(settle)
-        return _later(self.clock, d, None)
+        self.clock.callLater(0, settle)
+        return d
 
     def completed(self) -> list[AuditRecord]:
         """

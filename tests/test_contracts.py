@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock, Cooperator
 from twisted.trial.unittest import TestCase
 from twisted.web.client import FileBodyProducer, readBody
@@ -154,6 +155,18 @@ class AuditSinkContract:
         self.assertIsNone(await d)
         self.assertEqual(self.sink.pending, 0)
         self.assertEqual(self.written(), ["req-1"])
+
+    async def test_cancelled_append_still_written(self) -> None:
+        """
+        The proxy cancels its work when a consumer disconnects; a record
+        already appended is written all the same.
+        """
+        cancelled = self.sink.append(record(1))
+        cancelled.cancel()
+        await self.assertFailure(cancelled, CancelledError)
+        await self.sink.append(record(2))
+        self.assertEqual(self.written(), ["req-1", "req-2"])
+        self.assertEqual(self.sink.pending, 0)
 
     async def test_order_kept(self) -> None:
         for n in range(5):

@@ -32,6 +32,7 @@ from tests.support import (
     pki,
     rss_bytes,
     spine_headers,
+    until,
 )
 
 
@@ -438,21 +439,21 @@ class UpstreamFailureTests(ProxyTestCase):
         reply = await proxy.consumer().get("stall")
         self.assertEqual(reply.status, 504)
         self.assertEqual(reply.token(), f"TIMEOUT_COMMUNICATING_TO_ENDPOINT_URL_{ENDPOINT}/stall")
-        await deferLater(reactor, 0.05)
-        self.assertTrue(provider.resource.stalled._disconnected)
+        await until(lambda: provider.resource.stalled._disconnected)
 
     async def test_idle_body_timeout_aborts_both_sides(self):
         provider, proxy = await self.setup(upstream={"idle_timeout": 0.3})
         with self.assertRaises(http.client.IncompleteRead):
             await proxy.consumer().get("stallbody")
-        await deferLater(reactor, 0.05)
-        self.assertTrue(provider.resource.stalled._disconnected)
+        await until(lambda: provider.resource.stalled._disconnected)
+        await until(proxy.quiet)
         self.assertEqual([(r.status, r.decision) for r in proxy.audit.completed()], [(504, "failed")])
 
     async def test_reset_mid_body(self):
         provider, proxy = await self.setup()
         with self.assertRaises(http.client.IncompleteRead):
             await proxy.consumer().get("reset")
+        await until(proxy.quiet)
         self.assertEqual([(r.status, r.decision) for r in proxy.audit.completed()], [(502, "failed")])
 
     async def test_client_disconnect_cancels_upstream(self):
@@ -470,10 +471,8 @@ class UpstreamFailureTests(ProxyTestCase):
         while not provider.seen:
             await deferLater(reactor, 0.01)
         tls.close()
-        while not proxy.audit.completed():
-            await deferLater(reactor, 0.01)
-        await deferLater(reactor, 0.05)
-        self.assertTrue(provider.resource.stalled._disconnected)
+        await until(lambda: provider.resource.stalled._disconnected)
+        await until(proxy.quiet)
         self.assertEqual([(r.status, r.decision) for r in proxy.audit.completed()],
                          [(499, "abandoned")])
 
