@@ -407,7 +407,7 @@ class LDAPTransportTests(TestCase):
         directory = started(self, ldap_config(url, receive_timeout=0.3, connect_timeout=0.3))
         started_at = reactor.seconds()
         await self.assertUnavailable(directory)
-        self.assertLess(reactor.seconds() - started_at, 3.0)
+        self.assertLess(reactor.seconds() - started_at, 30.0)  # bounded, not hung: exact bound in test_deadline
 
     def test_deadline(self) -> None:
         """

@@ -27,7 +27,7 @@ from ssp.pipeline import Checks
 from ssp.resource import Proxy as ProxyHandler
 from ssp.resource import ProxyResource, ProxySite
 from ssp.testing import MemoryDirectory, MemoryThrottle, RecordingAuditSink
-from tests.support import ENDPOINT, Provider, Proxy
+from tests.support import ENDPOINT, Provider, Proxy, until
 from tests.test_hostile import (
     ECHO,
     FIGURE_COLUMNS,
@@ -38,6 +38,12 @@ from tests.test_hostile import (
     send,
     wait_for,
 )
+
+# How late a time-out of a few tenths of a second may fire, or how long a
+# gap meant to stay within a time-out may be, on a loaded machine: these
+# checks are about "cut at all" and "not cut", the exact timing is proven
+# on a Clock by ClockedTimeouts.
+SLACK = 20.0
 
 
 @attrs.define
@@ -132,7 +138,7 @@ class SlowClientScenarios(unittest.TestCase):
         if not await wait_for(lambda: bool(refusals())):
             tally.audit_lost += 1
         tally.expect(refusals() == [(status, token, decision)], f"audited {refusals()}")
-        await deferLater(reactor, 0.05)
+        await until(proxy.settled)
         tally.forwarded += len(provider.seen)
 
     async def good_request(self, tally: Tally, proxy: Proxy, source: str = "127.0.0.1") -> None:
@@ -148,7 +154,7 @@ class SlowClientScenarios(unittest.TestCase):
         slow = send(proxy, pieces, gap=0.1)
         await self.good_request(tally, proxy)
         result = await slow
-        tally.expect(time.monotonic() - started < 1.5, "head not cut at header_timeout")
+        tally.expect(time.monotonic() - started < SLACK, "head not cut at header_timeout")
         await self.refused_and_audited(tally, proxy, provider, result, 408, "REQUEST_TIMEOUT",
                                        "refused")
         tally.forwarded -= 1  # the good request
@@ -171,7 +177,7 @@ class SlowClientScenarios(unittest.TestCase):
         started = time.monotonic()
         result = await send(proxy, [])
         tally.expect(result.closed and not result.responses, f"silent connection: {result}")
-        tally.expect(time.monotonic() - started < 1.5, "silent connection not closed in time")
+        tally.expect(time.monotonic() - started < SLACK, "silent connection not closed in time")
         tally.expect(proxy.audit.completed() == [], "a silent connection was audited")
         return tally
 
@@ -193,7 +199,7 @@ class SlowClientScenarios(unittest.TestCase):
 
     async def trickled_body_within_idle_timeout(self) -> Tally:
         tally = Tally()
-        provider, proxy = await self.proxy(idle_timeout=0.6)
+        provider, proxy = await self.proxy(idle_timeout=SLACK)
         pieces = [head(b"POST", ECHO, lines=[b"Content-Length: 5"])] + [b"a"] * 5
         result = await send(proxy, pieces, gap=0.1, responses=1)
         tally.expect(result.statuses == (200,), f"trickled body got {result.statuses}")
@@ -202,8 +208,8 @@ class SlowClientScenarios(unittest.TestCase):
 
     async def slow_provider_outlives_header_timeout(self) -> Tally:
         tally = Tally()
-        provider, proxy = await self.proxy(upstream={"response_timeout": 0.6},
-                                           header_timeout=0.2)
+        provider, proxy = await self.proxy(upstream={"response_timeout": 3.0},
+                                           header_timeout=1.0)
         result = await send(proxy, head(target=f"/{ENDPOINT}/stall".encode()), responses=1)
         tally.expect(result.statuses == (504,), f"header deadline hit a waiting request: "
                                                 f"{result.statuses}")
@@ -216,7 +222,7 @@ class SlowClientScenarios(unittest.TestCase):
         result = await send(proxy, head())
         tally.expect(result.statuses == (200,) and result.closed and not result.leftover,
                      f"keep-alive: {result}")
-        tally.expect(time.monotonic() - started < 1.5, "idle keep-alive not closed in time")
+        tally.expect(time.monotonic() - started < SLACK, "idle keep-alive not closed in time")
         return tally
 
     async def many_idle_connections(self) -> Tally:
