@@ -17,11 +17,14 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
-from attrs.validators import ge, gt, in_
+from attrs.validators import deep_iterable, ge, gt, in_
+from twisted.internet.endpoints import _parseServer, serverFromString
 
 DEFAULT_CIPHERS = "ECDHE+AESGCM:DHE+AESGCM"
 
@@ -32,9 +35,109 @@ class ConfigError(Exception):
     """
 
 
+# --- Value rules -----------------------------------------------------------
+# Each raises ValueError("'<field>' <problem>"), which the loader turns into
+# "<file>: <section>.<field>: <problem>", so a mistake is caught when the
+# file is read (check, start and reload alike), never while serving.
+
+#: Endpoint types whose socket is handed over when the process starts.
+INHERITED_ENDPOINTS = ("systemd", "ssp-inherit")
+
+
+def endpoint_problem(description: str) -> str | None:
+    """
+    What is wrong with a Twisted server endpoint string, or L{None}.  The
+    endpoint is built but not bound; a C{systemd:} or inherited socket
+    exists only at start, so only its syntax is checked.
+    """
+    kind = description.split(":", 1)[0]
+    if kind == "ssl":
+        return "ssl: endpoints cannot require client certificates; use tcp: (the proxy does TLS)"
+    try:
+        if kind not in INHERITED_ENDPOINTS:
+            endpoint = serverFromString(None, description)
+            port = getattr(endpoint, "_port", getattr(endpoint, "port", None))
+            if isinstance(port, int) and not 0 <= port <= 65535:
+                return f"invalid endpoint {description!r}: port {port} is not 0-65535"
+            return None
+        _, _, options = _parseServer(description, None)
+    except Exception as e:  # Twisted raises whatever its parser or the endpoint meets
+        return f"invalid endpoint {description!r}: {e}"
+    if kind == "systemd":
+        if options.get("domain") not in ("INET", "INET6", "UNIX"):
+            return f"invalid endpoint {description!r}: domain must be INET, INET6 or UNIX"
+        if not (options.get("name") or str(options.get("index", "")).isdigit()):
+            return f"invalid endpoint {description!r}: needs name=<FileDescriptorName> or index=N"
+    elif not str(options.get("fd", "")).isdigit():
+        return f"invalid endpoint {description!r}: needs fd=N"
+    return None
+
+
+def _endpoint(instance: Any, attribute: Any, value: str) -> None:
+    problem = endpoint_problem(value)
+    if problem:
+        raise ValueError(f"'{attribute.name}' {problem}")
+
+
+def _optional_endpoint(instance: Any, attribute: Any, value: str | None) -> None:
+    if value:  # None or "" turns the listener off
+        _endpoint(instance, attribute, value)
+
+
+def _header_value(instance: Any, attribute: Any, value: str) -> None:
+    if not re.fullmatch(r"[\x20-\x7e]*", value):
+        raise ValueError(f"'{attribute.name}' must be printable ASCII (it is sent as a header)")
+
+
+def _host_port(text: str) -> bool:
+    host, sep, port = text.rpartition(":")
+    if host.startswith("["):
+        host = host[1:-1] if host.endswith("]") else ""
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+def _resolve(instance: Any, attribute: Any, value: dict[str, str]) -> None:
+    for name, target in value.items():
+        for side, text in (("entry", name), ("target", target)):
+            if not _host_port(text):
+                raise ValueError(
+                    f"'{attribute.name}' {side} {text!r} must be host:port ({name!r} = {target!r})")
+
+
+def _url(*schemes: str) -> Callable[[Any, Any, str], None]:
+    def check(instance: Any, attribute: Any, value: str) -> None:
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises for a port that is not a number
+        except ValueError as e:
+            raise ValueError(f"'{attribute.name}' invalid URL {value!r}: {e}") from None
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ValueError(f"'{attribute.name}' {value!r} is not a "
+                             + " or ".join(f"{s}://host" for s in schemes) + " URL")
+    return check
+
+
+def _origin(instance: Any, attribute: Any, value: str) -> None:
+    """
+    A browser's C{Origin} is the serialised scheme, host and non-default
+    port (RFC 6454): anything else in the list could never match.
+    """
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    default = {"http": 80, "https": 443}
+    if (parts is None or parts.scheme not in default or not parts.hostname
+            or parts.path or parts.query or parts.fragment or "@" in parts.netloc
+            or port == default[parts.scheme] or value != value.lower()):
+        raise ValueError(f"'{attribute.name}' {value!r} must be scheme://host[:port] "
+                         "(lower case, no path or trailing slash, no default port)")
+
+
 @attrs.frozen
 class ListenConfig:
-    endpoint: str = "tcp:8443:interface=127.0.0.1"
+    endpoint: str = attrs.field(default="tcp:8443:interface=127.0.0.1", validator=_endpoint)
     proxy_protocol: bool = False
     drain_timeout: float = attrs.field(default=30.0, validator=ge(0))
     idle_timeout: float = attrs.field(default=60.0, validator=gt(0))
@@ -56,7 +159,7 @@ class ServerTLSConfig:
     client_ca: Path
     crls: tuple[Path, ...] = ()
     ciphers: str = DEFAULT_CIPHERS
-    hsts: str = "max-age=31536000; includeSubDomains"
+    hsts: str = attrs.field(default="max-age=31536000; includeSubDomains", validator=_header_value)
 
 
 @attrs.frozen
@@ -70,14 +173,15 @@ class UpstreamConfig:
     max_persistent_per_host: int = attrs.field(default=64, validator=ge(1))
     cached_connection_timeout: float = attrs.field(default=240.0, validator=gt(0))
     max_header_bytes: int = attrs.field(default=65536, validator=ge(1024))
-    resolve: dict[str, str] = attrs.field(factory=dict)
+    resolve: dict[str, str] = attrs.field(factory=dict, validator=_resolve)
 
 
 @attrs.frozen
 class DirectoryConfig:
     kind: str = attrs.field(default="ldif", validator=in_(["ldif", "ldap"]))
     ldif: Path | None = None
-    urls: tuple[str, ...] = ()
+    urls: tuple[str, ...] = attrs.field(
+        default=(), validator=deep_iterable(_url("ldap", "ldaps")))
     base: str = "ou=services,o=nhs"
     bind_dn: str | None = None
     password_file: Path | None = None
@@ -129,8 +233,9 @@ class LimitSet:
 
 @attrs.frozen
 class ThrottleConfig:
+    enabled: bool = True
     store: str = attrs.field(default="memory", validator=in_(["memory", "redis"]))
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = attrs.field(default="redis://127.0.0.1:6379/0", validator=_url("redis"))
     on_store_failure: str = attrs.field(default="local", validator=in_(["local", "closed"]))
     consumer: LimitSet = attrs.field(factory=LimitSet)
     provider: LimitSet = attrs.field(factory=LimitSet)
@@ -150,7 +255,8 @@ class Agreement:
 
 @attrs.frozen
 class AdminConfig:
-    endpoint: str | None = "tcp:8081:interface=127.0.0.1"
+    endpoint: str | None = attrs.field(default="tcp:8081:interface=127.0.0.1",
+                                       validator=_optional_endpoint)
 
 
 @attrs.frozen
@@ -159,7 +265,7 @@ class CorsConfig:
     Browser consumers: origins whose CORS preflight the proxy answers itself.
     """
 
-    origins: tuple[str, ...] = ()
+    origins: tuple[str, ...] = attrs.field(default=(), validator=deep_iterable(_origin))
     max_age: int = attrs.field(default=600, validator=ge(0))
 
 
@@ -230,6 +336,12 @@ class _Builder:
                 values[name] = self.convert(hints[name], table[name], key)
             elif field.default is attrs.NOTHING:
                 raise self.fail(key, "is required")
+            elif attrs.has(hints[name]):
+                # Build absent sections too, so their defaults are resolved.
+                values[name] = self.build(hints[name], {}, key)
+            elif isinstance(field.default, Path):
+                # A relative default is relative to the file too.
+                values[name] = self.convert(hints[name], str(field.default), key)
         try:
             return cls(**values)
         except ValueError as e:

@@ -1,8 +1,10 @@
 # -*- test-case-name: tests.test_proxy -*-
 """
-The embedded demo: a development PKI in C{certs/}, the demo SDS in
-C{etc/demo-sds.ldif}, a demo FHIR provider on loopback that requires the
-proxy's client certificate, and a ready curl line.
+The embedded demo: a development PKI in C{certs/} and the audit trail in
+C{var/audit/} under the working directory, the demo SDS shipped with the
+package (L{DEMO_LDIF}), a demo FHIR provider on loopback that requires the
+proxy's client certificate, a consumer rate limit (so responses carry
+C{X-Rate-Limit-*}), and a ready curl line.
 
 C{python -m ssp.demo token} prints a fresh GP Connect bearer token for
 the demo consumer (tokens live five minutes, so the curl line mints one).
@@ -30,8 +32,11 @@ from ssp.config import (
     AuditConfig,
     Config,
     DirectoryConfig,
+    LimitSet,
     ListenConfig,
+    RateLimit,
     ServerTLSConfig,
+    ThrottleConfig,
     UpstreamConfig,
 )
 from ssp.pki import DevelopmentPKI, create_development_pki
@@ -42,6 +47,10 @@ PROVIDER_ASID = "918999198738"
 PROVIDER_HOST = "orange.testlab.nhs.uk"
 PROVIDER_ENDPOINT = f"https://{PROVIDER_HOST}/B82617/STU3/1/gpconnect/fhir"
 METADATA_INTERACTION = "urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1"
+#: Package data, so the demo runs from any directory and after a plain install.
+DEMO_LDIF = Path(__file__).resolve().parent / "data" / "demo-sds.ldif"
+#: The demo consumer's allowance: generous for a person at a terminal.
+CONSUMER_LIMIT = RateLimit(rate=5, period=1.0, burst=10)
 
 
 def ensure_pki(root: Path) -> DevelopmentPKI:
@@ -125,7 +134,8 @@ def demo_config(root: Path, pki: DevelopmentPKI, provider_port: int,
             ca=certs / DevelopmentPKI.ca,
             resolve={f"{PROVIDER_HOST}:443": f"127.0.0.1:{provider_port}"},
         ),
-        directory=DirectoryConfig(kind="ldif", ldif=root / "etc" / "demo-sds.ldif"),
+        directory=DirectoryConfig(kind="ldif", ldif=DEMO_LDIF),
+        throttle=ThrottleConfig(consumer=LimitSet(default=CONSUMER_LIMIT)),
         audit=AuditConfig(directory=root / "var" / "audit"),
         agreements=(Agreement(sender=CONSUMER_ASID, receiver=PROVIDER_ASID),),
         admin=AdminConfig(endpoint=admin),
@@ -180,12 +190,13 @@ def _b64(document: dict[str, Any]) -> str:
 def curl_line(pki: DevelopmentPKI, proxy_port: int, python: str = sys.executable) -> str:
     """
     A curl command that reads the demo provider's metadata through the
-    proxy with the demo consumer's certificate and a fresh token.
+    proxy with the demo consumer's certificate and a fresh token, showing
+    the response headers (C{X-Rate-Limit-*} among them).
     """
     certs = pki.directory.resolve()
     q = shlex.quote
     return " ".join([
-        "curl -sS",
+        "curl -sS -i",
         "--cacert", q(str(certs / DevelopmentPKI.ca)),
         "--cert", q(str(certs / "consumer-0.pem")),
         "--key", q(str(certs / "consumer-0.key")),

@@ -187,6 +187,36 @@ def parse_ldif(text: str) -> tuple[list[AccreditedSystem], list[MessageHandler]]
     return systems, handlers
 
 
+#: Without these an entry is useless to the proxy (see L{system_from},
+#: L{handlers_from}); an LDIF missing them is refused before it is served.
+REQUIRED_ATTRIBUTES = {
+    "nhsas": ("uniqueIdentifier", "nhsIDCode", "nhsMHSPartyKey"),
+    "nhsmhs": ("nhsMHSPartyKey", "nhsMhsSvcIA", "nhsMHSEndPoint"),
+}
+
+
+def ldif_problem(text: str) -> str | None:
+    """
+    What makes C{text} unusable as the proxy's SDS, or L{None}: not an
+    LDIF, no C{nhsAs}/C{nhsMhs} entry, or an entry lacking an attribute
+    the proxy reads (named with its DN).
+    """
+    found = 0
+    try:
+        for record in _ldif_records(text):
+            classes = _object_classes(record) & set(REQUIRED_ATTRIBUTES)
+            for kind in classes:
+                found += 1
+                missing = [a for a in REQUIRED_ATTRIBUTES[kind] if not _first(record, a)]
+                if missing:
+                    return f"entry {record['dn'][0]!r} lacks {', '.join(missing)}"
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"not an LDIF: {e}"
+    if not found:
+        return "not an SDS LDIF: no nhsAs or nhsMhs entry"
+    return None
+
+
 def _pick_system(systems: Iterable[AccreditedSystem | None], asid: str) -> AccreditedSystem | None:
     for system in systems:
         if system is not None and system.asid == asid:

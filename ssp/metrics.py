@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from ssp import __version__
 from ssp.interfaces import ICacheCounters, IDirectory, IThrottle
 from ssp.model import AuditRecord, RateDecision
 
@@ -78,6 +79,8 @@ class Metrics:
         open_connections.set_function(connections)
         self.registry.register(_CacheCollector(directory))
         self.registry.register(_RefusedConnections(refused_connections))
+        Gauge("ssp_build_info", "The running SSP version (always 1).", ["version"],
+              registry=self.registry).labels(version=__version__).set(1)
 
     def counting(self, throttle: IThrottle) -> IThrottle:
         """

@@ -39,6 +39,7 @@ from ssp.errors import (
     PayloadTooLarge,
     Refusal,
     RequestTimeout,
+    UpstreamFailed,
     URITooLong,
 )
 from ssp.interfaces import IAuditSink, IUpstream
@@ -52,6 +53,7 @@ REASONS = {
     408: b"Request Timeout",
     413: b"Content Too Large",
     414: b"URI Too Long",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     495: b"SSL Certificate Error",
     496: b"SSL Certificate Required",
@@ -649,10 +651,18 @@ class Proxy:
             body.finish()
         sent = self.clock.seconds()
         outcome.decision = "forwarded"
-        response = await self.upstream.request(
-            request.method, url.url, headers.upstream_headers(request.requestHeaders, url, element),
-            body,
-        )
+        try:
+            response = await self.upstream.request(
+                request.method, url.url,
+                headers.upstream_headers(request.requestHeaders, url, element), body,
+            )
+        except (Refusal, CancelledError):
+            raise
+        except Exception as e:
+            # A bug or an unforeseen failure below us: the consumer still
+            # gets an answer and the audit says what happened.
+            log.failure("Unexpected error forwarding to {target}", target=url.text)
+            raise UpstreamFailed(url.text) from e
         outcome.upstream_latency = self.clock.seconds() - sent
         outcome.status = response.code
         request.setResponseCode(response.code, response.phrase)

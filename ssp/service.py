@@ -15,9 +15,10 @@ from typing import Any
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -25,6 +26,7 @@ from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
+from ssp import __version__, preflight
 from ssp import config as ssp_config
 from ssp.accesslog import AccessLogFile
 from ssp.audit import FileAuditSink
@@ -85,8 +87,22 @@ class SSPService(MultiService):
         self._retiring: list[tuple[IDelayedCall, tuple[Any, ...]]] = []
 
     def privilegedStartService(self) -> None:
-        self._build()
-        super().privilegedStartService()
+        """
+        Build everything and bind the listeners (before twistd drops
+        privileges).  A port that cannot be bound ends the process with
+        one line naming the key or option, as any configuration mistake.
+        """
+        try:
+            self._build()
+        except ssp_config.ConfigError as e:
+            raise SystemExit(f"{self.config_path}: {e}" if self.config_path else str(e)) from None
+        Service.privilegedStartService(self)
+        for child in self:
+            try:
+                child.privilegedStartService()
+            except CannotListenError as e:
+                raise SystemExit(cannot_listen(
+                    self.config_path, child.name, _setting(self.config, child.name), e)) from None
 
     def startService(self) -> None:
         if self.proxy is None:
@@ -181,31 +197,36 @@ class SSPService(MultiService):
             on_handshake_failure=self._handshake_failed,
             on_plain_http=self._plain_http,
         )
-        endpoint = serverFromString(self.reactor, config.listen.endpoint)
+        endpoint = self._endpoint("listen.endpoint")
         if config.listen.proxy_protocol:
             endpoint = proxyEndpoint(endpoint)
         self._listener = StreamServerEndpointService(endpoint, listener)
         self._listener._raiseSynchronously = True
+        self._listener.setName("listen.endpoint")
         self._listener.setServiceParent(self)
         if config.admin.endpoint:
             admin = StreamServerEndpointService(
-                serverFromString(self.reactor, config.admin.endpoint),
-                Site(admin_resource(self.metrics, self.readiness)),
+                self._endpoint("admin.endpoint"),
+                _QuietSite(admin_resource(self.metrics, self.readiness)),
             )
             admin._raiseSynchronously = True
+            admin.setName("admin.endpoint")
             admin.setServiceParent(self)
 
-    def validate(self) -> None:
+    def _endpoint(self, key: str) -> Any:
         """
-        Load everything the configuration points at without listening:
-        certificates, keys, CRLs, the directory and the endpoint strings.
+        The server endpoint configured at C{key}.
+
+        @raise ssp_config.ConfigError: a socket systemd should have passed
+            is missing.
         """
-        ServerTLS(self.config.tls)
-        UpstreamTLS(self.config.upstream)
-        serverFromString(self.reactor, self.config.listen.endpoint)
-        if self.config.admin.endpoint:
-            serverFromString(self.reactor, self.config.admin.endpoint)
-        directory_from_config(self.config.directory, self.reactor, self.reactor)
+        description = _setting(self.config, key)
+        try:
+            return serverFromString(self.reactor, description)
+        except (KeyError, IndexError) as e:
+            raise ssp_config.ConfigError(
+                f"{key}: {description}: systemd passed no such socket ({e}): is ssp.socket "
+                "running, with FileDescriptorName= matching name=?") from None
 
     def _checks(self, config: Config, directory: IDirectory, throttle: IThrottle) -> Checks:
         return Checks(
@@ -227,6 +248,16 @@ class SSPService(MultiService):
     def _ready(self, port: Any) -> Any:
         if port is not None:  # None: listening failed and was logged
             self.systemd.ready()
+            address = port.getHost()
+            log.info(
+                "SSP {version} started with {config}: proxy on {listen} ({address}), "
+                "admin on {admin}",
+                version=__version__,
+                config=str(self.config_path) if self.config_path else "the demo configuration",
+                listen=self.config.listen.endpoint,
+                address=f"{getattr(address, 'host', '')}:{getattr(address, 'port', '')}",
+                admin=self.config.admin.endpoint or "(off)",
+            )
         return port
 
     def readiness(self) -> dict[str, bool]:
@@ -323,6 +354,7 @@ class SSPService(MultiService):
         assert self.proxy is not None
         try:
             config = self._adjust(ssp_config.load(self.config_path))
+            preflight.check(config, self.config_path, self.reactor.seconds())
             parts = self._reloadable(config, self.config)
             self.server_tls.reload(config.tls)
             self._certificate_expiry = _expiry(config.tls)
@@ -383,6 +415,18 @@ class SSPService(MultiService):
                 call.cancel()
                 await self._retire(*retired)
 
+class _QuietSite(Site):
+    """
+    The admin listener's site: a scrape every few seconds would drown the
+    operational log, so requests are not logged (docs/operations.md).
+    """
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        pass
+
+
 @attrs.frozen
 class _Parts:
     """
@@ -404,6 +448,21 @@ class _Parts:
 # What a reload cannot change in a running process.
 _RESTART_KEYS = ("listen.endpoint", "listen.proxy_protocol", "listen.workers", "listen.reuse_port",
                  "admin", "audit", "log")
+
+
+def cannot_listen(config_path: Path | None, key: str, endpoint: str,
+                  error: CannotListenError) -> str:
+    """
+    The one line for a port that cannot be bound: the key (or, for the
+    demo, the option) to change, the endpoint and the operating system's
+    reason.
+    """
+    reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+    option = key.split(".")[0]
+    if config_path is None:
+        return f"{key}: cannot listen on {endpoint}: {reason} (choose another with --{option})"
+    return (f"{config_path}: {key}: cannot listen on {endpoint}: {reason} "
+            f"(set {key}, or override it with --{option})")
 
 
 def _setting(config: Config, key: str) -> Any:
@@ -430,8 +489,8 @@ def _close_idle(transport: Any) -> None:
 
 
 def _same_store(new: ThrottleConfig, old: ThrottleConfig) -> bool:
-    return (new.store, new.redis_url, new.on_store_failure) == (
-        old.store, old.redis_url, old.on_store_failure)
+    return (new.enabled, new.store, new.redis_url, new.on_store_failure) == (
+        old.enabled, old.store, old.redis_url, old.on_store_failure)
 
 
 def _access_log(record: AuditRecord) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +22,8 @@ from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from twisted.python import usage
 
+from ssp import __version__, preflight, workers
 from ssp import config as ssp_config
-from ssp import workers
 
 if TYPE_CHECKING:
     from ssp.pki import DevelopmentPKI
@@ -32,8 +33,8 @@ class Options(usage.Options):
     synopsis = "[--config FILE [--check-config]] [--listen ENDPOINT] [--workers N]"
     longdesc = (
         "Run the Spine Security Proxy. Without --config, run the embedded demo: "
-        "a development PKI in ./certs, the demo SDS in ./etc/demo-sds.ldif and a "
-        "demo provider on loopback."
+        "a development PKI in ./certs, the audit trail in ./var/audit, the demo SDS "
+        "shipped with the package and a demo provider on loopback."
     )
     optParameters = [
         ["config", "c", None, "The TOML configuration file."],
@@ -46,42 +47,87 @@ class Options(usage.Options):
         ["demo-provider-port", None, None, "Internal: a demo worker's provider port.", int],
     ]
     optFlags = [
-        ["check-config", None, "Validate the configuration and exit."],
+        ["check-config", None, "Validate the configuration and everything it names, and exit."],
+        ["probe", None, "With --check-config: also connect to SDS and Redis and report."],
     ]
 
+    def opt_version(self) -> None:
+        """
+        Print the SSP version and exit.
+        """
+        print(f"ssp {__version__}")
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
+        if self["probe"] and not self["check-config"]:
+            raise usage.UsageError("--probe goes with --check-config")
         if self["check-config"]:
             if not self["config"]:
                 raise usage.UsageError("--check-config needs --config")
-            raise SystemExit(check_config(Path(self["config"])))
+            raise SystemExit(check_config(Path(self["config"]), self["probe"]))
         if self["workers"] is not None and self["workers"] < 1:
             raise usage.UsageError("--workers must be at least 1")
 
 
-def check_config(path: Path) -> int:
+def check_config(path: Path, probe: bool = False) -> int:
     """
-    Load the configuration and everything it points at (certificates,
-    keys, CRLs, the LDIF directory), printing the first problem.
+    Load the configuration and check everything it points at
+    (L{ssp.preflight}), printing the first problem as one line.
+
+    @param probe: also connect to SDS and Redis and report what answers.
     """
     from twisted.internet import reactor
 
-    from ssp.service import SSPService
-
     try:
-        loaded = ssp_config.load(path)
-        for k in range(1, loaded.listen.workers):
-            workers.worker_config(loaded, k)
-        if loaded.listen.workers > 1:
-            workers.master_endpoint(reactor, loaded)
-        SSPService(loaded, reactor, path).validate()
-    except Exception as e:
-        print(f"{e}", file=sys.stderr)
+        loaded = load_checked(path, reactor)
+        notes = preflight.check(loaded, path, reactor.seconds())
+    except ssp_config.ConfigError as e:
+        print(e, file=sys.stderr)
         return 1
+    for note in notes:
+        print(f"{path}: {note}")
+    if probe:
+        failed = False
+        for ok, line in preflight.probe(loaded):
+            print(f"{path}: {line}", file=sys.stdout if ok else sys.stderr)
+            failed |= not ok
+        if failed:
+            return 1
     print(f"{path}: configuration OK")
     return 0
 
 
+def load_checked(path: Path, reactor: Any) -> ssp_config.Config:
+    """
+    L{ssp_config.load} plus what the workers would derive from it.
+
+    @raise ssp_config.ConfigError: one line naming the file and the key.
+    """
+    loaded = ssp_config.load(path)
+    try:
+        for k in range(1, loaded.listen.workers):
+            workers.worker_config(loaded, k)
+        inherited = loaded.listen.endpoint.split(":", 1)[0] in ssp_config.INHERITED_ENDPOINTS
+        if loaded.listen.workers > 1 and (loaded.listen.reuse_port or not inherited):
+            # An inherited socket exists only at start; reuse_port is refused for it.
+            workers.master_endpoint(reactor, loaded)
+    except ssp_config.ConfigError as e:
+        raise ssp_config.ConfigError(f"{path}: {e}") from None
+    return loaded
+
+
 def makeService(options: Options) -> IService:
+    """
+    The proxy, its workers' master, a worker or the demo, as C{options}
+    say.  A configuration mistake ends the process with one line.
+    """
+    try:
+        return _make_service(options)
+    except ssp_config.ConfigError as e:
+        raise SystemExit(str(e)) from None
+
+
+def _make_service(options: Options) -> IService:
     from twisted.internet import reactor
 
     from ssp.service import SSPService
@@ -89,10 +135,8 @@ def makeService(options: Options) -> IService:
     path = Path(options["config"]) if options["config"] else None
     config = None
     if path is not None:
-        try:
-            config = _overridden(ssp_config.load(path), options)
-        except ssp_config.ConfigError as e:
-            raise SystemExit(str(e)) from None
+        config = _overridden(load_checked(path, reactor), options)
+        preflight.check(config, path, reactor.seconds())
     if options["worker"] is not None:
         return _worker_service(reactor, options, config, path)
     count = options["workers"] or (config.listen.workers if config is not None else 1)
@@ -113,10 +157,7 @@ def _worker_service(reactor: Any, options: Options, config: ssp_config.Config | 
         root = Path.cwd()
         pki = DevelopmentPKI(root / "certs")
         config = _overridden(demo.demo_config(root, pki, options["demo-provider-port"]), options)
-    try:
-        config = workers.worker_config(config, options["worker"])
-    except ssp_config.ConfigError as e:
-        raise SystemExit(str(e)) from None
+    config = workers.worker_config(config, options["worker"])
     proxy = SSPService(config, reactor, path, adjust=lambda loaded: workers.worker_config(
         _overridden(loaded, options), options["worker"]))
     return workers.worker_service(proxy, proxy.listening, reactor)
@@ -136,22 +177,51 @@ def _master_service(reactor: Any, options: Options, config: ssp_config.Config | 
     if config is None:
         config, pki, provider_port = _demo_master(reactor, options)
         passed.append(f"--demo-provider-port={provider_port}")
-    try:
-        for k in range(1, count):
-            workers.worker_config(config, k)
-        endpoint = workers.master_endpoint(reactor, config)
-    except ssp_config.ConfigError as e:
-        raise SystemExit(str(e)) from None
+    for k in range(1, count):
+        workers.worker_config(config, k)
+    endpoint = workers.master_endpoint(reactor, config)
     workers.per_worker_warning(config, count)
-    master = workers.Master(
+    master = _Master(
         reactor, endpoint, count,
         lambda listen: [*passed, f"--listen={listen}"], config.listen.drain_timeout,
         notifier=SystemdNotifier(reactor, os.environ),
     )
     reactor.addSystemEventTrigger("during", "startup", master.install_sighup)
+    master.config_path = Path(options["config"]) if options["config"] else None
+    master.listen_endpoint = config.listen.endpoint
     if pki is not None:
         _announce(reactor, pki, master.listening)
     return master
+
+
+class _Master(workers.Master):
+    """
+    The workers' master, whose failure to bind the listening socket ends
+    the process with one line, as in a single process.
+    """
+
+    config_path: Path | None = None
+    listen_endpoint = ""
+
+    def privilegedStartService(self) -> None:
+        with self._one_line():
+            super().privilegedStartService()
+
+    def startService(self) -> None:
+        with self._one_line():
+            super().startService()
+
+    @contextmanager
+    def _one_line(self) -> Iterator[None]:
+        from twisted.internet.error import CannotListenError
+
+        from ssp.service import cannot_listen
+
+        try:
+            yield
+        except CannotListenError as e:
+            raise SystemExit(cannot_listen(
+                self.config_path, "listen.endpoint", self.listen_endpoint, e)) from None
 
 
 def _demo_master(reactor: Any, options: Options
@@ -170,10 +240,18 @@ def _demo_master(reactor: Any, options: Options
 
 
 def _overridden(loaded: ssp_config.Config, options: Options) -> ssp_config.Config:
-    if options["listen"]:
-        loaded = attrs.evolve(loaded, listen=attrs.evolve(loaded.listen, endpoint=options["listen"]))
-    if options["admin"]:
-        loaded = attrs.evolve(loaded, admin=attrs.evolve(loaded.admin, endpoint=options["admin"]))
+    """
+    C{loaded} with the C{--listen} and C{--admin} overrides applied.
+
+    @raise ssp_config.ConfigError: naming the option whose value is wrong.
+    """
+    for option, section in (("listen", "listen"), ("admin", "admin")):
+        if options[option]:
+            problem = ssp_config.endpoint_problem(options[option])
+            if problem:
+                raise ssp_config.ConfigError(f"--{option}: {problem}")
+            table = attrs.evolve(getattr(loaded, section), endpoint=options[option])
+            loaded = attrs.evolve(loaded, **{section: table})
     return loaded
 
 

@@ -475,7 +475,11 @@ class Throttle:
 def throttle_from_config(config: ThrottleConfig, reactor: Any) -> Throttle:
     """
     The throttle the C{[throttle]} section describes; L{Throttle.start} it.
+    With C{enabled = false} nothing is limited and no store is contacted.
     """
+    if not config.enabled:
+        return Throttle(attrs.evolve(config, consumer=LimitSet(), provider=LimitSet()),
+                        MemoryRateStore(reactor))
     if config.store == "redis":
         store: IRateStore = RedisRateStore.from_url(
             reactor, config.redis_url, on_failure=config.on_store_failure

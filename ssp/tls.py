@@ -104,7 +104,7 @@ def _server_context(config: ServerTLSConfig, verify: Callable[..., bool]) -> SSL
         store.add_cert(crypto.X509.from_cryptography(authority))
     if config.crls:
         for crl_path in config.crls:
-            for crl in _read_crls(crl_path):
+            for crl in read_crls(crl_path):
                 store.add_crl(crl)
         store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
     context.set_client_ca_list(
@@ -115,8 +115,11 @@ def _server_context(config: ServerTLSConfig, verify: Callable[..., bool]) -> SSL
     return context
 
 
-def _read_crls(path: Path) -> list[x509.CertificateRevocationList]:
-    data = path.read_bytes()
+def read_crls(path: Path) -> list[x509.CertificateRevocationList]:
+    """
+    Every CRL in a PEM file.
+    """
+    data = read_pem(path)
     marker = b"-----END X509 CRL-----"
     pieces = [p + marker for p in data.split(marker) if p.strip()]
     if not pieces:

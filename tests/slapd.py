@@ -48,10 +48,10 @@ import attrs
 from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-FIXTURES = REPO.parent / "shared" / "external-fixtures" / "sds"
-SCHEMA = FIXTURES / "nhs-sds.schema"
-ORANGE_LDIF = FIXTURES / "sds_gpconnect_orange.ldif"
-DEMO_LDIF = REPO / "etc" / "demo-sds.ldif"
+FIXTURES = REPO / "tests" / "fixtures" / "sds"
+SCHEMA = FIXTURES / "ssp-sds.schema"
+SYNTHETIC_LDIF = FIXTURES / "synthetic.ldif"
+DEMO_LDIF = REPO / "ssp" / "data" / "demo-sds.ldif"
 ADMIN_DN = "cn=admin,o=nhs"
 ADMIN_PASSWORD = "secret"
 
@@ -61,8 +61,6 @@ SLAPADD = shutil.which("slapadd") or "/usr/sbin/slapadd"
 SKIP: str | None = None
 if not (os.access(SLAPD, os.X_OK) and os.access(SLAPADD, os.X_OK)):
     SKIP = "slapd/slapadd not installed (apt-get install slapd ldap-utils)"
-elif not SCHEMA.exists():
-    SKIP = f"SDS schema fixture missing: {SCHEMA}"
 
 _BASE = (
     "dn: o=nhs\nobjectClass: organization\no: nhs\n\n"
@@ -199,11 +197,12 @@ class Slapd:
             )
             (directory / "base.ldif").write_text(_BASE)
             for ldif in [directory / "base.ldif", *ldif_paths]:
-                subprocess.run(
+                loaded = subprocess.run(
                     [SLAPADD, "-q", "-f", str(directory / "slapd.conf"), "-l", str(ldif)],
-                    check=True,
                     capture_output=True,
                 )
+                if loaded.returncode:
+                    raise RuntimeError(f"slapadd {ldif}: {loaded.stderr.decode(errors='replace')}")
             for attempt in range(attempts):
                 server = cls(
                     directory, free_port(), server_tls, free_port() if tls else None

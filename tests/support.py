@@ -37,9 +37,9 @@ from ssp.directory import LDIFDirectory
 from ssp.pki import DevelopmentPKI, create_development_pki
 from ssp.service import Concerns, SSPService
 from ssp.testing import MemoryThrottle, RecordingAuditSink
+from tests.slapd import DEMO_LDIF
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_LDIF = ROOT / "etc" / "demo-sds.ldif"
 ENDPOINT = demo.PROVIDER_ENDPOINT
 METADATA = demo.METADATA_INTERACTION
 

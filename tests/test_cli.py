@@ -28,10 +28,35 @@ class CommandTests(unittest.TestCase):
         return code, out.getvalue(), err.getvalue()
 
     def test_usage(self) -> None:
-        code, _, err = self.run_cli()
-        self.assertEqual(code, 2)
+        """
+        Without a command the usage goes to stderr (exit 2); asked for,
+        with C{--help}, to stdout (exit 0).
+        """
+        code, out, err = self.run_cli()
+        self.assertEqual((code, out), (2, ""))
         self.assertIn("explain", err)
-        self.assertEqual(self.run_cli("--help")[0], 0)
+        for flag in ("--help", "-h"):
+            code, out, err = self.run_cli(flag)
+            self.assertEqual((code, err), (0, ""))
+            self.assertIn("audit verify", out)
+
+    def test_audit_help(self) -> None:
+        """
+        C{ssp audit --help} describes the audit commands, not the top level.
+        """
+        code, out, err = self.run_cli("audit", "--help")
+        self.assertEqual((code, err), (0, ""))
+        self.assertTrue(out.startswith("usage: ssp audit COMMAND"), out)
+        self.assertIn("verify ", out)
+        self.assertNotIn("explain", out)
+        code, out, err = self.run_cli("audit")
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn("usage: ssp audit COMMAND", err)
+
+    def test_version(self) -> None:
+        from ssp import __version__
+
+        self.assertEqual(self.run_cli("--version"), (0, f"ssp {__version__}\n", ""))
 
     async def test_audit_verify_and_report(self) -> None:
         directory = self.mktemp()

@@ -6,6 +6,7 @@ in paths.
 from __future__ import annotations
 
 import os
+import re
 import typing
 from pathlib import Path
 
@@ -30,6 +31,40 @@ class ReferenceTests(unittest.TestCase):
                      if attrs.has(section) else [field.name])
             missing += [n for n in names if f"| `{n}` |" not in documented]
         self.assertEqual(missing, [])
+
+
+class DocsTests(unittest.TestCase):
+    def test_tables_render(self) -> None:
+        """
+        Every row of every table in C{docs/} has as many cells as its
+        header (a bare C{|} inside a cell, as in C{Path | None}, split
+        the columns).
+        """
+        broken = []
+        for page in sorted((ROOT / "docs").glob("*.md")):
+            columns = None
+            for number, line in enumerate(page.read_text().splitlines(), 1):
+                if not line.startswith("|"):
+                    columns = None
+                    continue
+                cells = len(re.split(r"(?<!\\)\|", line.strip())) - 2
+                if columns is None:
+                    columns = cells
+                elif cells != columns:
+                    broken.append(f"{page.name}:{number}")
+        self.assertEqual(broken, [])
+
+    def test_logrotate_snippet(self) -> None:
+        """
+        The logrotate snippet rotates the example's access log and makes
+        the proxy reopen it (SIGHUP), rather than copying and truncating.
+        """
+        snippet = (ROOT / "etc" / "logrotate.d" / "ssp").read_text()
+        example = (ROOT / "etc" / "ssp.toml").read_text()
+        [path] = re.findall(r'access_log_file = "([^"]+)"', example)
+        self.assertIn(f"{path} {{", snippet)
+        self.assertIn("systemctl reload ssp.service", snippet)
+        self.assertNotIn("\n    copytruncate", snippet)
 
 
 class PathTests(unittest.TestCase):

@@ -49,16 +49,17 @@ class ParseLDIFTests(SynchronousTestCase):
     L{parse_ldif} reads SDS exports.
     """
 
-    def test_orange_fixture(self) -> None:
+    def test_demo_fixture(self) -> None:
         """
-        The GP Connect orange fixture has four systems and forty endpoints.
+        The demo data set has four systems and forty-two endpoints (forty
+        provider ones, one per consumer).
         """
-        systems, handlers = parse_ldif(slapd.ORANGE_LDIF.read_text())
+        systems, handlers = parse_ldif(slapd.DEMO_LDIF.read_text())
         self.assertEqual(
             sorted(s.asid for s in systems),
             ["200000000359", "200000042019", "918999198738", "918999198993"],
         )
-        self.assertEqual(len(handlers), 40)
+        self.assertEqual(len(handlers), 42)
 
     def test_demo_adds_consumer_handlers(self) -> None:
         """
@@ -77,7 +78,7 @@ class ParseLDIFTests(SynchronousTestCase):
         """
         An C{nhsAs} entry becomes an L{AccreditedSystem}.
         """
-        systems, _ = parse_ldif(slapd.ORANGE_LDIF.read_text())
+        systems, _ = parse_ldif(slapd.DEMO_LDIF.read_text())
         k81045 = [s for s in systems if s.asid == "200000042019"][0]
         self.assertEqual(k81045.ods_code, "K81045")
         self.assertEqual(k81045.party_key, "R3U6M-831547")
@@ -89,7 +90,7 @@ class ParseLDIFTests(SynchronousTestCase):
         """
         An C{nhsMhs} entry becomes a L{MessageHandler}.
         """
-        _, handlers = parse_ldif(slapd.ORANGE_LDIF.read_text())
+        _, handlers = parse_ldif(slapd.DEMO_LDIF.read_text())
         [handler] = [
             h for h in handlers if h.party_key == PROVIDER_PK and h.interaction == METADATA
         ]
@@ -338,6 +339,43 @@ class LDAPDirectoryContractTests(DirectoryContractMixin, TestCase):
         await self.directory.accredited_system(PROVIDER)
         await self.directory.message_handlers(PROVIDER_PK, METADATA)
         self.assertEqual(self.directory.searches, 2)
+
+
+class SchemaFixtureTests(TestCase):
+    """
+    The repository's own SDS schema and synthetic LDIF behave like SDS in a
+    real slapd: what the proxy reads is required, matching follows SDS.
+    """
+
+    skip = slapd.SKIP
+
+    def setUp(self) -> None:
+        self.sds = slapd.Slapd.shared([slapd.SYNTHETIC_LDIF])
+        self.directory = started(self, ldap_config(self.sds.url))
+
+    async def test_synthetic_lookup(self) -> None:
+        """
+        The provider's system and handler are found; the interaction ID
+        matches case-exactly and the party key case-insensitively.
+        """
+        system = await self.directory.accredited_system("900000000001")
+        self.assertEqual((system.ods_code, system.party_key), ("X00001", "X00001-0000001"))
+        [handler] = await self.directory.message_handlers("x00001-0000001", METADATA)
+        self.assertEqual(handler.fqdn, "provider.ssp-fixture.test")
+        self.assertEqual(
+            await self.directory.message_handlers("X00001-0000001", METADATA.upper()), ()
+        )
+
+    def test_required_attributes(self) -> None:
+        """
+        slapd refuses an nhsMhs entry without an attribute the proxy reads.
+        """
+        entry = slapd.SYNTHETIC_LDIF.read_text().split("\n\n")[2]
+        self.assertIn("nhsMhsFQDN:", entry)
+        broken = Path(self.mktemp())
+        broken.write_text("\n".join(l for l in entry.splitlines() if "nhsMhsFQDN" not in l))
+        error = self.assertRaises(RuntimeError, slapd.Slapd.launch, [broken])
+        self.assertIn("nhsMhsFQDN", str(error))
 
 
 class LDAPTransportTests(TestCase):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -54,9 +55,8 @@ class DemoTests(unittest.TestCase):
     def test_demo_prints_a_curl_line_that_succeeds(self):
         if shutil.which("curl") is None:
             raise unittest.SkipTest("curl is not installed")
+        # An empty directory: the demo needs nothing from the repository.
         workdir = Path(tempfile.mkdtemp(prefix="ssp-demo-"))
-        (workdir / "etc").mkdir()
-        shutil.copy(ROOT / "etc" / "demo-sds.ldif", workdir / "etc")
 
         def run_demo() -> tuple[str, int]:
             process = subprocess.Popen(
@@ -84,11 +84,64 @@ class DemoTests(unittest.TestCase):
             output, code = outcome
             self.assertEqual(code, 0)
             self.assertIn('"resourceType": "CapabilityStatement"', output)
+            self.assertIn("x-rate-limit-limit: 10", output.lower())
+            self.assertIn("x-rate-limit-remaining: ", output.lower())
             audit = list((workdir / "var" / "audit").glob("audit-*.jsonl"))
             self.assertEqual(len(audit), 1)
             self.assertIn('"decision":"forwarded"', audit[0].read_text())
 
         return deferToThread(run_demo).addCallback(check)
+
+
+class DemoBusyPortTests(unittest.TestCase):
+    def test_busy_port_names_the_option(self):
+        """
+        A port in use gives one line naming C{--listen} or C{--admin}, not
+        a traceback.
+        """
+        workdir = Path(tempfile.mkdtemp(prefix="ssp-demo-"))
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = f"tcp:{busy.getsockname()[1]}:interface=127.0.0.1"
+        free = "tcp:0:interface=127.0.0.1"
+
+        def run() -> list[str]:
+            outputs = []
+            for listen, admin in ((taken, free), (free, taken)):
+                result = subprocess.run(
+                    TWISTD + ["-n", "--pidfile=", "ssp", "--listen", listen, "--admin", admin],
+                    cwd=workdir, env=_env(), capture_output=True, text=True, timeout=60)
+                self.assertNotEqual(result.returncode, 0)
+                outputs.append(result.stdout + result.stderr)
+            return outputs
+
+        def check(outputs: list[str]) -> None:
+            for output, key in zip(outputs, ("listen", "admin")):
+                self.assertNotIn("Traceback", output)
+                self.assertIn(f"{key}.endpoint: cannot listen on {taken}: Address already in use "
+                              f"(choose another with --{key})", output)
+
+        return deferToThread(run).addCallback(check)
+
+
+class PackageDataTests(unittest.SynchronousTestCase):
+    def test_demo_ldif_is_package_data(self):
+        """
+        A non-editable install carries the demo LDIF (C{ssp demo} needs it
+        outside the repository).
+        """
+        from setuptools.config.setupcfg import read_configuration
+
+        from ssp import demo
+
+        options = read_configuration(ROOT / "setup.cfg")["options"]
+        self.assertIn("ssp", options["packages"])
+        patterns = options["package_data"]["ssp"]
+        relative = demo.DEMO_LDIF.relative_to(ROOT / "ssp")
+        self.assertTrue(any(relative.match(p) for p in patterns), patterns)
+        self.assertTrue(demo.DEMO_LDIF.is_file())
 
 
 class CheckConfigTests(unittest.TestCase):
@@ -101,7 +154,7 @@ class CheckConfigTests(unittest.TestCase):
     def test_valid_configuration(self):
         result, path = self.check(certificates_toml() + f"""
 [directory]
-ldif = "{ROOT}/etc/demo-sds.ldif"
+ldif = "{ROOT}/ssp/data/demo-sds.ldif"
 """)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("configuration OK", result.stdout)
@@ -131,7 +184,44 @@ ldif = "{ROOT}/etc/demo-sds.ldif"
             result, path = self.check(certificates_toml().replace(
                 f'private_key = "{certs}/proxy.key"', f'private_key = "{key}"') + f"""
 [directory]
-ldif = "{ROOT}/etc/demo-sds.ldif"
+ldif = "{ROOT}/ssp/data/demo-sds.ldif"
 """)
             self.assertEqual(result.returncode, 1)
             self.assertIn(f"{key}: {problem}", result.stderr)
+
+
+class SelfContainedTests(unittest.SynchronousTestCase):
+    """
+    A clone tests itself: nothing in the repository reaches outside it for
+    fixtures (the suite once read C{../shared/...} and skipped without it).
+    """
+
+    def test_no_reference_outside_the_repository(self):
+        tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True,
+                                 text=True, check=False).stdout.split()
+        if not tracked:
+            raise unittest.SkipTest("not a git checkout")
+        outside = [
+            name for name in tracked
+            if (ROOT / name).is_file() and not (ROOT / name).is_symlink()
+            and name != "tests/test_packaging.py"
+            and any(word in (ROOT / name).read_text(errors="replace")
+                    for word in ("external-fixtures", "../shared", "parents[2]"))
+        ]
+        self.assertEqual(outside, [])
+
+    def test_certs_folder(self):
+        """
+        C{certs/} exists with its README; generated keys there are ignored.
+        """
+        self.assertIn("LoadCredential", (ROOT / "certs" / "README.md").read_text())
+        ignored = subprocess.run(["git", "check-ignore", "certs/proxy.key", "certs/README.md"],
+                                 cwd=ROOT, capture_output=True, text=True, check=False).stdout
+        self.assertEqual(ignored.split(), ["certs/proxy.key"])
+
+    def test_fixtures_present(self):
+        from tests import slapd
+
+        for fixture in (slapd.SCHEMA, slapd.DEMO_LDIF, slapd.SYNTHETIC_LDIF):
+            self.assertTrue(fixture.is_file(), fixture)
+        self.assertTrue(list((ROOT / "tests" / "fixtures" / "jwt").glob("*.jwt")))

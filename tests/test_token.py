@@ -17,7 +17,7 @@ from ssp.errors import BadRequest
 from ssp.model import Claims
 from ssp.token import check_audience, extract, validate
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "external-fixtures" / "jwt"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "jwt"
 ENDPOINT = "https://orange.testlab.nhs.uk/B82617/STU3/1/gpconnect/fhir"
 TARGET = ENDPOINT + "/Patient/$gpc.getstructuredrecord"
 NOW = 1_700_000_000.0
@@ -369,9 +369,9 @@ class ValidateTests(SynchronousTestCase):
 
     def test_fixture_expired(self) -> None:
         """
-        The GP2GP adaptor's example token is well-formed but long expired.
+        The example token is well-formed but long expired.
         """
-        token = (FIXTURES / "gp2gp_example_expired.jwt").read_bytes().strip()
+        token = (FIXTURES / "expired.jwt").read_bytes().strip()
         self.assertEqual(
             self.refused(b"Bearer " + token),
             "BAD_REQUEST: JWT claim 'exp' has passed: the token has expired",
@@ -385,7 +385,7 @@ class ValidateTests(SynchronousTestCase):
         and names an OAuth token endpoint as audience: each is refused,
         even at its own issue time.
         """
-        raw = (FIXTURES / "gpconnect_spec_example_0x.jwt").read_bytes().strip()
+        raw = (FIXTURES / "dstu2-era.jwt").read_bytes().strip()
         claims = jwt.decode(raw, options={"verify_signature": False})
         now = claims["iat"]
         self.assertEqual(

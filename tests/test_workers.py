@@ -458,7 +458,9 @@ class WorkerConfigTests(unittest.TestCase):
             self.assertIn("listen.reuse_port: needs a tcp: listen.endpoint", str(error))
             self.assertIn(refused, str(error))
         self.assertIn("not 0", str(self.assertRaises(ConfigError, endpoint, "tcp:0")))
-        self.assertIn("listen.endpoint", str(self.assertRaises(ConfigError, endpoint, "tcp:http")))
+        # A malformed endpoint is refused when the configuration is built.
+        self.assertIn("'endpoint' invalid endpoint 'tcp:http'",
+                      str(self.assertRaises(ValueError, endpoint, "tcp:http")))
 
     def test_memory_store_warns_with_several_workers(self):
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
