@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -397,7 +397,7 @@ class FileAuditSink:
             that emulate a full or read-only disk).
         """
         self._reactor = reactor
-        self._clock = clock if clock is not None else reactor
+        self._clock: IReactorTime = clock if clock is not None else cast(IReactorTime, reactor)
         self._durability = durability
         self._writer = _ChainWriter(
             Path(directory), durability, rotate_bytes, rotate_daily, fsync, raw_write
@@ -436,9 +436,9 @@ class FileAuditSink:
         self._started = True
         self._busy = True
         d = deferToThreadPool(self._reactor, self._pool, self._writer.recover)
-        d.addCallbacks(self._log_notes, self._unavailable, errbackArgs=(None,))
-        d.addBoth(self._finished)
-        return d
+        return d.addCallbacks(
+            self._log_notes, self._unavailable, errbackArgs=(None,)
+        ).addBoth(self._finished)
 
     def stop(self) -> Deferred[None]:
         """

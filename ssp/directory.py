@@ -396,8 +396,7 @@ class LDAPDirectory:
             f"(&(objectClass=nhsAs)(uniqueIdentifier={escape_filter_chars(asid)}))",
             AS_ATTRIBUTES,
         )
-        d.addCallback(lambda entries: _pick_system(map(system_from, entries), asid))
-        return d
+        return d.addCallback(lambda entries: _pick_system(map(system_from, entries), asid))
 
     def message_handlers(
         self, party_key: str, interaction: str | None
@@ -408,12 +407,11 @@ class LDAPDirectory:
         if interaction is not None:
             terms += f"(nhsMhsSvcIA={escape_filter_chars(interaction)})"
         d = self._lookup(f"(&{terms})", MHS_ATTRIBUTES)
-        d.addCallback(
+        return d.addCallback(
             lambda entries: _matching(
                 [h for e in entries for h in handlers_from(e)], party_key, interaction
             )
         )
-        return d
 
     def _lookup(self, search_filter: str, attributes: Iterable[str]) -> Deferred[list[Attributes]]:
         self.searches += 1
@@ -433,7 +431,7 @@ class LDAPDirectory:
         log.warn(
             "SDS search {filter} failed: {error}",
             filter=search_filter,
-            error=failure.getErrorMessage() or failure.type.__name__,
+            error=failure.getErrorMessage() or getattr(failure.type, "__name__", "error"),
         )
         return Failure(DirectoryUnavailable())
 

@@ -225,8 +225,8 @@ def wants_xml(accept: bytes | None, query_format: bytes | None = None) -> bool:
     """
     Whether the consumer asked for FHIR XML, by C{_format} or C{Accept}.
     """
-    chosen = query_format if query_format else accept
-    return bool(chosen) and b"xml" in chosen.lower() and b"json" not in chosen.lower()
+    chosen = (query_format if query_format else accept) or b""
+    return b"xml" in chosen.lower() and b"json" not in chosen.lower()
 
 
 def operation_outcome(refusal: Refusal, xml: bool = False) -> tuple[bytes, bytes]:

@@ -21,10 +21,10 @@ from typing import Any, Callable
 import attrs
 from twisted.internet import error as net_error
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import STATUS, ParseError
@@ -106,11 +106,11 @@ class Upstream:
         self._timeout = config.response_timeout
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = config.max_persistent_per_host
-        self.pool.cachedConnectionTimeout = config.cached_connection_timeout
+        self.pool.cachedConnectionTimeout = config.cached_connection_timeout  # type: ignore[assignment]
         self.pool.retryAutomatically = False
         # The pool builds its protocols through this (private) hook.
-        self.pool._factory = functools.partial(_ProviderFactory,
-                                               max_header_bytes=config.max_header_bytes)
+        self.pool._factory = functools.partial(  # type: ignore[assignment]
+            _ProviderFactory, max_header_bytes=config.max_header_bytes)
         endpoints = ProviderEndpoints(reactor, tls, dict(config.resolve), config.connect_timeout)
         self._agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
 
@@ -185,7 +185,7 @@ class _ProviderProtocol(HTTP11ClientProtocol):
         super()._giveUp(reason)
         self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         response = getattr(self._parser, "response", None)
         if response is not None and not reason.check(net_error.ConnectionDone):
             _CUT_SHORT.add(response)
@@ -310,7 +310,7 @@ class RequestBody:
         self._buffer = []
         self._set_paused(False)
         if self._failure is not None:
-            return Deferred.fromFailure(self._failure)
+            return fail(self._failure)
         if self.complete:
             return succeed(None)
         self._done = Deferred()
@@ -409,7 +409,7 @@ class _Relay(Protocol):
         if self._idle is not None:
             self.transport.stopProducing()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None

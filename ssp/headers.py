@@ -12,6 +12,7 @@ element upstream and adds C{Strict-Transport-Security} downstream.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from twisted.web.http_headers import Headers
 
@@ -71,7 +72,7 @@ def parse(headers: Headers) -> SpineHeaders:
 
 
 def _connection_tokens(headers: Headers) -> set[bytes]:
-    tokens = set()
+    tokens: set[bytes] = set()
     for value in headers.getRawHeaders(b"connection", ()):
         tokens.update(t.strip().lower() for t in value.split(b","))
     return tokens
@@ -89,7 +90,7 @@ def upstream_headers(incoming: Headers, target: Target, forwarded: bytes) -> Hea
         if name.lower() not in dropped:
             outgoing.setRawHeaders(name, values)
     outgoing.setRawHeaders(b"Host", [target.authority])
-    outgoing.setRawHeaders(b"Forwarded", incoming.getRawHeaders(b"forwarded", []) + [forwarded])
+    outgoing.setRawHeaders(b"Forwarded", [*incoming.getRawHeaders(b"forwarded", []), forwarded])
     return outgoing
 
 
@@ -107,7 +108,7 @@ def _node(host: str) -> bytes:
     return host.encode("ascii")
 
 
-def downstream_headers(incoming: Headers) -> list[tuple[bytes, list[bytes]]]:
+def downstream_headers(incoming: Headers) -> list[tuple[bytes, Sequence[bytes]]]:
     """
     The provider's response headers to relay: all but hop-by-hop ones.
     """

@@ -186,7 +186,7 @@ class _Text(Resource):
         super().__init__()
         self._render = render
 
-    def render_GET(self, request):  # type: ignore[no-untyped-def]
+    def render_GET(self, request: Any) -> bytes:
         status, content_type, body = self._render()
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", content_type)

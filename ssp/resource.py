@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -85,6 +85,7 @@ class ProxyRequest(server.Request):
     """
 
     defaultContentType = None
+    channel: ProxyChannel
     body: forward.RequestBody | None = None
     refusal: Refusal | None = None
     work: Deferred[None] | None = None
@@ -148,7 +149,7 @@ class ProxyRequest(server.Request):
         if body is not None and not body.complete:
             body.fail(Failure(refusal))
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.body is not None and not self.body.complete:
             self.body.fail(reason)
         super().connectionLost(reason)
@@ -183,6 +184,9 @@ class ProxyChannel(http.HTTPChannel):
     @ivar address: the consumer's address the connection is counted under.
     """
 
+    site: ProxySite
+    requests: list[ProxyRequest]
+
     limits: ListenConfig
     address = ""
     _phase = _HEAD
@@ -194,7 +198,7 @@ class ProxyChannel(http.HTTPChannel):
         self.MAX_LENGTH = max(limits.max_request_line, limits.max_header_bytes)
         self.totalHeadersSize = limits.max_request_line + limits.max_header_bytes
         self.maxHeaders = limits.max_headers
-        self.abortTimeout = limits.header_timeout
+        self.abortTimeout = limits.header_timeout  # type: ignore[assignment]  # seconds, any number
         self._new_head()
         super().connectionMade()
         self._deadline = self.callLater(limits.header_timeout, self._head_expired)
@@ -426,7 +430,7 @@ class ProxyChannel(http.HTTPChannel):
             request.describe(getattr(self, "_command", b""), getattr(self, "_path", b""),
                              getattr(self, "_version", b"HTTP/1.1"))
         else:
-            request = self.requestFactory(self)
+            request = cast(ProxyRequest, self.requestFactory(self))
             self.requests.append(request)
             request.describe(*_request_line_prefix(partial))
         self.stop_reading()
@@ -459,7 +463,7 @@ class ProxyChannel(http.HTTPChannel):
                 self._deadline.cancel()
             self._deadline = None
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
         self.site.channel_closed(self)
         super().connectionLost(reason)
@@ -518,7 +522,7 @@ class ProxySite(server.Site):
     """
 
     requestFactory = ProxyRequest
-    protocol = ProxyChannel
+    protocol = ProxyChannel  # type: ignore[assignment]
     displayTracebacks = False
 
     def __init__(self, resource: ProxyResource, reactor: Any, limits: ListenConfig) -> None:
@@ -529,7 +533,7 @@ class ProxySite(server.Site):
         self.refused_connections = 0
         self._per_address: dict[str, int] = {}
 
-    def buildProtocol(self, addr: Any) -> ProxyChannel | _Refused:
+    def buildProtocol(self, addr: Any) -> ProxyChannel | _Refused:  # type: ignore[override]
         """
         A channel, or a L{_Refused} when C{listen.max_connections} or
         C{listen.max_connections_per_address} would be exceeded.  C{addr}

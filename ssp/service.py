@@ -11,7 +11,7 @@ import signal
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
@@ -243,7 +243,9 @@ class SSPService(MultiService):
         Fires with the listening port once it is bound.
         """
         assert self._listener is not None
-        return self._listener._waitingForPort
+        waiting = self._listener._waitingForPort
+        assert waiting is not None  # set by startService
+        return waiting
 
     def _ready(self, port: Any) -> Any:
         if port is not None:  # None: listening failed and was logged
@@ -323,7 +325,7 @@ class SSPService(MultiService):
         if throttle is None:
             if running is not None and _same_store(config.throttle, running.throttle):
                 assert self.proxy is not None
-                throttle = Throttle(config.throttle, self.throttle.store)
+                throttle = Throttle(config.throttle, cast(Throttle, self.throttle).store)
             else:
                 throttle, new_store = throttle_from_config(config.throttle, self.reactor), True
         return _Parts(upstream, directory, directory_service, throttle, new_store)
@@ -377,7 +379,7 @@ class SSPService(MultiService):
             parts.directory_service.setServiceParent(self)
             retired_directory, self._directory_service = self._directory_service, parts.directory_service
         if parts.new_store:
-            parts.throttle.start()
+            cast(Throttle, parts.throttle).start()
             retired_throttle = self.throttle
         if self._given.throttle is None:
             self._lifecycle[self._lifecycle.index(self.throttle)] = parts.throttle
@@ -406,7 +408,7 @@ class SSPService(MultiService):
         if directory_service is not None and directory_service.parent is self:
             stopping.append(maybeDeferred(directory_service.disownServiceParent))
         if throttle is not None:
-            stopping.append(throttle.stop())
+            stopping.append(cast(Throttle, throttle).stop())
         return DeferredList(stopping)
 
     async def _retire_now(self) -> None:

@@ -12,9 +12,8 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IConsumer, IProtocol, IReactorTime
 from twisted.internet.task import Clock
-from twisted.internet.interfaces import IConsumer, IProtocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
@@ -152,7 +151,7 @@ def _later(clock: IReactorTime, deferred: Deferred[Any], outcome: Any) -> Deferr
 def _reactor() -> IReactorTime:
     from twisted.internet import reactor
 
-    return reactor  # type: ignore[return-value]
+    return reactor
 
 
 @implementer(IAuditSink)

@@ -370,7 +370,7 @@ class RedisRateStore:
         assert self._redis is not None
         redis = self._redis
 
-        def noscript(failure: Failure) -> Deferred[Any]:
+        def noscript(failure: Failure) -> Failure | Deferred[Any]:
             failure.trap(ResponseError)
             if not str(failure.value).startswith("NOSCRIPT"):
                 return failure
@@ -453,7 +453,7 @@ class Throttle:
         limits: LimitSet,
         asid: str,
         how: Callable[[str, RateLimit], Deferred[RateDecision]] | None = None,
-    ) -> Deferred[RateDecision | None]:
+    ) -> Deferred[Any]:
         limit = limits.for_asid(asid)
         if limit is None:
             return succeed(None)

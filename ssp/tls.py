@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import weakref
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -26,7 +26,7 @@ from OpenSSL.SSL import WantReadError, ZeroReturnError
 from twisted.internet import interfaces
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import (
     Certificate,
     PrivateCertificate,
@@ -36,7 +36,7 @@ from twisted.internet.ssl import (
 )
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -82,7 +82,7 @@ def read_private_key(path: Path) -> crypto.PKey:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: not an unencrypted PEM private key") from e
-    return crypto.PKey.from_cryptography_key(key)
+    return crypto.PKey.from_cryptography_key(key)  # type: ignore[arg-type]  # others raise
 
 
 def _server_context(config: ServerTLSConfig, verify: Callable[..., bool]) -> SSL.Context:
@@ -99,6 +99,7 @@ def _server_context(config: ServerTLSConfig, verify: Callable[..., bool]) -> SSL
     context.use_privatekey(read_private_key(config.private_key))
     context.check_privatekey()
     store = context.get_cert_store()
+    assert store is not None  # a new context always has one
     authorities = read_certificates(config.client_ca)
     for authority in authorities:
         store.add_cert(crypto.X509.from_cryptography(authority))
@@ -195,8 +196,10 @@ class ServerTLS:
         @raise ValueError: C{pem} holds no certificate.
         """
         leaf, *chain = x509.load_pem_x509_certificates(pem)
+        store = self._context.get_cert_store()
+        assert store is not None
         context = crypto.X509StoreContext(
-            self._context.get_cert_store(),
+            store,
             crypto.X509.from_cryptography(leaf),
             [crypto.X509.from_cryptography(c) for c in chain],
         )
@@ -271,7 +274,7 @@ class _TLSOrPlain(Protocol):
 
     def __init__(self, factory: TLSOrPlainFactory) -> None:
         self._factory = factory
-        self._tls: Protocol | None = None
+        self._tls: TLSMemoryBIOProtocol | None = None
         self._silence: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
@@ -297,7 +300,7 @@ class _TLSOrPlain(Protocol):
         self._tls.makeConnection(self.transport)
         self._tls.dataReceived(data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._silence is not None and self._silence.active():
             self._silence.cancel()
         if self._tls is None:
@@ -342,7 +345,7 @@ class TLSOrPlainFactory(Factory):
     def doStop(self) -> None:
         self.tls.doStop()
 
-    def refuse_plain(self, transport: interfaces.ITransport) -> None:
+    def refuse_plain(self, transport: interfaces.ITransport | None) -> None:
         content_type, body = operation_outcome(PlainHTTP("HTTP_REQUEST_SENT_TO_HTTPS_PORT"))
         transport.write(
             b"HTTP/1.1 497 HTTP Request Sent to HTTPS Port\r\n"
@@ -504,4 +507,7 @@ class BulkTLSEndpoint:
 
     def connect(self, factory: interfaces.IProtocolFactory) -> Deferred[interfaces.IProtocol]:
         connecting = self._endpoint.connect(BulkTLSFactory(self._creator, True, factory))
-        return connecting.addCallback(lambda tls: tls.wrappedProtocol)
+        def unwrap(tls: Any) -> interfaces.IProtocol:
+            return tls.wrappedProtocol
+
+        return connecting.addCallback(unwrap)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from twisted.internet import interfaces
 
 
-def send_now(transport: interfaces.ITransport) -> None:
+def send_now(transport: interfaces.ITransport | None) -> None:
     """
     Hand what a TLS transport holds to the kernel now.
 
@@ -29,7 +29,7 @@ def send_now(transport: interfaces.ITransport) -> None:
     do_write = getattr(tcp, "doWrite", None)
     # A closing connection is left to the reactor, which must see the
     # result of its last write to finish closing it.
-    if (do_write is not None and getattr(tcp, "connected", False)
+    if (tcp is not None and do_write is not None and getattr(tcp, "connected", False)
             and not tcp.disconnecting and not getattr(tcp, "_writeDisconnecting", False)):
         # An error leaves the data buffered and the socket registered for
         # writing: the reactor then sees it and closes the connection.

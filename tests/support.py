@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import attrs
-
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.task import deferLater
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.internet.testing import waitUntilAllDisconnected
 from twisted.internet.threads import deferToThread
 from twisted.protocols.policies import WrappingFactory

@@ -373,7 +373,7 @@ class SchemaFixtureTests(TestCase):
         entry = slapd.SYNTHETIC_LDIF.read_text().split("\n\n")[2]
         self.assertIn("nhsMhsFQDN:", entry)
         broken = Path(self.mktemp())
-        broken.write_text("\n".join(l for l in entry.splitlines() if "nhsMhsFQDN" not in l))
+        broken.write_text("\n".join(line for line in entry.splitlines() if "nhsMhsFQDN" not in line))
         error = self.assertRaises(RuntimeError, slapd.Slapd.launch, [broken])
         self.assertIn("nhsMhsFQDN", str(error))
 

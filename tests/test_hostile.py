@@ -168,7 +168,7 @@ def raw_exchange(port: int, context: ssl.SSLContext, pieces: list[bytes], *,
             data += chunk
     except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
         closed = reset = True
-    except socket.timeout:
+    except TimeoutError:
         pass
     finally:
         tls.close()
@@ -184,7 +184,7 @@ def _receive_within(tls: ssl.SSLSocket, wait: float, timeout: float) -> bytes | 
     tls.settimeout(wait)
     try:
         return tls.recv(65536)
-    except socket.timeout:
+    except TimeoutError:
         return None
     finally:
         tls.settimeout(timeout)

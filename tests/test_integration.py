@@ -8,10 +8,9 @@ token, "not forwarded" and its audit record.
 from __future__ import annotations
 
 import time
-
-import attrs
 from pathlib import Path
 
+import attrs
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.trial import unittest

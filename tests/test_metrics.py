@@ -17,10 +17,10 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from ssp.directory import CachingDirectory
+from ssp.errors import ThrottleUnavailable
 from ssp.metrics import Metrics
 from ssp.model import AuditRecord
 from ssp.testing import MemoryDirectory, MemoryThrottle
-from ssp.errors import ThrottleUnavailable
 from tests.ports import free_port
 from tests.support import Provider, Proxy, spine_headers
 

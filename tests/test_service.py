@@ -19,10 +19,9 @@ from twisted.trial import unittest
 from ssp import config as ssp_config
 from ssp import demo
 from ssp.service import SSPService
-from tests.support import (DEMO_LDIF, ROOT, Consumer, Provider, certificates_toml, pki,
-                           spine_headers)
-from tests.test_crash import TWISTD, wait_listening
 from tests.ports import free_port
+from tests.support import DEMO_LDIF, ROOT, Consumer, Provider, certificates_toml, pki, spine_headers
+from tests.test_crash import TWISTD, wait_listening
 
 AGREEMENT = f"""
 [[agreements]]

@@ -14,9 +14,8 @@ import time
 from typing import Any, Awaitable, Callable
 
 import attrs
-from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
@@ -84,7 +83,7 @@ def open_idle(port: int, context: ssl.SSLContext, source: str = "127.0.0.1",
                 if tls.recv(1) == b"":
                     tls.close()
                     return None
-            except socket.timeout:
+            except TimeoutError:
                 tls.settimeout(5)
         return tls
     except (ConnectionResetError, BrokenPipeError, ssl.SSLError, OSError):
@@ -104,7 +103,7 @@ def closed_within(sockets: list[ssl.SSLSocket], seconds: float) -> int:
             closed += tls.recv(1) == b""
         except (ConnectionResetError, ssl.SSLError):
             closed += 1
-        except socket.timeout:
+        except TimeoutError:
             pass
         finally:
             tls.close()
