@@ -12,7 +12,6 @@ import os
 import ssl
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +31,7 @@ from ssp.service import Concerns
 from ssp.testing import MemoryDirectory, MemoryThrottle, RecordingAuditSink
 from ssp.tls import identity_of
 from tests import slapd
-from tests.support import ROOT, Provider, Proxy, certificates_toml, pki
+from tests.support import ROOT, Provider, Proxy, certificates_toml, pki, spine_headers
 
 CONSUMER = demo.CONSUMER_ASID
 OTHER_CONSUMER = "200000042019"
@@ -50,13 +49,7 @@ def request_headers(drop: tuple[str, ...] = (), add: tuple[tuple[str, str], ...]
     The headers of a valid request from the demo consumer, with some
     replaced (C{Ssp_From="..."}), dropped or added (repeats allowed).
     """
-    headers = {
-        "Ssp-TraceID": str(uuid.uuid4()),
-        "Ssp-From": CONSUMER,
-        "Ssp-To": PROVIDER,
-        "Ssp-InteractionID": METADATA,
-        "Authorization": f"Bearer {token or demo.bearer_token(reactor.seconds())}",
-    }
+    headers = spine_headers(token)
     headers.update({name.replace("_", "-"): value for name, value in values.items()})
     return tuple((n, v) for n, v in headers.items() if n not in drop) + add
 
