@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
@@ -33,12 +33,15 @@ class Metrics:
 
     def __init__(self, in_flight: Callable[[], float] = lambda: 0,
                  audit_pending: Callable[[], float] = lambda: 0,
+                 readiness: Callable[[], dict[str, bool]] = dict,
                  directory: Callable[[], IDirectory | None] = lambda: None,
                  connections: Callable[[], float] = lambda: 0,
                  refused_connections: Callable[[], float] = lambda: 0) -> None:
         """
         @param in_flight: the number of requests in progress.
         @param audit_pending: L{IAuditSink.pending} of the audit sink.
+        @param readiness: what C{/readyz} checks, by name; exported as
+            C{ssp_ready} so an alert can say which check fails.
         @param directory: the directory in use (it changes on reload).
         @param connections: open consumer connections.
         @param refused_connections: connections refused so far for being
@@ -74,6 +77,7 @@ class Metrics:
                         "Audit records accepted but not yet durable (the queue depth).",
                         registry=self.registry)
         pending.set_function(audit_pending)
+        self.registry.register(_Readiness(readiness))
         open_connections = Gauge("ssp_connections", "Open consumer connections.",
                                  registry=self.registry)
         open_connections.set_function(connections)
@@ -134,6 +138,22 @@ class _CountingThrottle:
             return failure
 
         return d.addCallbacks(decided, failed)
+
+
+@attrs.frozen
+class _Readiness:
+    """
+    C{ssp_ready{check}}: 1 when that C{/readyz} check passes, else 0.
+    """
+
+    readiness: Callable[[], dict[str, bool]]
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "ssp_ready", "1 when the /readyz check passes, 0 when it fails.", labels=["check"])
+        for check, ok in sorted(self.readiness().items()):
+            family.add_metric([check], 1 if ok else 0)
+        yield family
 
 
 @attrs.frozen

@@ -16,7 +16,7 @@ import csv
 import json
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -118,20 +118,38 @@ def report(paths: Sequence[Path], since: str | None = None, until: str | None = 
     @raise ValueError: naming a line that is not an audit record.
     """
     groups: dict[tuple[str, str, str, str], _Group] = {}
+    for day, record in completed(paths, since, until):
+        try:
+            key = (day, record["sender"], record["receiver"], record["interaction"])
+            groups.setdefault(key, _Group()).add(record)
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise _malformed(record, e) from None
+    return [groups[key].row(key) for key in sorted(groups)]
+
+
+def completed(paths: Sequence[Path], since: str | None = None, until: str | None = None
+              ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """
+    The C{"completed"} records of audit files with their UTC day
+    (C{YYYY-MM-DD}), those outside C{since}..C{until} left out: what every
+    view of the transaction log is computed from.
+
+    @raise ValueError: naming a record without a usable time.
+    """
     for record in read_records(paths):
         if record.get("event") != "completed":
             continue
         try:
             day = datetime.fromtimestamp(record["time"], UTC).strftime("%Y-%m-%d")
-            if (since and day < since) or (until and day > until):
-                continue
-            key = (day, record["sender"], record["receiver"], record["interaction"])
-            groups.setdefault(key, _Group()).add(record)
         except (KeyError, TypeError, ValueError, OverflowError) as e:
-            raise ValueError(
-                f"malformed completed record {record.get('request_id')!r}: {e!r}"
-            ) from None
-    return [groups[key].row(key) for key in sorted(groups)]
+            raise _malformed(record, e) from None
+        if (since and day < since) or (until and day > until):
+            continue
+        yield day, record
+
+
+def _malformed(record: dict[str, Any], error: Exception) -> ValueError:
+    return ValueError(f"malformed completed record {record.get('request_id')!r}: {error!r}")
 
 
 def _percentile_ms(values: list[float], percentile: int) -> float | None:
@@ -166,9 +184,11 @@ def _day(text: str) -> str:
 
 def main_report(argv: list[str], out: TextIO | None = None) -> int:
     """
-    C{ssp report DIR|FILE... [--format csv|json] [--from DAY] [--to DAY]}:
+    C{ssp report DIR|FILE... [--format csv|json|html] [--from DAY] [--to DAY]}:
     print the transaction log; exit 1 if the files cannot be read.
     """
+    from ssp import report_html as html  # imports this module
+
     out = out if out is not None else sys.stdout
     parser = argparse.ArgumentParser(
         prog="ssp report",
@@ -176,7 +196,8 @@ def main_report(argv: list[str], out: TextIO | None = None) -> int:
         "from the audit files.",
     )
     parser.add_argument("paths", nargs="+", type=Path, help="audit directories or files")
-    parser.add_argument("--format", choices=("csv", "json"), default="csv")
+    parser.add_argument("--format", choices=("csv", "json", "html"), default="csv",
+                        help="html: one self-contained page for people (default csv)")
     parser.add_argument("--from", dest="since", type=_day, help="first day (UTC), inclusive")
     parser.add_argument("--to", dest="until", type=_day, help="last day (UTC), inclusive")
     try:
@@ -185,11 +206,16 @@ def main_report(argv: list[str], out: TextIO | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     try:
         rows = report(options.paths, options.since, options.until)
+        extra = (html.extras(options.paths, options.since, options.until)
+                 if options.format == "html" else None)
     except OSError as e:
         print(f"ERROR: {e.filename}: {e.strerror}", file=sys.stderr)
         return 1
     except ValueError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1
-    (write_json if options.format == "json" else write_csv)(rows, out)
+    if extra is not None:
+        html.write_html(rows, extra, out)
+    else:
+        (write_json if options.format == "json" else write_csv)(rows, out)
     return 0

@@ -175,6 +175,7 @@ class SSPService(MultiService):
         self.metrics = Metrics(
             in_flight=lambda: self.proxy.in_flight if self.proxy else 0,
             audit_pending=lambda: audit.pending,
+            readiness=lambda: self.readiness() if self.proxy else {},
             directory=lambda: self.proxy.checks.directory if self.proxy else None,
             connections=lambda: len(self.site.channels) if self.site else 0,
             refused_connections=lambda: self.site.refused_connections if self.site else 0,
