@@ -197,6 +197,7 @@ class ForwardingTests(ProxyTestCase):
         self.assertEqual((status, total), (200, size))
         self.assertEqual(sha, pattern_sha256(size))
         self.assertLess(peak.growth, 48 * 1024 * 1024)
+        await until(proxy.settled)
         self.assertEqual(proxy.audit.completed()[0].bytes_out, size)
 
     async def test_large_upload_streams_in_bounded_memory(self):
@@ -217,6 +218,7 @@ class ForwardingTests(ProxyTestCase):
         self.assertEqual(json.loads(reply.body)["body_sha256"], pattern_sha256(size))
         self.assertEqual(provider.seen[0].body_length, size)
         self.assertLess(peak.growth, 24 * 1024 * 1024)
+        await until(proxy.settled)
         self.assertEqual(proxy.audit.completed()[0].bytes_in, size)
 
     async def test_chunked_trickle_reaches_consumer_before_provider_finishes(self):
