@@ -123,6 +123,9 @@ class _RecordingDirectory:
     def reachable(self) -> bool:
         return bool(self.directory.reachable)
 
+    def knows_interaction(self, interaction: str) -> bool:
+        return bool(self.directory.knows_interaction(interaction))
+
     async def _ask(self, question: str, ask: Callable[[], Deferred[Any]],
                    describe: Callable[[Any], str]) -> Any:
         try:
@@ -169,6 +172,10 @@ class _DryRunThrottle:
 
     throttle: IThrottle
     lookups: list[Lookup]
+
+    @property
+    def available(self) -> bool:
+        return bool(self.throttle.available)
 
     def consume_consumer(self, asid: str) -> Deferred[RateDecision | None]:
         return self._peek(f"rate consumer {asid}", self.throttle.peek_consumer(asid))
@@ -406,7 +413,7 @@ async def run(reactor: Any, argv: list[str], out: TextIO, err: TextIO) -> int:
     try:
         config = load(args.config)
         pem = Path(args.cert).read_bytes() if args.cert else None
-        server_tls = ServerTLS(config.tls)
+        server_tls = ServerTLS(config.tls, reactor)
         directory, service = directory_from_config(config.directory, reactor, reactor)
     except (ConfigError, OSError, ValueError) as e:
         err.write(f"ssp explain: {e}\n")

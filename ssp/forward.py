@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, 
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import STATUS, ParseError
+from twisted.web._newclient import HEADER, STATUS, ParseError
 from twisted.web.client import (
     Agent,
     HTTP11ClientProtocol,
@@ -123,16 +123,32 @@ class Upstream:
         (which covers connecting too), or L{UpstreamFailed}.  Cancelling
         it cancels the upstream request and fails it with
         L{CancelledError}.
+
+        While the consumer is still sending a streamed body the provider
+        cannot be blamed for not answering: the time-out then waits, the
+        channel's C{idle_timeout} judges the consumer (408), and the
+        provider gets the full C{response_timeout} from the body's end.
         """
         target = url.decode("ascii")
         d = self._agent.request(method, url, headers, body)
         expired = []
+        timer: IDelayedCall
 
         def expire() -> None:
+            nonlocal timer
+            if isinstance(body, RequestBody) and body.awaiting_consumer:
+                timer = self._clock.callLater(self._timeout, expire)
+                return
             expired.append(True)
             d.cancel()
 
+        def restart() -> None:
+            if timer.active():
+                timer.reset(self._timeout)
+
         timer = self._clock.callLater(self._timeout, expire)
+        if isinstance(body, RequestBody):
+            body.when_complete(restart)
 
         def classify(result: object) -> object:
             if timer.active():
@@ -223,6 +239,8 @@ def _guard_head(parser: Any, limit: int) -> None:
         if received > limit:
             raise ParseError("response head larger than upstream.max_header_bytes", b"")
         text = line[:-1] if line.endswith(b"\r") else line
+        if parser.state == HEADER and not text:
+            _expose_connection(parser)
         if parser.state == STATUS:
             framing.clear()
             if not _STATUS_LINE.fullmatch(text):
@@ -238,6 +256,17 @@ def _guard_head(parser: Any, limit: int) -> None:
         parse_line(line)
 
     parser.lineReceived = line_received
+
+
+def _expose_connection(parser: Any) -> None:
+    """
+    Copy the provider's C{Connection} field, which Twisted's parser keeps
+    among its connection-control fields, into the response's headers at
+    the end of the head, so that L{ssp.headers.downstream_headers} drops
+    the fields it names as well as itself.
+    """
+    for value in parser.connHeaders.getRawHeaders(b"connection", ()):
+        parser.headers.addRawHeader(b"Connection", value)
 
 
 def _classify(failure: Failure, target: str) -> Failure:
@@ -276,6 +305,29 @@ class RequestBody:
         self._paused = False
         self._stopped = False
         self._failure: Failure | None = None
+        self._on_complete: list[Callable[[], None]] = []
+
+    @property
+    def awaiting_consumer(self) -> bool:
+        """
+        Whether the body is incomplete because the consumer has not sent
+        the rest (rather than because the provider's side pushes back).
+        """
+        return not self.complete and not self._paused and self._failure is None
+
+    @property
+    def paused(self) -> bool:
+        """
+        Whether reading from the consumer is paused: the provider's side is
+        not taking the body.
+        """
+        return self._paused
+
+    def when_complete(self, callback: Callable[[], None]) -> None:
+        """
+        Call C{callback} once the whole body has arrived.
+        """
+        self._on_complete.append(callback)
 
     def feed(self, data: bytes) -> None:
         self.received += len(data)
@@ -290,6 +342,9 @@ class RequestBody:
 
     def finish(self) -> None:
         self.complete = True
+        callbacks, self._on_complete = self._on_complete, []
+        for callback in callbacks:
+            callback()
         if self._consumer is not None and self._done is not None:
             done, self._done = self._done, None
             done.callback(None)

@@ -74,8 +74,9 @@ async def admit(inbound: Inbound, checks: Checks, found: Findings) -> Findings:
     found.target = url = target.parse(inbound.uri)                         # 400
     found.spine = spine = headers.parse(inbound.headers)                   # 400
     found.claims = token.validate(                                         # 400
-        _single(inbound.headers, b"authorization"), checks.clock.seconds(), checks.token
+        headers.single(inbound.headers, b"authorization"), checks.clock.seconds(), checks.token
     )
+    token.check_interaction(found.claims, spine.interaction)               # 400
     await policy.check_sender(checks.directory, spine, found.client)      # 495 / 403
     found.handler = await policy.check_receiver(checks.directory, spine)  # 403
     policy.check_target(found.handler, url.text)                           # 400
@@ -85,7 +86,3 @@ async def admit(inbound: Inbound, checks: Checks, found: Findings) -> Findings:
     await throttle.check_provider(checks.throttle, spine.receiver)        # 503
     return found
 
-
-def _single(request_headers: Headers, name: bytes) -> bytes | None:
-    values = request_headers.getRawHeaders(name)
-    return values[0] if values else None

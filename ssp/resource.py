@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -45,6 +45,7 @@ from ssp.errors import (
 from ssp.interfaces import IAuditSink, IUpstream
 from ssp.model import AuditRecord, Claims, ClientIdentity
 from ssp.pipeline import Checks, Findings, Inbound, admit
+from ssp.tls import host_of
 from ssp.wire import send_now
 
 log = Logger()
@@ -104,10 +105,24 @@ class ProxyRequest(server.Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self.body is None or self.refusal is not None:
             return
-        if self._max_body and self.body.received + len(data) > self._max_body:
-            self.refuse(PayloadTooLarge(self._max_body))
+        if self._over_limit(len(data)):
             return
         self.body.feed(data)
+
+    def chunk_announced(self, size: int) -> None:
+        """
+        A chunk of C{size} bytes follows: refuse it now if it would take the
+        body over C{max_body_bytes}.
+        """
+        if self.body is not None and self.refusal is None:
+            self._over_limit(size)
+
+    def _over_limit(self, more: int) -> bool:
+        assert self.body is not None
+        if self._max_body and self.body.received + more > self._max_body:
+            self.refuse(PayloadTooLarge(self._max_body))
+            return True
+        return False
 
     def describe(self, command: bytes, path: bytes, version: bytes) -> None:
         """
@@ -124,6 +139,19 @@ class ProxyRequest(server.Request):
         self.describe(command, path, version)
         self.args = {}
         self.process()
+
+    def process(self) -> None:
+        """
+        Hand every request, whatever its target's form, to the proxy
+        resource, so that it is checked, answered and audited like any
+        other: Twisted's own L{server.Request.process} answers C{OPTIONS *}
+        (and any other verb with C{*}) itself, with no client certificate
+        checked, no HSTS and no audit record.
+        """
+        self.site = self.channel.site
+        self.setHeader(b"Date", http.datetimeToString(self.site.reactor.seconds()))
+        self.prepath, self.postpath = [], []
+        self.render(self.site.resource)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._started:
@@ -160,6 +188,10 @@ class ProxyRequest(server.Request):
             self.channel.persistent = False
             if not self.startedWriting:
                 self.setHeader(b"Connection", b"close")
+            # Nothing will take the rest: stop holding the consumer's reads
+            # (paused by the provider's back-pressure), so that its close,
+            # and the TLS close_notify the shutdown awaits, are read.
+            self.body.stopProducing()
         transport = self.channel.transport
         super().finish()
         send_now(transport)
@@ -191,6 +223,7 @@ class ProxyChannel(http.HTTPChannel):
     address = ""
     _phase = _HEAD
     _closing = False
+    _lost = False
     _deadline: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
@@ -211,7 +244,7 @@ class ProxyChannel(http.HTTPChannel):
         self._header_count = 0
         self._content_length: int | None = None
         self._chunked = False
-        self._hosts = 0
+        self._singletons: set[bytes] = set()
 
     @property
     def idle(self) -> bool:
@@ -226,7 +259,9 @@ class ProxyChannel(http.HTTPChannel):
         self._closing = True
         self.persistent = False
         self._cancel_deadline()
-        if self._abortingCall is None:
+        # A response can finish after the connection was lost under it
+        # (a write that found it reset): then there is nothing to abort.
+        if self._abortingCall is None and not self._lost:
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
 
     def dataReceived(self, data: bytes) -> None:
@@ -310,8 +345,9 @@ class ProxyChannel(http.HTTPChannel):
             return False
         accepted = super().headerReceived(line)
         if accepted and self._chunked and not isinstance(self._transferDecoder, _StrictChunked):
+            request = self.requests[-1]
             self._transferDecoder = _StrictChunked(
-                self.requests[-1].handleContentChunk, self._finishRequestBody
+                request.handleContentChunk, self._finishRequestBody, request.chunk_announced
             )
         return accepted
 
@@ -332,11 +368,12 @@ class ProxyChannel(http.HTTPChannel):
             return self._content_length_refusal(value)
         if lower == b"transfer-encoding":
             return self._transfer_encoding_refusal(value)
-        if lower == b"host":
-            self._hosts += 1
-            if self._hosts > 1:
-                return BadRequest("BAD_REQUEST: Host header is repeated")
-        return None
+        repeated = lower in self._singletons
+        refusal = headers.field_refusal(lower, value, self._singletons)
+        if repeated and self.requests:
+            # Keep every copy, so that the audit records none of them.
+            self.requests[-1].requestHeaders.addRawHeader(name, value)
+        return refusal
 
     def _content_length_refusal(self, value: bytes) -> Refusal | None:
         if self._content_length is not None:
@@ -364,7 +401,7 @@ class ProxyChannel(http.HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._cancel_deadline()
-        if self._version == b"HTTP/1.1" and not self._hosts:
+        if self._version == b"HTTP/1.1" and b"host" not in self._singletons:
             self._refuse_head(BadRequest("BAD_REQUEST: Host header is missing"))
             return
         limit = self.limits.max_body_bytes
@@ -381,14 +418,9 @@ class ProxyChannel(http.HTTPChannel):
         As Twisted's, but reading C{Connection} as the comma-separated list
         it is (Twisted splits on spaces only, missing C{keep-alive,close}).
         """
-        tokens = {
-            option.strip().lower()
-            for value in request.requestHeaders.getRawHeaders(b"connection", [])
-            for option in value.split(b",")
-        }
         if version != b"HTTP/1.1":
             return False
-        if b"close" in tokens:
+        if b"close" in headers.connection_options(request.requestHeaders):
             request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
             return False
         return True
@@ -437,13 +469,22 @@ class ProxyChannel(http.HTTPChannel):
         self.site.proxy.refuse_early(request, refusal)
 
     def timeoutConnection(self) -> None:
-        if not self._closing:
-            if self._phase is _BODY and self.requests:
-                self.requests[-1].refuse(RequestTimeout())
+        if self._closing:
+            # stop_reading already arranged the abort; Twisted's would
+            # replace (and so leak) that timer.
+            return
+        if self._phase is _BODY and self.requests:
+            body = self.requests[-1].body
+            if body is not None and body.paused:
+                # Not read because the provider is not taking the body:
+                # its response time-out judges it.
+                self.setTimeout(self.timeOut)
                 return
-            if self._phase is _HEAD and self._head_started:
-                self._refuse_head(RequestTimeout(), self._buffer)
-                return
+            self.requests[-1].refuse(RequestTimeout())
+            return
+        if self._phase is _HEAD and self._head_started:
+            self._refuse_head(RequestTimeout(), self._buffer)
+            return
         super().timeoutConnection()
 
     def _head_expired(self) -> None:
@@ -464,6 +505,7 @@ class ProxyChannel(http.HTTPChannel):
             self._deadline = None
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
         self._cancel_deadline()
         self.site.channel_closed(self)
         super().connectionLost(reason)
@@ -472,12 +514,23 @@ class ProxyChannel(http.HTTPChannel):
 class _StrictChunked(http._ChunkedTransferDecoder):
     """
     Twisted's chunked decoder, refusing a bare CR or LF in a chunk-size or
-    trailer line at once instead of waiting for a CRLF that never comes.
+    trailer line at once instead of waiting for a CRLF that never comes,
+    and announcing each chunk's size before its data arrives (so that a
+    size over the body limit is refused at once, not after a time-out).
     """
+
+    def __init__(self, data_callback: Callable[[bytes], None],
+                 finish_callback: Callable[[bytes], None],
+                 announce: Callable[[int], None]) -> None:
+        super().__init__(data_callback, finish_callback)
+        self._announce = announce
 
     def _dataReceived_CHUNK_LENGTH(self) -> bool:
         _check_chunk_line(self._buffer)
-        return super()._dataReceived_CHUNK_LENGTH()
+        if not super()._dataReceived_CHUNK_LENGTH():
+            return False
+        self._announce(self.length)
+        return True
 
     def _dataReceived_TRAILER(self) -> bool:
         _check_chunk_line(self._buffer)
@@ -503,13 +556,75 @@ def _request_line_prefix(partial: bytes) -> tuple[bytes, bytes, bytes]:
     return method[:32], target, b"HTTP/1.1"
 
 
-class _Refused(Protocol):
+class ConnectionCaps:
     """
-    Stands in for a channel on a connection over the limits: aborts it.
+    C{listen.max_connections} and C{listen.max_connections_per_address},
+    counted from the moment a connection is accepted, not from its first
+    byte or its TLS handshake: a connection that stays silent, or
+    handshakes slowly, holds its place like any other.
+
+    Behind the PROXY protocol the consumer's address is known only once
+    the header is read: such a connection is L{open}ed with no address
+    (the total cap) and L{identify}d with it later (the per-address cap),
+    so that connections the balancer has not yet introduced are not
+    counted against the balancer's own address.
+
+    @ivar open_connections: connections accepted and not yet closed.
+    @ivar refused_connections: connections refused for being over a cap.
     """
 
-    def connectionMade(self) -> None:
-        self.transport.abortConnection()
+    def __init__(self, limits: Callable[[], ListenConfig]) -> None:
+        self._limits = limits
+        self._per_address: dict[str, int] = {}
+        self.open_connections = 0
+        self.refused_connections = 0
+
+    def open(self, address: str | None) -> bool:
+        """
+        Count a connection just accepted from C{address} (L{None}: not yet
+        known); L{False}, and counted as refused, when over a cap: the
+        caller aborts it and never calls L{close}.
+        """
+        if self.open_connections >= self._limits().max_connections:
+            return self._refuse(address)
+        if address is not None and not self._count(address):
+            return False
+        self.open_connections += 1
+        return True
+
+    def identify(self, address: str) -> bool:
+        """
+        Name the address of a connection L{open}ed without one; L{False},
+        and counted as refused, when that address is over its cap: the
+        caller aborts it and still calls L{close} with no address.
+        """
+        return self._count(address)
+
+    def close(self, address: str | None) -> None:
+        """
+        An admitted connection closed, counted under C{address}.
+        """
+        self.open_connections -= 1
+        if address is None:
+            return
+        left = self._per_address[address] - 1
+        if left:
+            self._per_address[address] = left
+        else:
+            del self._per_address[address]
+
+    def _count(self, address: str) -> bool:
+        held = self._per_address.get(address, 0)
+        if held >= self._limits().max_connections_per_address:
+            return self._refuse(address)
+        self._per_address[address] = held + 1
+        return True
+
+    def _refuse(self, address: str | None) -> bool:
+        self.refused_connections += 1
+        log.debug("Connection from {address} refused: over the connection limits",
+                  address=address or "(PROXY header not yet read)")
+        return False
 
 
 class ProxySite(server.Site):
@@ -518,7 +633,10 @@ class ProxySite(server.Site):
     per consumer address, and no access log of its own (each exchange is
     logged once, with its audit fields, by L{Proxy}).
 
-    @ivar refused_connections: connections aborted for being over a cap.
+    @ivar caps: the connection caps, which the listening factory applies
+        from the moment it accepts a connection (L{ConnectionCaps}).
+    @ivar channels: the HTTP channels, built at a connection's first
+        byte.
     """
 
     requestFactory = ProxyRequest
@@ -530,39 +648,21 @@ class ProxySite(server.Site):
         self.proxy = resource.proxy
         self.limits = limits
         self.channels: set[ProxyChannel] = set()
-        self.refused_connections = 0
-        self._per_address: dict[str, int] = {}
+        self.caps = ConnectionCaps(lambda: self.limits)
 
-    def buildProtocol(self, addr: Any) -> ProxyChannel | _Refused:  # type: ignore[override]
+    def buildProtocol(self, addr: Any) -> ProxyChannel:  # type: ignore[override]
         """
-        A channel, or a L{_Refused} when C{listen.max_connections} or
-        C{listen.max_connections_per_address} would be exceeded.  C{addr}
-        is the consumer's address (after the PROXY protocol when enabled).
+        A channel for a connection from C{addr}, already counted by
+        L{caps}.
         """
-        address = str(getattr(addr, "host", ""))
-        limits = self.limits
-        if (len(self.channels) >= limits.max_connections
-                or self._per_address.get(address, 0) >= limits.max_connections_per_address):
-            self.refused_connections += 1
-            log.debug("Connection from {address} refused: over the connection limits",
-                      address=address)
-            return _Refused()
         channel = super().buildProtocol(addr)
-        channel.limits = limits
-        channel.address = address
+        channel.limits = self.limits
+        channel.address = host_of(addr)
         self.channels.add(channel)
-        self._per_address[address] = self._per_address.get(address, 0) + 1
         return channel
 
     def channel_closed(self, channel: ProxyChannel) -> None:
-        if channel not in self.channels:
-            return
         self.channels.discard(channel)
-        left = self._per_address[channel.address] - 1
-        if left:
-            self._per_address[channel.address] = left
-        else:
-            del self._per_address[channel.address]
 
     def log(self, request: Any) -> None:
         pass
@@ -775,11 +875,11 @@ class Proxy:
             time=started,
             consumer_address=f"{getattr(peer, 'host', '')}:{getattr(peer, 'port', '')}",
             method=_text(request.method),
-            target=found.target.text if found.target else _text(request.uri[1:]),
-            trace_id=spine.trace_id if spine else _text(request.getHeader(b"ssp-traceid")),
-            sender=spine.sender if spine else _text(request.getHeader(b"ssp-from")),
-            receiver=spine.receiver if spine else _text(request.getHeader(b"ssp-to")),
-            interaction=spine.interaction if spine else _text(request.getHeader(b"ssp-interactionid")),
+            target=found.target.text if found.target else _text(_unparsed_target(request.uri)),
+            trace_id=spine.trace_id if spine else _sent_once(request, b"ssp-traceid"),
+            sender=spine.sender if spine else _sent_once(request, b"ssp-from"),
+            receiver=spine.receiver if spine else _sent_once(request, b"ssp-to"),
+            interaction=spine.interaction if spine else _sent_once(request, b"ssp-interactionid"),
             client_subject=client.subject if client else "",
             client_fingerprint=client.fingerprint if client else "",
             claims=found.claims or _claims_of_refused(request),
@@ -834,16 +934,33 @@ class _Outcome:
 def _claims_of_refused(request: ProxyRequest) -> Claims | None:
     """
     Best-effort claims for the audit record of a request refused before
-    its token was validated.
+    its token was validated; none when C{Authorization} was repeated.
     """
-    authorization = request.getHeader(b"authorization")
+    authorization = headers.single(request.requestHeaders, b"authorization")
     return token.extract(authorization) if authorization else None
+
+
+def _sent_once(request: ProxyRequest, name: bytes) -> str:
+    """
+    A field for the audit record of a refused request: empty unless sent
+    exactly once.
+    """
+    return _text(headers.single(request.requestHeaders, name))
 
 
 def _tls_connection(request: ProxyRequest) -> Any:
     transport = request.channel.transport
     get_handle = getattr(transport, "getHandle", None)
     return get_handle() if get_handle is not None else None
+
+
+def _unparsed_target(uri: bytes) -> bytes:
+    """
+    What the audit records as the target of a request refused before its
+    target was parsed: the provider URL after the proxy's C{/}, or any
+    other form (C{*}, C{host:port}, an absolute URL) as received.
+    """
+    return uri[1:] if uri.startswith(b"/") else uri
 
 
 def _query_format(uri: bytes) -> bytes | None:

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
+from weakref import WeakSet
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
@@ -30,7 +31,7 @@ from ssp import __version__, preflight
 from ssp import config as ssp_config
 from ssp.accesslog import AccessLogFile
 from ssp.audit import FileAuditSink
-from ssp.config import Config, ServerTLSConfig, ThrottleConfig
+from ssp.config import Config, ThrottleConfig
 from ssp.directory import directory_from_config
 from ssp.forward import Upstream
 from ssp.interfaces import IAuditSink, IDirectory, IThrottle
@@ -40,7 +41,14 @@ from ssp.pipeline import Checks
 from ssp.resource import Proxy, ProxyResource, ProxySite
 from ssp.systemd import SystemdNotifier
 from ssp.throttle import Throttle, throttle_from_config
-from ssp.tls import BulkTLSFactory, ServerTLS, TLSOrPlainFactory, UpstreamTLS, read_certificates
+from ssp.tls import (
+    BulkTLSFactory,
+    ServerTLS,
+    TLSOrPlainFactory,
+    UpstreamTLS,
+    handshake_failure_reason,
+    read_certificates,
+)
 
 log = Logger()
 
@@ -146,18 +154,21 @@ class SSPService(MultiService):
             if not self.site.channels or self.reactor.seconds() >= deadline:
                 break
             await deferLater(self.reactor, min(0.05, timeout), lambda: None)
-        remaining = list(self.site.channels)
-        for channel in remaining:
-            channel.transport.abortConnection()
-        while any(channel.transport.connected for channel in remaining):
+        # Channels left after the timeout, and connections accepted before
+        # the port closed that never became channels (silent, or still in
+        # the handshake): none may bring a request once the audit closes.
+        remaining = [*self.site.channels, *self._accepting.open()]
+        for protocol in remaining:
+            protocol.transport.abortConnection()
+        while any(protocol.transport.connected for protocol in remaining):
             await deferLater(self.reactor, 0.01, lambda: None)
 
     def _build(self) -> None:
         config = self.config
         self.systemd = SystemdNotifier(self.reactor, os.environ)
         self.systemd.setServiceParent(self)
-        self.server_tls = ServerTLS(config.tls)
-        self._certificate_expiry = _expiry(config.tls)
+        self.server_tls = ServerTLS(config.tls, self.reactor)
+        self._certificate_expiry = _expiry(config)
         parts = self._reloadable(config, None)
         if parts.directory_service is not None:
             parts.directory_service.setServiceParent(self)
@@ -177,8 +188,13 @@ class SSPService(MultiService):
             audit_pending=lambda: audit.pending,
             readiness=lambda: self.readiness() if self.proxy else {},
             directory=lambda: self.proxy.checks.directory if self.proxy else None,
-            connections=lambda: len(self.site.channels) if self.site else 0,
-            refused_connections=lambda: self.site.refused_connections if self.site else 0,
+            connections=lambda: self.site.caps.open_connections if self.site else 0,
+            refused_connections=lambda: self.site.caps.refused_connections if self.site else 0,
+            certificate_expiry=lambda: self._certificate_expiry,
+            crl_next_update=lambda: {str(f.path): f.next_update
+                                     for f in self.server_tls.trust.crl_files},
+            known_interaction=self._known_interaction,
+            throttle_store_up=lambda: self.throttle.available,
         )
         observers: tuple[Callable[[AuditRecord], None], ...] = (self.metrics.observe,)
         if config.log.access_log and config.log.access_log_file is not None:
@@ -192,11 +208,13 @@ class SSPService(MultiService):
             config.upstream.idle_timeout, hsts, observers=observers, cors=config.cors,
         )
         site = self.site = ProxySite(ProxyResource(self.proxy), self.reactor, config.listen)
-        listener = TLSOrPlainFactory(
+        listener = self._accepting = _Accepting(
             BulkTLSFactory(self.server_tls, False, site), hsts,
             self.reactor, config.listen.header_timeout,
             on_handshake_failure=self._handshake_failed,
             on_plain_http=self._plain_http,
+            caps=site.caps, proxy_protocol=config.listen.proxy_protocol,
+            on_refused=self._over_connection_caps,
         )
         endpoint = self._endpoint("listen.endpoint")
         if config.listen.proxy_protocol:
@@ -208,7 +226,7 @@ class SSPService(MultiService):
         if config.admin.endpoint:
             admin = StreamServerEndpointService(
                 self._endpoint("admin.endpoint"),
-                _QuietSite(admin_resource(self.metrics, self.readiness)),
+                _QuietSite(admin_resource(self.metrics, self.readiness, self.degraded)),
             )
             admin._raiseSynchronously = True
             admin.setName("admin.endpoint")
@@ -239,14 +257,25 @@ class SSPService(MultiService):
             clock=self.reactor,
         )
 
+    def _known_interaction(self, interaction: str) -> bool:
+        """
+        Whether the agreements or the directory name C{interaction}, so
+        that metrics may label with it.
+        """
+        if any(interaction in agreement.interactions for agreement in self.config.agreements):
+            return True
+        return self.proxy is not None and self.proxy.checks.directory.knows_interaction(interaction)
+
     def listening(self) -> Deferred[Any]:
         """
-        Fires with the listening port once it is bound.
+        Fires with the listening port once it is bound (L{None} if that
+        failed).  A Deferred of the caller's own: whatever its callbacks
+        return, the listener keeps its port, and stops it on stop.
         """
         assert self._listener is not None
         waiting = self._listener._waitingForPort
         assert waiting is not None  # set by startService
-        return waiting
+        return _branch(waiting)
 
     def _ready(self, port: Any) -> Any:
         if port is not None:  # None: listening failed and was logged
@@ -265,19 +294,38 @@ class SSPService(MultiService):
 
     def readiness(self) -> dict[str, bool]:
         """
-        What C{/readyz} reports: listening, the audit writable, the
-        directory reachable and the server certificate within its validity.
+        What C{/readyz} reports: listening (no longer once a stop began,
+        so a balancer looks elsewhere during the drain), the audit
+        writable, the directory reachable, the server certificate within
+        its validity, every CRL more than C{tls.crl_expiry_margin} seconds
+        from its nextUpdate (past it, every consumer would be refused), and
+        the rate store answering, unless C{on_store_failure = "local"}
+        stands in for it (see L{degraded}).
         """
         assert self.proxy is not None
+        now = self.reactor.seconds()
         return {
-            "listening": self.running,
+            "listening": self._listener is not None and self._listener.running,
             "audit": bool(self.audit.writable),
             "directory": bool(self.proxy.checks.directory.reachable),
-            "tls": self.reactor.seconds() < self._certificate_expiry,
+            "tls": now < self._certificate_expiry["server"],
+            "crl": now < self.server_tls.trust.valid_until - self.config.tls.crl_expiry_margin,
+            "throttle": self.throttle.available or self.config.throttle.on_store_failure == "local",
         }
 
+    def degraded(self) -> list[str]:
+        """
+        What C{/readyz} names as degraded but ready: the rate store while
+        per-process limits stand in for it.
+        """
+        local = self.config.throttle.on_store_failure == "local"
+        return ["throttle"] if local and not self.throttle.available else []
+
     def _handshake_failed(self, peer: Any, reason: Failure) -> None:
-        self._record_connection_refusal(peer, "tls-failed", reason.getErrorMessage()[:200], 0)
+        self._record_connection_refusal(peer, "tls-failed", handshake_failure_reason(reason), 0)
+
+    def _over_connection_caps(self, peer: Any) -> None:
+        self._record_connection_refusal(peer, "tls-failed", "CONNECTION_LIMIT_EXCEEDED", 0)
 
     def _plain_http(self, peer: Any) -> None:
         self._record_connection_refusal(peer, "completed", "HTTP_REQUEST_SENT_TO_HTTPS_PORT", 497)
@@ -359,8 +407,9 @@ class SSPService(MultiService):
             config = self._adjust(ssp_config.load(self.config_path))
             preflight.check(config, self.config_path, self.reactor.seconds())
             parts = self._reloadable(config, self.config)
+            certificate_expiry = _expiry(config)
             self.server_tls.reload(config.tls)
-            self._certificate_expiry = _expiry(config.tls)
+            self._certificate_expiry = certificate_expiry
         except Exception as e:
             log.error("Reload rejected, keeping the running configuration: {error}", error=e)
             return False
@@ -418,6 +467,32 @@ class SSPService(MultiService):
                 call.cancel()
                 await self._retire(*retired)
 
+
+class _Accepting(TLSOrPlainFactory):
+    """
+    The listening factory, remembering the connections it accepted (weakly:
+    a closed one is forgotten with its transport), so that a stop can cut
+    those the site does not know yet.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._accepted: WeakSet[Any] = WeakSet()
+
+    def buildProtocol(self, addr: object) -> Any:
+        protocol = super().buildProtocol(addr)
+        self._accepted.add(protocol)
+        return protocol
+
+    def open(self) -> list[Any]:
+        """
+        The accepted connections still open, as the protocols their TCP
+        transports drive (the PROXY-protocol wrapper, when there is one).
+        """
+        transports = {_socket_of(p.transport) for p in self._accepted if p.transport is not None}
+        return [t.protocol for t in transports if t.connected]
+
+
 class _QuietSite(Site):
     """
     The admin listener's site: a scrape every few seconds would drown the
@@ -474,11 +549,31 @@ def _setting(config: Config, key: str) -> Any:
     return config
 
 
-def _expiry(config: ServerTLSConfig) -> float:
+def _expiry(config: Config) -> dict[str, float]:
     """
-    When the server certificate expires, as a POSIX time.
+    When the server certificate and the upstream client certificate
+    expire, as POSIX times, by role.
     """
-    return read_certificates(config.certificate)[0].not_valid_after_utc.timestamp()
+    return {
+        role: read_certificates(path)[0].not_valid_after_utc.timestamp()
+        for role, path in (("server", config.tls.certificate),
+                           ("upstream_client", config.upstream.certificate))
+    }
+
+
+def _branch(trunk: Deferred[Any]) -> Deferred[Any]:
+    """
+    A new Deferred that fires with C{trunk}'s result, leaving C{trunk}'s
+    own result as it was.
+    """
+    branch: Deferred[Any] = Deferred()
+
+    def fire(result: Any) -> Any:
+        branch.callback(result)
+        return result
+
+    trunk.addCallback(fire)
+    return branch
 
 
 def _close_idle(transport: Any) -> None:
@@ -488,7 +583,14 @@ def _close_idle(transport: Any) -> None:
     whole timeout.  The TLS layer writes its own alert first.
     """
     transport.loseConnection()
-    getattr(transport, "transport", transport).loseConnection()
+    _socket_of(transport).loseConnection()
+
+
+def _socket_of(transport: Any) -> Any:
+    """
+    The TCP transport under a TLS or PROXY-protocol layer.
+    """
+    return getattr(transport, "transport", transport)
 
 
 def _same_store(new: ThrottleConfig, old: ThrottleConfig) -> bool:

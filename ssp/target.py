@@ -97,8 +97,11 @@ def _check_path(path: bytes) -> None:
     Refuse a path a provider could resolve to somewhere other than what
     the endpoint comparison saw: a segment that is C{.} or C{..} (also
     percent-encoded, however many times, and also with C{;parameters}, as
-    Tomcat reads C{..;}), an encoded C{/}, C{\\} or control byte, or
-    malformed percent-encoding.
+    Tomcat reads C{..;}), an encoded C{/}, C{\\} or control byte,
+    malformed percent-encoding, or percent-encoded bytes that are not UTF-8
+    (overlong forms such as C{%c0%ae} for C{.}, surrogates, truncated
+    sequences), at any depth of encoding: decoders that accept such bytes
+    differ in what they make of them.
     """
     if _BAD_PERCENT.search(path):
         raise _invalid("has malformed percent-encoding")
@@ -113,12 +116,16 @@ def _check_path(path: bytes) -> None:
 def _fully_decoded(segment: bytes) -> bytes:
     """
     C{segment} percent-decoded until nothing changes (each round that
-    changes it shortens it, so this ends).
+    changes it shortens it, so this ends), each round's result UTF-8.
     """
     while True:
         decoded = unquote_to_bytes(segment)
         if decoded == segment:
             return segment
+        try:
+            decoded.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _invalid("path must be UTF-8 once percent-decoded") from None
         segment = decoded
 
 

@@ -75,6 +75,10 @@ class MemoryDirectory:
             )
         )
 
+    def knows_interaction(self, interaction: str) -> bool:
+        return any(interaction in s.interactions for s in self.systems) or any(
+            interaction == h.interaction for h in self.handlers)
+
 
 @implementer(IThrottle)
 @attrs.define

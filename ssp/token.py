@@ -41,9 +41,36 @@ ODS_SYSTEMS = (
 )
 
 _BEARER = re.compile(rb"bearer +(\S+) *\Z", re.IGNORECASE)
-_SEGMENT = re.compile(r"[A-Za-z0-9_-]+=*\Z")
+# RFC 7515 §2: base64url without padding.
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]+\Z")
 _SCOPE = re.compile(r"(patient|organization)/\*\.(read|write)( conf/[NR])?\Z")
 _ODS = re.compile(r"[A-Za-z0-9]{1,12}\Z")
+
+# The scope each GP Connect interaction needs (notes/spec-digest.md §3),
+# read from its ID so that versions and the documents programme's variant
+# spellings are covered: ...:fhir:rest:<verb>:<resource>[-n] or
+# ...:fhir:operation:<operation>[-n].
+_INTERACTION = re.compile(
+    r"urn:nhs:names:services:gpconnect(?:-documents)?(?::[a-z]+)?:fhir:"
+    r"(?:rest:(?P<verb>[a-z]+):(?P<resource>[a-z_]+)|operation:(?P<operation>gpc\.[a-z]+))"
+    r"(?:-[0-9]+)?\Z"
+)
+_ORGANISATION_READ = "organization/*.read"
+_PATIENT_READ = "patient/*.read"
+_PATIENT_WRITE = "patient/*.write"
+_ORGANISATION_RESOURCES = frozenset({"metadata", "practitioner", "organization", "location", "slot"})
+_PATIENT_RESOURCES = frozenset(
+    {"patient", "patient_appointments", "appointment", "documentreference", "binary"}
+)
+_PATIENT_VERBS = {"read": _PATIENT_READ, "search": _PATIENT_READ, "migrate": _PATIENT_READ,
+                  "create": _PATIENT_WRITE, "update": _PATIENT_WRITE, "cancel": _PATIENT_WRITE}
+_OPERATIONS = {
+    "gpc.registerpatient": _PATIENT_WRITE,
+    "gpc.getstructuredrecord": _PATIENT_READ,
+    "gpc.migratestructuredrecord": _PATIENT_READ,
+    "gpc.getcarerecord": _PATIENT_READ,
+}
+_MIGRATIONS = ("gpc.migratestructuredrecord", "migrate")
 
 
 def validate(
@@ -104,6 +131,49 @@ def check_audience(claims: Claims, endpoint: str, target: str | None = None) -> 
         raise _claim("aud", "does not cover the target URL")
 
 
+def check_interaction(claims: Claims, interaction: str) -> None:
+    """
+    Check the claims that depend on the interaction (SPEC §4):
+    C{requested_scope} is the scope the interaction needs (a C{conf/}
+    suffix aside), and C{reason_for_request} is C{migration} exactly for
+    the migration interactions.  An interaction this module does not know
+    needs no particular scope (SDS decides whether it is allowed at all)
+    and is not a migration.
+
+    @raise BadRequest: naming the claim.  Nothing is checked for claims
+        that were not validated.
+    """
+    if not claims.validated:
+        return
+    scope, migration = _needs(interaction)
+    granted = claims.requested_scope.partition(" ")[0]
+    if scope is not None and granted != scope:
+        raise _claim("requested_scope", f"must be {scope} for {interaction}")
+    if migration != (claims.reason_for_request == "migration"):
+        expected = "migration" if migration else "directcare"
+        raise _claim("reason_for_request", f"must be {expected} for {interaction}")
+
+
+def _needs(interaction: str) -> tuple[str | None, bool]:
+    """
+    The scope C{interaction} needs (L{None} when unknown) and whether it
+    migrates a record.
+    """
+    match = _INTERACTION.match(interaction)
+    if match is None:
+        return None, False
+    operation = match["operation"]
+    if operation is not None:
+        return _OPERATIONS.get(operation), operation in _MIGRATIONS
+    verb, resource = match["verb"], match["resource"]
+    migration = verb in _MIGRATIONS
+    if resource in _ORGANISATION_RESOURCES and verb in ("read", "search"):
+        return _ORGANISATION_READ, migration
+    if resource in _PATIENT_RESOURCES:
+        return _PATIENT_VERBS.get(verb), migration
+    return None, migration
+
+
 def extract(authorization: bytes | None) -> Claims:
     """
     Read whatever audit-relevant claims a header carries, never raising:
@@ -150,14 +220,16 @@ def _segments(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     segments = token.split(".")
     if len(segments) != 3:
         raise BadRequest("BAD_REQUEST: JWT is malformed: expected header.payload.signature")
+    if "=" in token:
+        raise BadRequest("BAD_REQUEST: JWT is malformed: base64url segments must not be padded")
     if not (
         _SEGMENT.match(segments[0])
         and _SEGMENT.match(segments[1])
         and (not segments[2] or _SEGMENT.match(segments[2]))
     ):
         raise BadRequest("BAD_REQUEST: JWT is malformed: segments must be base64url")
-    header = _json_object(segments[0], "header")
-    payload = _json_object(segments[1], "payload")
+    header = _json_object(segments[0], "header", "JWT header")
+    payload = _json_object(segments[1], "payload", "JWT claim")
     if segments[2]:
         _base64url(segments[2], "signature")
     return header, payload
@@ -165,15 +237,13 @@ def _segments(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _base64url(segment: str, name: str) -> bytes:
     """
-    Decode one base64url segment, unpadded or correctly padded, refusing
-    the non-canonical spellings PyJWT refuses (a length of 1 mod 4, stray
-    bits in the last character).
+    Decode one unpadded base64url segment, refusing the non-canonical
+    spellings PyJWT refuses (a length of 1 mod 4, stray bits in the last
+    character).
     """
-    stripped = segment.rstrip("=")
-    padding = len(segment) - len(stripped)
-    if padding > 2 or (padding and len(segment) % 4) or len(stripped) % 4 == 1:
-        raise BadRequest(f"BAD_REQUEST: JWT is malformed: invalid {name} padding")
-    raw = stripped.encode("ascii")
+    if len(segment) % 4 == 1:
+        raise BadRequest(f"BAD_REQUEST: JWT is malformed: invalid {name} length")
+    raw = segment.encode("ascii")
     try:
         decoded = urlsafe_b64decode(raw + b"=" * (-len(raw) % 4))
     except binascii.Error:
@@ -183,13 +253,87 @@ def _base64url(segment: str, name: str) -> bytes:
     return decoded
 
 
-def _json_object(segment: str, name: str) -> dict[str, Any]:
+def _json_object(segment: str, name: str, member: str) -> dict[str, Any]:
+    """
+    Parse a segment as RFC 8259 JSON in UTF-8 (no C{NaN}/C{Infinity}, no
+    other encoding), whose top level is an object and whose objects have
+    unique member names (RFC 7515 §5.2, RFC 7519 §4): a provider reading
+    the first of two C{sub} members would act on one the proxy never saw.
+
+    @param member: how a refusal names a member, C{JWT claim} or C{JWT header}.
+    """
     try:
-        value = json.loads(_base64url(segment, name))
+        text = _base64url(segment, name).decode("utf-8")
+        value = _DECODER.decode(text)
+    except _Repeated:
+        raise BadRequest(f"BAD_REQUEST: {member} '{_repeated_path(text)}' is repeated") from None
     except (ValueError, RecursionError) as e:
         raise BadRequest(f"BAD_REQUEST: JWT is malformed: {name} is not JSON: {e}") from None
     if not isinstance(value, dict):
         raise BadRequest(f"BAD_REQUEST: JWT is malformed: {name} is not a JSON object")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """
+    A JSON object's members as a dict (the fast path: no copy, no walk).
+
+    @raise _Repeated: a member name occurs twice.
+    """
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        raise _Repeated()
+    return members
+
+
+# Built once: json.loads with hooks would build a decoder per call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_members, parse_constant=_no_constant)
+
+
+def _repeated_path(text: str) -> str:
+    """
+    The path of the first repeated member name in JSON C{text} that has
+    one, for the refusal (the slow path, taken only then).
+    """
+    try:
+        _unique(json.loads(text, object_pairs_hook=_Members), "")
+    except _Repeated as e:
+        return str(e)
+    return ""
+
+
+class _Members(list):
+    """
+    A JSON object's members as parsed, in order, duplicates kept.
+    """
+
+
+class _Repeated(Exception):
+    """
+    A JSON object has two members of one name (L{_unique} gives its path as
+    the exception's text).
+    """
+
+
+def _unique(value: Any, path: str) -> Any:
+    """
+    C{value} with every L{_Members} made a dict.
+
+    @raise _Repeated: with the path of the first repeated member.
+    """
+    if isinstance(value, _Members):
+        result = {}
+        for key, item in value:
+            if key in result:
+                raise _Repeated(path + key)
+            result[key] = _unique(item, f"{path}{key}.")
+        return result
+    if isinstance(value, list):
+        return [_unique(item, f"{path[:-1]}[{i}].") for i, item in enumerate(value)]
     return value
 
 

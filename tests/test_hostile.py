@@ -18,6 +18,7 @@ modules.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -33,7 +34,8 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from tests.support import ENDPOINT, ROOT, Provider, Proxy, spine_headers, until
+from ssp import demo
+from tests.support import ENDPOINT, METADATA, ROOT, Provider, Proxy, spine_headers, until
 
 DOC = ROOT / "docs" / "hostile-input.md"
 TARGET = f"/{ENDPOINT}/metadata".encode()
@@ -270,6 +272,9 @@ class Case:
     @ivar streamed: the head was admitted and forwarding began before the
         body proved bad: an C{authorised} record exists and the final one
         says C{failed}, yet the provider never receives a whole request.
+
+    Of a forwarded case, the fields the provider received are compared
+    with those of the first request sent (L{upstream_problems}).
     """
 
     name: str
@@ -289,12 +294,58 @@ def _refused(name: str, payload: Callable[[], bytes], status: int, token: str) -
     return Case(name, payload, (status,), token)
 
 
+def _admission_refused(name: str, payload: Callable[[], bytes], token: str) -> Case:
+    """
+    A request refused by the checks after its head was read whole: the
+    connection stays open for the next request.
+    """
+    return Case(name, payload, (400,), token, closes=False)
+
+
 def _bad_body(name: str, body: bytes, status: int, token: str) -> Case:
     return Case(name, lambda: _chunked(body), (status,), token, streamed=True)
 
 
 def _chunked(body: bytes) -> bytes:
     return head(b"POST", ECHO, lines=[b"Transfer-Encoding: chunked"]) + body
+
+
+def _with_token(edit: Callable[[dict[str, Any]], str] | None = None, padded: bool = False,
+                lines: list[bytes] | None = None) -> bytes:
+    """
+    A request head whose token carries the demo claims as C{edit} writes
+    them out (JSON text), its segments C{=}-padded if C{padded}.
+    """
+    claims = json.loads(_b64decode(demo.bearer_token(reactor.seconds()).split(".")[1]))
+    text = edit(claims) if edit is not None else json.dumps(claims)
+    header = b'{"alg":"none","typ":"JWT"}'
+    segments = [base64.urlsafe_b64encode(part) for part in (header, text.encode())]
+    if not padded:
+        segments = [part.rstrip(b"=") for part in segments]
+    token = b"Bearer " + b".".join(segments) + b"."
+    spine = [f"{k}: {v}".encode() for k, v in spine_headers().items() if k != "Authorization"]
+    return head(spine=False, lines=spine + [b"Authorization: " + token] + (lines or []))
+
+
+def _b64decode(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def _claims(**changes: Any) -> Callable[[dict[str, Any]], str]:
+    return lambda claims: json.dumps({**claims, **changes})
+
+
+def _repeated_sub(claims: dict[str, Any]) -> str:
+    text = json.dumps(claims)
+    return text.replace('"sub": "1"', '"sub": "1", "sub": "evil"', 1)
+
+
+def _spine(**changes: str) -> bytes:
+    """
+    A request head with C{changes} to the demo C{Ssp-*} headers.
+    """
+    return head(spine=False, lines=[f"{k}: {v}".encode()
+                                    for k, v in spine_headers(**changes).items()])
 
 
 def _many_headers(count: int, size: int) -> bytes:
@@ -457,6 +508,94 @@ FRAMING_CASES = (
         (200,), forwarded=1, closes=False),
     Case("one empty line before the request", lambda: b"\r\n" + head(), (200,), forwarded=1,
          closes=False),
+    # Singleton fields: what the proxy validates is what the provider gets.
+    _refused("Authorization repeated", lambda: head(lines=[
+        b"Authorization: Bearer " + demo.bearer_token(reactor.seconds()).encode()]),
+        400, BAD + "Authorization header is repeated"),
+    _refused("Authorization as a list", lambda: _spine(Authorization=(
+        "Bearer " + demo.bearer_token(reactor.seconds()) + ", Bearer x.y.")),
+        400, BAD + "Authorization header is repeated"),
+    _refused("Ssp-TraceID repeated", lambda: head(lines=[
+        b"Ssp-TraceID: 5f0b2a4e-1c1d-4f7e-9a55-0c1e2d3f4a5b"]),
+        400, BAD + "Ssp-TraceID header is repeated"),
+    _refused("Ssp-From repeated", lambda: head(lines=[b"Ssp-From: 200000000359"]),
+             400, BAD + "Ssp-From header is repeated"),
+    _refused("Ssp-To repeated", lambda: head(lines=[b"Ssp-To: 918999198738"]),
+             400, BAD + "Ssp-To header is repeated"),
+    _refused("Ssp-InteractionID repeated", lambda: head(lines=[
+        b"Ssp-InteractionID: " + METADATA.encode()]),
+        400, BAD + "Ssp-InteractionID header is repeated"),
+    _refused("Ssp-InteractionID as a list", lambda: _spine(**{
+        "Ssp-InteractionID": f"{METADATA},urn:nhs:names:services:gpconnect:fhir:rest:read:x-1"}),
+        400, BAD + "Ssp-InteractionID header is repeated"),
+    _refused("Content-Type repeated", lambda: head(lines=[
+        b"Content-Type: application/fhir+json", b"Content-Type: text/plain"]),
+        400, BAD + "Content-Type header is repeated"),
+    _refused("Content-Type as a list", lambda: head(lines=[
+        b"Content-Type: application/fhir+json, text/plain"]),
+        400, BAD + "Content-Type header is repeated"),
+    # Host (RFC 9112 §3.2, RFC 3986 authority).
+    _refused("Host as a list", lambda: head(host=False, lines=[b"Host: localhost, evil.test"]),
+             400, BAD + "Host header is repeated"),
+    _refused("Host with user information", lambda: head(host=False, lines=[
+        b"Host: user:pw@localhost"]), 400, BAD + "Host header must be host[:port]"),
+    _refused("Host with a path", lambda: head(host=False, lines=[b"Host: localhost/admin"]),
+             400, BAD + "Host header must be host[:port]"),
+    _refused("Host with a space", lambda: head(host=False, lines=[b"Host: local host"]),
+             400, BAD + "Host header must be host[:port]"),
+    _refused("Host with a bad port", lambda: head(host=False, lines=[b"Host: localhost:99999"]),
+             400, BAD + "Host header must be host[:port]"),
+    _refused("Host with an empty port", lambda: head(host=False, lines=[b"Host: localhost:"]),
+             400, BAD + "Host header must be host[:port]"),
+    # Connection may not make a validated or framing field hop-by-hop.
+    *(_refused(f"Connection names {named}", lambda options=options, framing=framing: (
+        head(b"POST", ECHO, lines=[framing, b"Connection: " + options]) + b"0\r\n\r\n"),
+        400, BAD + f"Connection header must not name {named}")
+      for options, named, framing in (
+          (b"Authorization", "Authorization", b"Content-Length: 5"),
+          (b"keep-alive, ssp-from, Ssp-TraceID", "Ssp-From", b"Content-Length: 5"),
+          (b"Host", "Host", b"Content-Length: 5"),
+          (b"content-length", "Content-Length", b"Content-Length: 5"),
+          (b"Transfer-Encoding", "Transfer-Encoding", b"Transfer-Encoding: chunked"))),
+    _refused("Connection option not a token", lambda: head(lines=[b"Connection: close x"]),
+             400, BAD + "Connection header must list header names"),
+    # Paths whose percent-decoded bytes are not UTF-8.
+    _admission_refused("overlong UTF-8 dots in the path", lambda: head(
+        target=f"/{ENDPOINT}/%c0%ae%c0%ae/metadata".encode()), BAD + "target URL path must be UTF-8"),
+    _admission_refused("double-encoded overlong UTF-8", lambda: head(
+        target=f"/{ENDPOINT}/%25c0%25ae%25c0%25ae/metadata".encode()),
+        BAD + "target URL path must be UTF-8"),
+    _admission_refused("UTF-8 surrogate in the path", lambda: head(
+        target=f"/{ENDPOINT}/%ed%a0%80".encode()), BAD + "target URL path must be UTF-8"),
+    _admission_refused("truncated UTF-8 in the path", lambda: head(
+        target=f"/{ENDPOINT}/caf%c3".encode()), BAD + "target URL path must be UTF-8"),
+    # The token exactly per RFC 7515/7519 and SPEC §4.
+    _admission_refused("JWT segments padded", lambda: _with_token(padded=True),
+                       BAD + "JWT is malformed: base64url segments must not be padded"),
+    _admission_refused("JWT claim repeated", lambda: _with_token(_repeated_sub),
+                       BAD + "JWT claim 'sub' is repeated"),
+    _admission_refused("JWT scope not the interaction's", lambda: _with_token(
+        _claims(requested_scope="patient/*.write")),
+        BAD + "JWT claim 'requested_scope' must be organization/*.read"),
+    _admission_refused("JWT migration for a non-migration interaction", lambda: _with_token(
+        _claims(reason_for_request="migration")),
+        BAD + "JWT claim 'reason_for_request' must be directcare"),
+    # A chunk size over the limit is refused at once, its data never awaited.
+    _bad_body("chunk size over max_body_bytes", b"10001\r\nabc",
+              413, "REQUEST_BODY_LARGER_THAN_65536_BYTES"),
+    # Accepted: other Connection options stay hop-by-hop and are dropped.
+    Case("Connection names a private header", lambda: head(lines=[
+        b"Connection: keep-alive, X-Secret", b"X-Secret: s", b"X-Kept: k"]),
+        (200,), forwarded=1, closes=False),
+    Case("Content-Type with a quoted comma", lambda: head(b"POST", ECHO, lines=[
+        b'Content-Type: multipart/related; boundary="a,b"', b"Content-Length: 2"]) + b"ok",
+        (200,), forwarded=1, closes=False),
+    Case("Host an IPv6 literal with a port", lambda: head(host=False, lines=[
+        b"Host: [::1]:8443"]), (200,), forwarded=1, closes=False),
+    Case("UTF-8 in the path, percent-encoded", lambda: head(
+        target=f"/{ENDPOINT}/caf%c3%a9".encode()), (200,), forwarded=1, closes=False),
+    Case("JWT with a conf/N scope suffix", lambda: _with_token(
+        _claims(requested_scope="organization/*.read conf/N")), (200,), forwarded=1, closes=False),
     Case("chunked with trailers", lambda: _chunked(
         b"5\r\nhello\r\n0\r\nContent-Length: 99\r\nTransfer-Encoding: x\r\n\r\n"),
         (200,), forwarded=1, closes=False),
@@ -475,7 +614,8 @@ async def run_catalogue(proxy: Proxy, provider: Provider, cases: tuple[Case, ...
     for case in cases:
         seen, records = len(provider.seen), len(proxy.audit.completed())
         authorised = _authorised(proxy)
-        result = await send(proxy, case.payload(), responses=None if case.closes
+        payload = case.payload()
+        result = await send(proxy, payload, responses=None if case.closes
                             else len(case.statuses))
         expected_records = records + len(case.statuses)
         audited = await wait_for(
@@ -483,6 +623,8 @@ async def run_catalogue(proxy: Proxy, provider: Provider, cases: tuple[Case, ...
         forwarded = len(provider.seen) - seen
         expected_seen += case.forwarded
         wrong = _check_case(case, result, forwarded, proxy, records, authorised)
+        if case.forwarded and forwarded:
+            wrong += upstream_problems(payload, provider.seen[seen].headers)
         if not audited:
             figures["audit_lost"] += expected_records - len(proxy.audit.completed())
         if case.refused:
@@ -501,6 +643,43 @@ async def run_catalogue(proxy: Proxy, provider: Provider, cases: tuple[Case, ...
         problems.append(f"provider saw {len(provider.seen)} requests, expected {expected_seen}")
     figures["crashes"] = crashes.count
     return figures, problems
+
+
+# Never forwarded upstream: hop-by-hop (RFC 9110 §7.6.1), replaced (Host),
+# re-stated by the proxy's own framing (Content-Length, Transfer-Encoding).
+_NOT_RELAYED = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+                b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+                b"host", b"content-length"}
+
+
+def upstream_problems(payload: bytes, received: list[tuple[bytes, bytes]]) -> list[str]:
+    """
+    Compare what the provider received with the first request head in
+    C{payload}: every end-to-end field with the values sent, in order, and
+    nothing else but the target's C{Host} and one C{Forwarded} element
+    appended; hop-by-hop fields and those C{Connection} names are dropped.
+    """
+    lines = payload.lstrip(b"\r\n").partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]
+    sent = [(name.strip().lower(), value.strip(b" \t"))
+            for name, _, value in (line.partition(b":") for line in lines)]
+    hop = _NOT_RELAYED | {option.strip().lower() for name, value in sent
+                          if name == b"connection" for option in value.split(b",")}
+    expected = [(name, value) for name, value in sent if name not in hop]
+    got = [(name.lower(), value) for name, value in received
+           if name.lower() not in (b"content-length", b"transfer-encoding")]
+    host = [value for name, value in got if name == b"host"]
+    forwarded = [value for name, value in got if name == b"forwarded"]
+    got = [(name, value) for name, value in got if name != b"host"]
+    if forwarded and forwarded[-1].startswith(b"for=127.0.0.1;proto=https;by="):
+        got.remove((b"forwarded", forwarded[-1]))
+    else:
+        return [f"provider received no Forwarded element: {forwarded}"]
+    wrong = []
+    if host != [ENDPOINT.split("/")[2].encode()]:
+        wrong.append(f"provider received Host {host}")
+    if sorted(got) != sorted(expected):
+        wrong.append(f"provider received {sorted(set(got) ^ set(expected))} unlike sent")
+    return wrong
 
 
 def _authorised(proxy: Proxy) -> int:
@@ -535,7 +714,7 @@ def _check_case(case: Case, result: Exchange, forwarded: int, proxy: Proxy, reco
         decisions = {"failed", "refused"} if case.streamed else {"refused"}
         if record is not None and record.decision not in decisions:
             wrong.append(f"audit decision {record.decision!r}")
-        if last.header(b"connection") != b"close":
+        if case.closes and last.header(b"connection") != b"close":
             wrong.append("no Connection: close")
         if last.header(b"strict-transport-security") is None:
             wrong.append("no Strict-Transport-Security")
@@ -589,6 +768,42 @@ class FramingTests(unittest.TestCase):
         echoed = json.loads(result.responses[0].body)
         self.assertEqual(echoed["body_length"], 5)
         self.assertNotIn("x-trailer", [k.lower() for k, _ in echoed["headers"]])
+
+    async def test_provider_connection_options_not_relayed(self):
+        """
+        A field the provider's C{Connection} names is hop-by-hop: dropped,
+        with C{Connection} itself (RFC 9110 §7.6.1).
+        """
+        provider = Provider(self)
+        proxy = await Proxy(self, provider, listen=LIMITS).start()
+        result = await send(proxy, head(target=f"/{ENDPOINT}/odd".encode()), responses=1)
+        response = result.responses[0]
+        self.assertEqual((response.status, response.body), (299, b"odd body"))
+        names = [name for name, _ in response.headers]
+        self.assertNotIn(b"x-private", names)
+        self.assertNotIn(b"connection", names)
+        self.assertIn(b"x-odd", names)
+
+    async def test_repeated_fields_audited_as_no_value(self):
+        """
+        When a singleton field is repeated, the audit records neither copy:
+        no claims from either token, no trace ID.
+        """
+        provider = Provider(self)
+        proxy = await Proxy(self, provider, listen=LIMITS).start()
+        other = _with_token(_claims(sub="evil", requesting_practitioner={
+            "resourceType": "Practitioner", "id": "evil", "identifier": []}))
+        second = [line for line in other.split(b"\r\n") if line.startswith(b"Authorization")]
+        await send(proxy, head(lines=second))
+        await send(proxy, _spine().replace(b"\r\n\r\n", b"\r\nSsp-TraceID: "
+                                            b"5f0b2a4e-1c1d-4f7e-9a55-0c1e2d3f4a5b\r\n\r\n"))
+        self.assertTrue(await wait_for(lambda: len(proxy.audit.completed()) == 2))
+        tokens = [(r.status, r.token) for r in proxy.audit.completed()]
+        self.assertEqual(tokens, [(400, BAD + "Authorization header is repeated"),
+                                  (400, BAD + "Ssp-TraceID header is repeated")])
+        claims, trace = proxy.audit.completed()[0].claims, proxy.audit.completed()[1].trace_id
+        self.assertEqual((claims, trace), (None, ""))
+        self.assertEqual(provider.seen, [])
 
     async def test_xml_refusal_when_asked(self):
         provider = Provider(self)

@@ -53,6 +53,14 @@ def _fully_decoded(data: bytes) -> bytes:
         data = decoded
 
 
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 @st.composite
 def hostile_targets(draw: st.DrawFn) -> bytes:
     """
@@ -92,6 +100,21 @@ class TargetTests(unittest.SynchronousTestCase):
             with self.assertRaises(BadRequest, msg=uri):
                 target.parse(uri)
 
+    def test_paths_must_be_utf8_at_every_depth(self) -> None:
+        """
+        Percent-decoded path bytes must be UTF-8, however often encoded:
+        overlong forms (C{%c0%ae} is an overlong C{.}), surrogates,
+        truncated sequences, code points above U+10FFFF.
+        """
+        for path in (b"%c0%ae%c0%ae/admin", b"%25c0%25ae", b"%252525c0%252525ae", b"%ed%a0%80",
+                     b"%e2%82", b"a%ff", b"%f4%90%80%80", b"%c3%25a9", b"%e0%80%af"):
+            with self.assertRaises(BadRequest, msg=path) as caught:
+                target.parse(b"/https://h/x/" + path)
+            self.assertEqual(caught.exception.token,
+                             "BAD_REQUEST: target URL path must be UTF-8 once percent-decoded")
+        for path in (b"caf%c3%a9", b"caf%25c3%25a9", b"%e2%82%ac", b"%f0%9f%98%80"):
+            self.assertEqual(target.parse(b"/https://h/x/" + path).url, b"https://h/x/" + path)
+
     def test_methods(self) -> None:
         for method in (b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"):
             target.check_method(method)
@@ -117,9 +140,13 @@ class TargetTests(unittest.SynchronousTestCase):
            st.from_regex(r"\A[A-Za-z0-9=&%|+]{0,30}\Z"))
     def test_valid_urls_forwarded_unchanged(self, host: str, segments: list, query: str) -> None:
         def harmless(segment: str) -> bool:
-            decoded = _fully_decoded(segment.encode())
+            levels = [segment.encode()]
+            while unquote_to_bytes(levels[-1]) != levels[-1]:
+                levels.append(unquote_to_bytes(levels[-1]))
+            decoded = levels[-1]
             return (decoded.partition(b";")[0] not in (b".", b"..")
-                    and not re.search(rb"[\x00-\x1f\x7f/\\]", decoded))
+                    and not re.search(rb"[\x00-\x1f\x7f/\\]", decoded)
+                    and all(_is_utf8(level) for level in levels))
 
         segments = [s for s in segments if harmless(s)]
         url = f"https://{host}/{'/'.join(segments)}" + (f"?{query}" if query else "")
@@ -162,6 +189,7 @@ class TargetTests(unittest.SynchronousTestCase):
         for segment in decoded.split(b"/"):
             self.assertNotIn(segment.partition(b";")[0], (b".", b".."))
         self.assertNotIn(b"\\", decoded)
+        self.assertTrue(_is_utf8(decoded), path)
         self.assertEqual(decoded.count(b"/"), path.count(b"/"))
         resolved = posixpath.normpath(decoded.decode("latin-1"))
         self.assertTrue(resolved.startswith(ENDPOINT_PATH), resolved)
@@ -232,6 +260,65 @@ class HeaderTests(unittest.SynchronousTestCase):
         except (BadRequest, ValueError, UnicodeEncodeError):
             return
         self.assertTrue(parsed.sender.isascii() and parsed.sender.isdigit())
+
+    def test_singletons_once_and_not_a_list(self) -> None:
+        for name in ("Authorization", "Ssp-TraceID", "Ssp-From", "Ssp-To", "Ssp-InteractionID",
+                     "Host", "Content-Type"):
+            seen: set[bytes] = set()
+            lower = name.lower().encode()
+            self.assertIsNone(headers.field_refusal(lower, b"x", seen))
+            for value in (b"x", b"y"):
+                self.assertEqual(headers.field_refusal(lower, value, seen).token,
+                                 f"BAD_REQUEST: {name} header is repeated")
+            self.assertEqual(headers.field_refusal(lower, b"a,b", set()).token,
+                             f"BAD_REQUEST: {name} header is repeated")
+        self.assertIsNone(headers.field_refusal(
+            b"content-type", b'multipart/related; boundary="a,b"; type="x\\",y"', set()))
+        self.assertIsNotNone(headers.field_refusal(
+            b"content-type", b'text/plain; a="x", text/html', set()))
+        self.assertIsNone(headers.field_refusal(b"x-list", b"a,b", set()))
+
+    def test_host_syntax(self) -> None:
+        for value in (b"localhost", b"proxy.example:8443", b"[::1]", b"[2001:db8::1]:443",
+                      b"10.0.0.1:1", b"a-b.c_d~e:65535", b"%41bc", b""):
+            self.assertIsNone(headers.field_refusal(b"host", value, set()), value)
+        for value in (b"user@proxy", b"user:pw@proxy:443", b"proxy/path", b"proxy:443/x",
+                      b"a b", b"proxy:", b"proxy:0", b"proxy:65536", b"proxy:123456",
+                      b"proxy:http", b"[::1", b"[zz::1]", b"[::1]x", b"::1", b"proxy?x",
+                      b"proxy#x", b"%zz"):
+            self.assertEqual(
+                headers.field_refusal(b"host", value, set()).token,
+                "BAD_REQUEST: Host header must be host[:port] without user information, "
+                "path or spaces", value)
+
+    def test_connection_options(self) -> None:
+        for value, name in ((b"Authorization", "Authorization"), (b"close, ssp-from", "Ssp-From"),
+                            (b"SSP-TRACEID", "Ssp-TraceID"), (b"keep-alive,Ssp-Custom", "ssp-custom"),
+                            (b"Host", "Host"), (b"content-length", "Content-Length"),
+                            (b"Transfer-Encoding", "Transfer-Encoding")):
+            self.assertEqual(headers.field_refusal(b"connection", value, set()).token,
+                             f"BAD_REQUEST: Connection header must not name {name}")
+        self.assertEqual(headers.field_refusal(b"connection", b"close x", set()).token,
+                         "BAD_REQUEST: Connection header must list header names")
+        for value in (b"close", b"keep-alive, X-Secret", b", ,close", b"TE, Upgrade"):
+            self.assertIsNone(headers.field_refusal(b"connection", value, set()), value)
+        self.assertEqual(
+            headers.connection_options(Headers({"Connection": ["Close, X-A", " ,x-b "]})),
+            {b"close", b"x-a", b"x-b"})
+
+    def test_parse_refuses_what_the_channel_refuses(self) -> None:
+        """
+        Callers other than the channel (the explain tool, unit tests) get
+        the same field checks.
+        """
+        raw = Headers({k: [v] for k, v in self.valid.items()})
+        raw.addRawHeader("Authorization", "Bearer a..")
+        raw.addRawHeader("Authorization", "Bearer b..")
+        with self.assertRaises(BadRequest) as caught:
+            headers.parse(raw)
+        self.assertEqual(caught.exception.token, "BAD_REQUEST: Authorization header is repeated")
+        self.assertEqual(headers.single(raw, b"authorization"), None)
+        self.assertEqual(headers.single(raw, b"ssp-from"), b"200000000359")
 
     def test_upstream_filtering(self) -> None:
         incoming = Headers({

@@ -11,6 +11,7 @@ audit record with the right status and token.
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -412,6 +413,60 @@ class ProviderFaultTests(unittest.TestCase):
         elif not received <= record.bytes_out <= provider.written:
             wrong.append(f"bytes_out {record.bytes_out} outside {received}..{provider.written}")
         return wrong
+
+    async def test_provider_not_reading_an_upload_is_its_timeout(self):
+        """
+        A provider that stops reading a streamed upload makes the proxy
+        stop reading the consumer; the consumer is then silent through no
+        fault of its own, so C{listen.idle_timeout} must not answer 408:
+        C{upstream.response_timeout} answers 504, audited as the provider's.
+        """
+        provider, port = listen_scripted(self)
+        provider.script = lambda p: p.transport.pauseProducing()
+        resolve = {"resolve": {f"{demo.PROVIDER_HOST}:443": f"127.0.0.1:{port}"}}
+        proxy = await Proxy(self, Provider(self), listen={"idle_timeout": 0.3},
+                            upstream={**UPSTREAM, "response_timeout": 1.0, **resolve}).start()
+        context = client_context(proxy)
+
+        def upload_until_answered() -> bytes:
+            raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+            tls = context.wrap_socket(raw, server_hostname="localhost")
+            tls.sendall(head(b"POST", f"/{ENDPOINT}/metadata".encode(),
+                             lines=[b"Content-Length: %d" % (64 << 20)]))
+            tls.settimeout(0.05)
+            chunk, answer, deadline = b"u" * (1 << 16), b"", time.monotonic() + 20
+            while b"\r\n\r\n" not in answer and time.monotonic() < deadline:
+                try:
+                    tls.send(chunk)
+                    continue
+                except (TimeoutError, ssl.SSLWantWriteError):
+                    pass
+                except OSError:
+                    break
+                try:
+                    answer += tls.recv(1 << 16)
+                except (TimeoutError, ssl.SSLWantReadError):
+                    pass
+            try:
+                tls.settimeout(5)
+                while True:
+                    more = tls.recv(1 << 16)
+                    if not more:
+                        break
+                    answer += more
+            except OSError:
+                pass
+            tls.close()
+            return answer
+
+        answer = await deferToThread(upload_until_answered)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 504 "), answer[:200])
+        self.assertIn(TIMED_OUT.encode(), answer)
+        self.assertTrue(await wait_for(lambda: bool(proxy.audit.completed())))
+        record = proxy.audit.completed()[0]
+        self.assertEqual((record.status, record.token, record.decision),
+                         (504, TIMED_OUT, "failed"))
+        self.assertEqual(provider.requests, 1)
 
     async def test_stray_bytes_close_the_pooled_connection(self):
         provider, port = listen_scripted(self)

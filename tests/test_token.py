@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from ssp.config import TokenConfig
 from ssp.errors import BadRequest
 from ssp.model import Claims
-from ssp.token import check_audience, extract, validate
+from ssp.token import check_audience, check_interaction, extract, validate
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "jwt"
 ENDPOINT = "https://orange.testlab.nhs.uk/B82617/STU3/1/gpconnect/fhir"
@@ -328,26 +328,64 @@ class ValidateTests(SynchronousTestCase):
                 self.refused(value).startswith("BAD_REQUEST: JWT is malformed: "), value
             )
 
-    def test_padded_segments_accepted(self) -> None:
+    def test_padded_segments_refused(self) -> None:
         """
-        Segments may carry their C{=} padding, as some issuers send it.
+        RFC 7515 §2 base64url has no C{=} padding (the NHS demonstrator
+        refuses it too), in any segment.
         """
-        header = base64.urlsafe_b64encode(json.dumps({"alg": "none"}).encode())
+        header = base64.urlsafe_b64encode(b'{"alg": "none" }')
         body = base64.urlsafe_b64encode(json.dumps(payload()).encode() + b" ")
-        self.assertIn(b"=", header + body)
-        claims = validate(b"Bearer " + header + b"." + body + b".", NOW, CONFIG)
-        self.assertTrue(claims.validated)
+        self.assertTrue(header.endswith(b"=") and body.endswith(b"="))
+        for token in (header + b"." + segment(payload()) + b".",
+                      segment({"alg": "none"}) + b"." + body + b".",
+                      segment({"alg": "none"}) + b"." + segment(payload()) + b".YQ=="):
+            self.assertEqual(
+                self.refused(b"Bearer " + token),
+                "BAD_REQUEST: JWT is malformed: base64url segments must not be padded",
+            )
+
+    def test_repeated_members_refused(self) -> None:
+        """
+        JSON objects must have unique member names (RFC 7519 §4), at any
+        depth: Python keeps the last, a provider may read the first.
+        """
+        good = json.dumps(payload())
+        practitioner = '"requesting_practitioner": {"resourceType": "Practitioner", '
+        cases = {
+            "JWT claim 'sub'": good.replace('"sub": "10019"', '"sub": "10019", "sub": "other"'),
+            "JWT claim 'requesting_practitioner.id'": good.replace(
+                practitioner, practitioner + '"id": "evil", '),
+            "JWT claim 'requesting_organization.identifier[0].value'": good.replace(
+                '"value": "GPC001"', '"value": "EVIL1", "value": "GPC001"'),
+        }
+        for name, text in cases.items():
+            self.assertNotEqual(text, good, name)
+            self.assertEqual(self.refused(mint(text.encode())),
+                             f"BAD_REQUEST: {name} is repeated")
+        header = b'{"alg": "none", "alg": "none"}'
+        self.assertEqual(self.refused(mint(header=header)),
+                         "BAD_REQUEST: JWT header 'alg' is repeated")
+
+    def test_not_strict_json_refused(self) -> None:
+        """
+        Only RFC 8259 JSON in UTF-8: no C{NaN}/C{Infinity}, no UTF-16.
+        """
+        for body in (json.dumps(payload(exp=float("nan"))).encode(),
+                     json.dumps(payload()).encode("utf-16")):
+            self.assertTrue(self.refused(mint(body)).startswith(
+                "BAD_REQUEST: JWT is malformed: payload is not JSON"), body[:20])
 
     def test_same_strictness_as_pyjwt(self) -> None:
         """
         The decoder refuses what PyJWT's refuses and accepts what it
-        accepts: wrong padding, a length of 1 mod 4, stray bits in the last
-        character, a signature segment that is not base64url.
+        accepts (padding apart, which PyJWT accepts): wrong padding, a
+        length of 1 mod 4, stray bits in the last character, a signature
+        segment that is not base64url.
         """
         header = segment({"alg": "none"})
         body = segment(payload())
         cases = [
-            header + b"." + body + b"=.",  # padding on an unpadded length
+            header + b"." + body + b"=.",  # padding (refused even where allowed)
             header + b"." + body[: (len(body) // 4) * 4 + 1] + b".",  # 1 mod 4
             header + b"." + segment({"a": 1})[:-1] + b"f.",  # non-canonical last char
             header + b"." + body + b".====",
@@ -449,6 +487,88 @@ class PresenceOnlyTests(SynchronousTestCase):
             extract(mint(bad)),
             Claims(reason_for_request="directcare", requested_scope="patient/*.read"),
         )
+
+
+SERVICES = "urn:nhs:names:services:gpconnect:"
+METADATA = SERVICES + "fhir:rest:read:metadata-1"
+STRUCTURED = SERVICES + "fhir:operation:gpc.getstructuredrecord-1"
+MIGRATE_STRUCTURED = SERVICES + "fhir:operation:gpc.migratestructuredrecord-1"
+MIGRATE_DOCUMENT = SERVICES + "documents:fhir:rest:migrate:binary-1"
+BOOK = SERVICES + "fhir:rest:create:appointment-1"
+
+
+class CheckInteractionTests(SynchronousTestCase):
+    """
+    C{requested_scope} and C{reason_for_request} against the interaction
+    (SPEC §4, notes/spec-digest.md §3).
+    """
+
+    def refused(self, interaction: str, scope: str, reason: str = "directcare") -> str:
+        claims = Claims(requested_scope=scope, reason_for_request=reason, validated=True)
+        return self.assertRaises(BadRequest, check_interaction, claims, interaction).token
+
+    def accepted(self, interaction: str, scope: str, reason: str = "directcare") -> None:
+        claims = Claims(requested_scope=scope, reason_for_request=reason, validated=True)
+        self.assertIsNone(check_interaction(claims, interaction))
+
+    def test_scope_per_family(self) -> None:
+        expected = {
+            METADATA: "organization/*.read",
+            SERVICES + "structured:fhir:rest:read:metadata-1": "organization/*.read",
+            SERVICES + "documents:fhir:rest:read:metadata-1": "organization/*.read",
+            SERVICES + "fhir:rest:search:slot-1": "organization/*.read",
+            SERVICES + "fhir:rest:read:practitioner-1": "organization/*.read",
+            SERVICES + "fhir:rest:search:organization-1": "organization/*.read",
+            SERVICES + "fhir:rest:read:location-1": "organization/*.read",
+            SERVICES + "fhir:rest:read:metadata": "organization/*.read",  # 0.x, unversioned
+            STRUCTURED: "patient/*.read",
+            SERVICES + "fhir:operation:gpc.getcarerecord-1": "patient/*.read",
+            SERVICES + "fhir:rest:search:patient-1": "patient/*.read",
+            SERVICES + "fhir:rest:read:appointment-1": "patient/*.read",
+            SERVICES + "fhir:rest:search:patient_appointments-1": "patient/*.read",
+            SERVICES + "documents:fhir:rest:search:documentreference-1": "patient/*.read",
+            SERVICES + "documents:fhir:rest:read:binary-1": "patient/*.read",
+            BOOK: "patient/*.write",
+            SERVICES + "fhir:rest:update:appointment-1": "patient/*.write",
+            SERVICES + "fhir:rest:cancel:appointment-1": "patient/*.write",
+            SERVICES + "fhir:operation:gpc.registerpatient-1": "patient/*.write",
+        }
+        scopes = ("patient/*.read", "patient/*.write", "organization/*.read",
+                  "organization/*.write")
+        for interaction, scope in expected.items():
+            self.accepted(interaction, scope)
+            self.accepted(interaction, scope + " conf/R")
+            for other in scopes:
+                if other != scope:
+                    self.assertEqual(
+                        self.refused(interaction, other),
+                        f"BAD_REQUEST: JWT claim 'requested_scope' must be {scope} "
+                        f"for {interaction}")
+
+    def test_migration_only_for_migration_interactions(self) -> None:
+        for interaction in (MIGRATE_STRUCTURED, MIGRATE_DOCUMENT):
+            self.accepted(interaction, "patient/*.read conf/N", "migration")
+            self.assertEqual(
+                self.refused(interaction, "patient/*.read", "directcare"),
+                f"BAD_REQUEST: JWT claim 'reason_for_request' must be migration for {interaction}")
+        for interaction in (STRUCTURED, METADATA, SERVICES + "other:fhir:rest:read:thing-1"):
+            scope = "organization/*.read" if interaction == METADATA else "patient/*.read"
+            self.assertEqual(
+                self.refused(interaction, scope, "migration"),
+                f"BAD_REQUEST: JWT claim 'reason_for_request' must be directcare for {interaction}")
+
+    def test_unknown_interaction_needs_no_particular_scope(self) -> None:
+        """
+        SDS decides whether an interaction the table does not know is
+        allowed at all; its scope is only checked for format.
+        """
+        for scope in ("patient/*.write", "organization/*.read"):
+            self.accepted(SERVICES + "fhir:rest:read:newthing-1", scope)
+            self.accepted("urn:nhs:names:services:other:x", scope)
+
+    def test_not_checked_unless_validated(self) -> None:
+        claims = Claims(requested_scope="patient/*.write", reason_for_request="migration")
+        self.assertIsNone(check_interaction(claims, METADATA))
 
 
 class CheckAudienceTests(SynchronousTestCase):
