@@ -5,6 +5,7 @@ it runs the proxy's own pipeline, so its verdict is the proxy's.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import io
 import json
@@ -211,12 +212,24 @@ def expired_token() -> str:
     return demo.bearer_token(reactor.seconds() - 3600)
 
 
+def patient_read_token(audience: str = ENDPOINT) -> str:
+    """
+    The demo token, asking for the scope patient interactions need.
+    """
+    header, payload, signature = demo.bearer_token(reactor.seconds(), audience).split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["requested_scope"] = "patient/*.read"
+    encoded = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    return ".".join((header, encoded, signature))
+
+
 ROWS = [
     Row("allowed", 200),
     Row("allowed with query", 200, target=METADATA_URL + "?_format=json"),
     Row("allowed POST", 200, method="POST"),
     Row("allowed other interaction", 200, target=ENDPOINT + "/Patient/1",
-        headers=lambda: request_headers(Ssp_InteractionID=READ_PATIENT)),
+        headers=lambda: request_headers(Ssp_InteractionID=READ_PATIENT,
+                                        token=patient_read_token())),
     Row("allowed, aud the resource URL", 200,
         headers=lambda: request_headers(token=demo.bearer_token(reactor.seconds(), METADATA_URL))),
     Row("allowed, header names in another case", 200,
@@ -244,8 +257,7 @@ ROWS = [
         token=demo.bearer_token(reactor.seconds(), "https://elsewhere.test/fhir"))),
     Row("aud does not cover the target", 400, target=ENDPOINT + "/Patient/1",
         headers=lambda: request_headers(
-            Ssp_InteractionID=READ_PATIENT,
-            token=demo.bearer_token(reactor.seconds(), METADATA_URL))),
+            Ssp_InteractionID=READ_PATIENT, token=patient_read_token(METADATA_URL))),
     Row("unknown sender", 403, headers=lambda: request_headers(Ssp_From="999999999999")),
     Row("sender not allowed the interaction", 403, target=ENDPOINT + "/Location/1",
         headers=lambda: request_headers(Ssp_InteractionID=LOCATION)),
