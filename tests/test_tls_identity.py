@@ -180,6 +180,7 @@ class ResumptionTests(IdentityTestCase):
                 proxy.audit.records.clear()
                 answers = await deferToThread(first_and_resumed, proxy.port,
                                               client_context(cert, mechanism), metadata_request())
+                await until(proxy.settled)
                 with self.subTest(cert=cert, mechanism=mechanism):
                     self.assertAllRefused(answers, 495, f"CLIENT_CERTIFICATE_INVALID_{reason}",
                                           provider, proxy)
@@ -241,6 +242,7 @@ class RequestFormTests(IdentityTestCase):
         for method, target, host in self.FORMS:
             request = raw_request(method, target, spine_headers(), host or "localhost")
             answers.append(await deferToThread(exchange, proxy.port, context, request))
+        await until(proxy.settled)
         return provider, proxy, answers
 
     async def test_without_certificate(self) -> None:
