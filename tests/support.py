@@ -292,20 +292,21 @@ class Proxy:
 
     def settled(self) -> bool:
         """
-        Whether no request is in progress and every audit record appended
-        so far is durable.  A response leaves the proxy in the same turn
-        as its record is appended, so once a consumer has a reply, waiting
-        for this makes the record visible.
+        Whether every audit record appended so far is durable.  A response
+        leaves the proxy in the same turn as its record is appended, so
+        once a consumer has a reply, waiting for this makes the record
+        visible (other requests may still be in progress).
         """
-        assert self.service.proxy is not None
-        return self.service.proxy.in_flight == 0 and self.audit.pending == 0
+        return self.audit.pending == 0
 
     def quiet(self) -> bool:
         """
-        L{settled}, and no consumer connection open: nothing more can happen.
+        L{settled}, no request in progress and no consumer connection open:
+        nothing more can happen.
         """
-        assert self.service.site is not None
-        return self.settled() and not self.service.site.channels
+        assert self.service.site is not None and self.service.proxy is not None
+        return (self.settled() and self.service.proxy.in_flight == 0
+                and not self.service.site.channels)
 
     def consumer(self, cert: str | None = "consumer-0") -> Consumer:
         return Consumer(self.port, self.pki, cert, self.settled)

@@ -647,7 +647,7 @@ class RedisRateStoreTests(TestCase):
         L{ThrottleUnavailable}; once it runs again the store reconnects by
         itself, within seconds, and the shared state is used again.
         """
-        store = self.store(on_failure="closed")
+        store = self.store(on_failure="closed", timeout=DOWN)  # a stall is found by time-out
         self.assertEqual((await store.spend("k", HOURLY)).remaining, 9)
 
         async def refused() -> None:
@@ -662,7 +662,7 @@ class RedisRateStoreTests(TestCase):
         With C{"local"}, a stalled Redis falls back to per-process limits,
         and afterwards limits are shared between processes again.
         """
-        store = self.store(on_failure="local")
+        store = self.store(on_failure="local", timeout=DOWN)  # a stall is found by time-out
         await store.spend("k", HOURLY)
         await store.spend("k", HOURLY)
 
