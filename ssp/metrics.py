@@ -29,6 +29,7 @@ from zope.interface import implementer
 from ssp import __version__
 from ssp.interfaces import ICacheCounters, IDirectory, IThrottle
 from ssp.model import AuditRecord, RateDecision
+from ssp.refusals import TLS_HANDSHAKE
 
 #: The label value for anything outside a label's bounded set.
 OTHER = "other"
@@ -148,7 +149,7 @@ class Metrics:
         return _CountingThrottle(throttle, self.throttle_decisions)
 
     def observe(self, record: AuditRecord) -> None:
-        if record.event == "tls-failed":
+        if record.event == "connection-refused" and record.token.startswith(TLS_HANDSHAKE):
             self.tls_failures.inc()
             return
         status = _status(record.status)

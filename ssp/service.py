@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -38,6 +37,7 @@ from ssp.interfaces import IAuditSink, IDirectory, IThrottle
 from ssp.metrics import Metrics, admin_resource
 from ssp.model import AuditRecord
 from ssp.pipeline import Checks
+from ssp.refusals import ConnectionRefusals
 from ssp.resource import Proxy, ProxyResource, ProxySite
 from ssp.systemd import SystemdNotifier
 from ssp.throttle import Throttle, throttle_from_config
@@ -203,6 +203,9 @@ class SSPService(MultiService):
             observers += (self.access_log,)
         elif config.log.access_log:
             observers += (_access_log,)
+        self.connection_refusals = ConnectionRefusals(
+            audit, self.reactor, config.audit.connection_interval, self.metrics.observe)
+        self._lifecycle.append(self.connection_refusals)
         self.proxy = Proxy(
             self._checks(config, directory, throttle), upstream, audit, self.reactor,
             config.upstream.idle_timeout, hsts, observers=observers, cors=config.cors,
@@ -322,29 +325,13 @@ class SSPService(MultiService):
         return ["throttle"] if local and not self.throttle.available else []
 
     def _handshake_failed(self, peer: Any, reason: Failure) -> None:
-        self._record_connection_refusal(peer, "tls-failed", handshake_failure_reason(reason), 0)
+        self.connection_refusals.refused(peer, handshake_failure_reason(reason))
 
     def _over_connection_caps(self, peer: Any) -> None:
-        self._record_connection_refusal(peer, "tls-failed", "CONNECTION_LIMIT_EXCEEDED", 0)
+        self.connection_refusals.refused(peer, "CONNECTION_LIMIT_EXCEEDED")
 
     def _plain_http(self, peer: Any) -> None:
-        self._record_connection_refusal(peer, "completed", "HTTP_REQUEST_SENT_TO_HTTPS_PORT", 497)
-
-    def _record_connection_refusal(self, peer: Any, event: str, token: str, status: int) -> None:
-        record = AuditRecord(
-            event=event,
-            request_id=uuid.uuid4().hex if status else "",
-            time=self.reactor.seconds(),
-            consumer_address=f"{getattr(peer, 'host', '')}:{getattr(peer, 'port', '')}",
-            decision="refused",
-            token=token,
-            status=status,
-        )
-        if self.metrics is not None:
-            self.metrics.observe(record)
-        self.audit.append(record).addErrback(
-            lambda f: log.failure("Connection refusal not audited", f)
-        )
+        self.connection_refusals.refused(peer, "HTTP_REQUEST_SENT_TO_HTTPS_PORT", 497)
 
     def _install_sighup(self) -> None:
         signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))

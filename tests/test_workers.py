@@ -47,12 +47,15 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from ssp import audit, demo, workers
+from ssp import chain, demo, workers
+from ssp.auditcli import main_verify
 from ssp.config import ConfigError, ThrottleConfig
 from ssp.pki import DevelopmentPKI
+from ssp.report import main_report
+from ssp.verify import verify_files
 from tests import redis
 from tests.ports import free_port
-from tests.support import ENDPOINT, ROOT, Consumer, Provider, pki, spine_headers
+from tests.support import ENDPOINT, ROOT, Consumer, Provider, audit_key, pki, spine_headers
 from tests.support import Proxy as InProcessProxy
 from tests.test_crash import TWISTD, wait_listening, write_config
 
@@ -845,7 +848,7 @@ def _two_free_ports() -> int:
 def _completed(audit_dir: Path, event: str = "completed") -> int:
     if not audit_dir.exists():
         return 0
-    return sum(1 for r in audit.read_records(audit.audit_files(audit_dir))
+    return sum(1 for r in chain.read_records(chain.audit_files(audit_dir))
                if r["event"] == event)
 
 
@@ -975,7 +978,7 @@ class WorkersTests(_Masters, unittest.TestCase):
             if all(_completed(d) for d in audit_dirs):
                 break
         self.assertTrue(all(_completed(d) for d in audit_dirs), "one worker served everything")
-        self.assertEqual(audit.audit_files(self.workdir / "audit"), [])
+        self.assertEqual(chain.audit_files(self.workdir / "audit"), [])
 
         stalled = consumer.get("stall")
         for _ in range(500):
@@ -1006,6 +1009,37 @@ class WorkersTests(_Masters, unittest.TestCase):
         self.assertEqual(await deferToThread(manager.recv, 100), b"STOPPING=1")
         manager.setblocking(False)
         self.assertRaises(BlockingIOError, manager.recv, 100)
+
+    async def test_audit_verify_and_report_read_the_worker_layout(self):
+        """
+        C{ssp audit verify DIR} checks each C{worker-K} chain on its own
+        against the key and the shared anchor, C{ssp report DIR} merges
+        them; a deleted worker chain is caught (issue 18).
+        """
+        proxy = await self.start()
+        consumer = Consumer(self.port, pki(), "consumer-0")
+        audit_dir = self.workdir / "audit"
+        served = 0
+        while not all(_completed(audit_dir / f"worker-{k}") for k in range(2)):
+            self.assertEqual((await consumer.get("metadata")).status, 200)
+            served += 1
+            self.assertLess(served, 200, "one worker served everything")
+        os.kill(proxy.process.pid, signal.SIGTERM)
+        self.assertEqual(await deferToThread(proxy.process.wait, 30), -signal.SIGTERM)
+        check = ["--key", str(audit_key()), "--anchor", str(self.workdir / "audit-anchor.jsonl")]
+        out = io.StringIO()
+        self.assertEqual(main_verify([str(audit_dir), *check], out), 0, out.getvalue())
+        self.assertEqual(out.getvalue().count("chain intact"), 2)
+        workers_given = [str(audit_dir / f"worker-{k}") for k in range(2)]
+        self.assertEqual(main_verify([*workers_given, *check], io.StringIO()), 0)
+        out = io.StringIO()
+        self.assertEqual(main_report([str(audit_dir), "--format", "json"], out), 0)
+        [total] = [row for row in json.loads(out.getvalue()) if row["scope"] == "total"]
+        self.assertEqual(total["requests"], served)
+        shutil.rmtree(audit_dir / "worker-1")
+        out = io.StringIO()
+        self.assertEqual(main_verify([str(audit_dir), *check], out), 1)
+        self.assertIn("a worker's trail was deleted", out.getvalue())
 
     async def test_killed_worker_is_replaced(self):
         proxy = await self.start()
@@ -1085,9 +1119,9 @@ class ReusePortWorkersTests(_Masters, unittest.TestCase):
         split = await self.burst(32)
         self.assertEqual(sum(split), 32)
         self.assertGreaterEqual(min(split), 4, split)
-        consumers = {r["consumer_address"] for r in audit.read_records(
-            audit.audit_files(self.workdir / "audit" / "worker-0")
-            + audit.audit_files(self.workdir / "audit" / "worker-1"))}
+        consumers = {r["consumer_address"] for r in chain.read_records(
+            chain.audit_files(self.workdir / "audit" / "worker-0")
+            + chain.audit_files(self.workdir / "audit" / "worker-1"))}
         self.assertEqual(consumers, {f"203.0.113.{n}:{40000 + n}" for n in range(1, 33)})
 
         os.kill(pids[0], signal.SIGKILL)
@@ -1191,7 +1225,7 @@ class _Stopping(_Masters):
         """
         trails = [self.workdir / "audit" / f"worker-{k}" for k in range(2)]
         completed = {(r["trace_id"], r["status"]) for trail in trails if trail.exists()
-                     for r in audit.read_records(audit.audit_files(trail))
+                     for r in chain.read_records(chain.audit_files(trail))
                      if r["event"] == "completed"}
         return set(self.answered) - completed
 
@@ -1202,8 +1236,8 @@ class _Stopping(_Masters):
         """
         await _until(lambda: not self.unaudited())
         for k in range(2):
-            files = audit.audit_files(self.workdir / "audit" / f"worker-{k}")
-            self.assertTrue(not files or audit.verify(files).ok, audit.verify(files))
+            files = chain.audit_files(self.workdir / "audit" / f"worker-{k}")
+            self.assertTrue(not files or verify_files(files).ok, verify_files(files))
         self.assertEqual({status for _, status in self.answered}, {200})
         for master in masters:
             self.assertNotIn("Traceback", master.text())
@@ -1334,7 +1368,7 @@ def _holding(audit_dir: Path) -> bool:
     if not audit_dir.exists():
         return False
     counts = {"authorised": 0, "completed": 0}
-    for record in audit.read_records(audit.audit_files(audit_dir)):
+    for record in chain.read_records(chain.audit_files(audit_dir)):
         if record["target"].endswith("/stall") and record["event"] in counts:
             counts[record["event"]] += 1
     return counts["authorised"] > counts["completed"]
