@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auditcli -*-
+# -*- test-case-name: tests.test_audit -*-
 """
 C{ssp audit verify} and C{ssp audit archive}: the operator's side of the
 audit chain (docs/audit.md).

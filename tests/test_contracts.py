@@ -22,7 +22,8 @@ from twisted.web.http_headers import Headers
 from zope.interface.verify import verifyObject
 
 from ssp import demo
-from ssp.audit import FileAuditSink, audit_files, read_records
+from ssp.audit import FileAuditSink
+from ssp.chain import audit_files, read_records
 from ssp.config import LimitSet, RateLimit, ThrottleConfig
 from ssp.errors import AuditUnavailable, UpstreamFailed
 from ssp.forward import Upstream

@@ -386,6 +386,7 @@ class RefusalTests(ProxyTestCase):
         self.assertEqual(provider.seen, [])
         self.assertEqual(proxy.audit.completed(), [])
         proxy.service.connection_refusals.flush()
+        await until(proxy.settled)
         self.assertEqual(
             [(r.event, r.status, r.decision, r.token, r.count, r.consumer_address)
              for r in proxy.audit.records],

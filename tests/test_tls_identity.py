@@ -372,6 +372,7 @@ class HandshakeFailureTests(IdentityTestCase):
         await deferToThread(connect)
         await until(lambda: proxy.service.connection_refusals.counted)
         proxy.service.connection_refusals.flush()
+        await until(proxy.settled)
         [record] = proxy.audit.records
         self.assertEqual((record.event, record.decision), ("connection-refused", "refused"))
         return record.token
