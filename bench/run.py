@@ -607,7 +607,7 @@ class Pool:
                 conn[1].close()
                 try:
                     await asyncio.wait_for(conn[1].wait_closed(), 1)
-                except (asyncio.TimeoutError, OSError, ssl.SSLError):
+                except (TimeoutError, OSError, ssl.SSLError):
                     pass
 
 
@@ -1166,7 +1166,7 @@ def table(r: dict) -> str:
         lines.append(f"  {name.ljust(width)}  {measured:>14}  {target:<10} {mark}")
     for base in ("floor", "nginx"):
         if base in ka:
-            def cost(phase: dict) -> str:
+            def cost(phase: dict, base: str = base) -> str:
                 return _fmt_ratio(_ratio(hop_cpu_ms(phase, "ssp"), hop_cpu_ms(phase, base)))
 
             stream_cost = f", stream {cost(r['stream'])}" if "stream" in r else ""
@@ -1241,7 +1241,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers < 2:
             parser.error("--only workers needs --workers 2 or more")
         args.nginx = False
-    stamp = datetime.datetime.now(datetime.timezone.utc)
+    stamp = datetime.datetime.now(datetime.UTC)
     if args.json is None:
         args.json = BENCH / f"results-{stamp:%Y%m%dT%H%M%SZ}.json"
 

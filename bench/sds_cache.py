@@ -70,11 +70,11 @@ def measure(entries: int, calls: int) -> dict[str, float]:
     rounds: dict[str, list[float]] = {"hit": [], "miss": [], "unknown": []}
     for _ in range(5):
         cached = fresh - 2 * entries  # the oldest even ASID still cached
-        rounds["hit"].append(_per_call(calls, lambda n: cache.accredited_system(
+        rounds["hit"].append(_per_call(calls, lambda n, cached=cached: cache.accredited_system(
             str(cached + 2 * (n * 7919 % entries)))))
-        rounds["miss"].append(_per_call(calls, lambda n: cache.accredited_system(
+        rounds["miss"].append(_per_call(calls, lambda n, fresh=fresh: cache.accredited_system(
             str(fresh + 2 * n))))
-        rounds["unknown"].append(_per_call(calls, lambda n: cache.accredited_system(
+        rounds["unknown"].append(_per_call(calls, lambda n, fresh=fresh: cache.accredited_system(
             str(fresh + 2 * n + 1))))
         fresh += 2 * calls
     return {kind: statistics.median(times) for kind, times in rounds.items()}

@@ -42,8 +42,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ssp import chain, demo
-from ssp.verify import verify_files
 from ssp.pki import DevelopmentPKI, create_development_pki
+from ssp.verify import verify_files
 
 HOST = demo.PROVIDER_HOST
 ENDPOINT = demo.PROVIDER_ENDPOINT

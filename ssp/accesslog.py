@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -120,7 +120,7 @@ def line_of(record: AuditRecord) -> bytes:
     for what, and how it ended.
     """
     return json.dumps({
-        "time": datetime.fromtimestamp(record.time, timezone.utc).isoformat(timespec="milliseconds"),
+        "time": datetime.fromtimestamp(record.time, UTC).isoformat(timespec="milliseconds"),
         "request_id": record.request_id,
         "consumer": record.consumer_address,
         "method": record.method,

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 
 from ssp.chain import is_audit_file, lines_from_end
 
+
 def _canonical(entry: dict[str, Any]) -> bytes:
     unsigned = {k: v for k, v in entry.items() if k != "sig"}
     return json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode("ascii")

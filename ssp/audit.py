@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -56,6 +56,7 @@ from ssp.config import AuditConfig
 from ssp.errors import AuditUnavailable
 from ssp.interfaces import IAuditSink
 from ssp.model import AuditRecord, audit_record
+
 
 def _day(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y%m%d")
@@ -450,7 +451,7 @@ class FileAuditSink:
             grow the queue without bound.
         """
         self._reactor = reactor
-        self._clock = clock if clock is not None else reactor
+        self._clock: IReactorTime = clock if clock is not None else cast(IReactorTime, reactor)
         self._durability = durability
         self._writer = _ChainWriter(
             Path(directory).resolve(), durability, rotate_bytes, rotate_daily, fsync, raw_write,
@@ -482,7 +483,7 @@ class FileAuditSink:
         @raise OSError: a key file that cannot be read.
         """
         if config.key_file is not None:
-            seal: Seal = KeyedSeal(read_key(config.key_file))
+            seal: Seal = KeyedSeal(read_key(config.key_file))  # type: ignore[assignment]
         elif config.unkeyed:
             cls.log.warn(
                 "Audit trail UNKEYED ([audit] unkeyed = true): anyone who can write {directory} "
@@ -515,10 +516,11 @@ class FileAuditSink:
         self._started = True
         self._busy = True
         d = deferToThreadPool(self._reactor, self._pool, self._writer.start)
-        d.addCallbacks(self._started_chain, self._unavailable, errbackArgs=(None,))
-        d.addBoth(self._finished)
+        started = d.addCallbacks(
+            self._started_chain, self._unavailable, errbackArgs=(None,)
+        ).addBoth(self._finished)
         self._checkpoints.start(self._checkpoint_interval, now=False)
-        return d
+        return started
 
     def _started_chain(self, found: tuple[list[str], list[str]]) -> None:
         notes, alarms = found
@@ -534,8 +536,7 @@ class FileAuditSink:
     def _checkpoint(self) -> Deferred[None]:
         d = deferToThreadPool(self._reactor, self._pool, self._writer.checkpoint,
                               self._clock.seconds())
-        d.addCallbacks(self._log_checkpoint, self._checkpoint_failed)
-        return d
+        return d.addCallbacks(self._log_checkpoint, self._checkpoint_failed)
 
     def _log_checkpoint(self, entry: dict[str, Any] | None) -> None:
         if entry is not None:

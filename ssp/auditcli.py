@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auditcli -*-
+# -*- test-case-name: tests.test_audit -*-
 """
 C{ssp audit verify} and C{ssp audit archive}: the operator's side of the
 audit chain (docs/audit.md).
@@ -47,7 +47,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 
 
 def _seal(key: Path | None) -> Seal:
-    return KeyedSeal(read_key(key)) if key is not None else UncheckedSeal()
+    return KeyedSeal(read_key(key)) if key is not None else UncheckedSeal()  # type: ignore[return-value]
 
 
 def verify_paths(paths: Sequence[Path], seal: Seal, start: str | None,

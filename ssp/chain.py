@@ -249,7 +249,9 @@ def open_file(path: Path) -> IO[bytes]:
     """
     An audit file opened for reading, decompressing an archived one.
     """
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]  # a binary file
+    return path.open("rb")
 
 
 def read_records(paths: Sequence[Path]) -> Iterator[dict[str, Any]]:

@@ -18,10 +18,11 @@ could start, after which the connection closes.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -39,7 +40,8 @@ from ssp.errors import (
     URITooLong,
 )
 from ssp.interfaces import IExchange
-from ssp.tls import host_of, send_now
+from ssp.tls import host_of
+from ssp.wire import send_now
 
 log = Logger()
 
@@ -75,6 +77,7 @@ class ProxyRequest(server.Request):
     """
 
     defaultContentType = None
+    channel: ProxyChannel
     body: forward.RequestBody | None = None
     refusal: Refusal | None = None
     work: Deferred[None] | None = None
@@ -191,7 +194,7 @@ class ProxyRequest(server.Request):
         get_handle = getattr(self.channel.transport, "getHandle", None)
         return get_handle() if get_handle is not None else None
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.body is not None and not self.body.complete:
             self.body.fail(reason)
         super().connectionLost(reason)
@@ -230,6 +233,9 @@ class ProxyChannel(http.HTTPChannel):
     @ivar address: the consumer's address the connection is counted under.
     """
 
+    site: ProxySite
+    requests: list[ProxyRequest]
+
     limits: ListenConfig
     address = ""
     _phase = _HEAD
@@ -242,7 +248,7 @@ class ProxyChannel(http.HTTPChannel):
         self.MAX_LENGTH = max(limits.max_request_line, limits.max_header_bytes)
         self.totalHeadersSize = limits.max_request_line + limits.max_header_bytes
         self.maxHeaders = limits.max_headers
-        self.abortTimeout = limits.header_timeout
+        self.abortTimeout = limits.header_timeout  # type: ignore[assignment]  # seconds, any number
         self._new_head()
         super().connectionMade()
         self._deadline = self.callLater(limits.header_timeout, self._head_expired)
@@ -480,7 +486,7 @@ class ProxyChannel(http.HTTPChannel):
             request.describe(getattr(self, "_command", b""), getattr(self, "_path", b""),
                              getattr(self, "_version", b"HTTP/1.1"))
         else:
-            request = self.requestFactory(self)
+            request = cast(ProxyRequest, self.requestFactory(self))
             self.requests.append(request)
             request.describe(*_request_line_prefix(partial))
         self.stop_reading()
@@ -522,7 +528,7 @@ class ProxyChannel(http.HTTPChannel):
                 self._deadline.cancel()
             self._deadline = None
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         self._cancel_deadline()
         self.site.channel_closed(self)
@@ -661,7 +667,7 @@ class ProxySite(server.Site):
     """
 
     requestFactory = ProxyRequest
-    protocol = ProxyChannel
+    protocol = ProxyChannel  # type: ignore[assignment]
     displayTracebacks = False
 
     def __init__(self, resource: IResource, reactor: Any, limits: ListenConfig,
@@ -672,7 +678,7 @@ class ProxySite(server.Site):
         self.channels: set[ProxyChannel] = set()
         self.caps = ConnectionCaps(lambda: self.limits)
 
-    def buildProtocol(self, addr: Any) -> ProxyChannel:
+    def buildProtocol(self, addr: Any) -> ProxyChannel:  # type: ignore[override]
         """
         A channel for a connection from C{addr}, already counted by
         L{caps}.

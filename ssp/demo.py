@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_demo -*-
+# -*- test-case-name: tests.test_proxy -*-
 """
 The embedded demo: a development PKI in C{certs/} and the audit trail in
 C{var/audit/} under the working directory, the demo SDS shipped with the

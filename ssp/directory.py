@@ -55,7 +55,7 @@ from zope.interface import implementer
 
 from ssp.config import ConfigError, DirectoryConfig
 from ssp.errors import DirectoryUnavailable
-from ssp.interfaces import IDirectory
+from ssp.interfaces import ICacheCounters, IDirectory
 from ssp.model import AccreditedSystem, MessageHandler
 
 log = Logger()
@@ -446,8 +446,7 @@ class LDAPDirectory:
             f"(&(objectClass=nhsAs)(uniqueIdentifier={escape_filter_chars(asid)}))",
             AS_ATTRIBUTES,
         )
-        d.addCallback(lambda entries: _pick_system(map(system_from, entries), asid))
-        return d
+        return d.addCallback(lambda entries: _pick_system(map(system_from, entries), asid))
 
     def message_handlers(
         self, party_key: str, interaction: str | None
@@ -458,12 +457,11 @@ class LDAPDirectory:
         if interaction is not None:
             terms += f"(nhsMhsSvcIA={escape_filter_chars(interaction)})"
         d = self._lookup(f"(&{terms})", MHS_ATTRIBUTES)
-        d.addCallback(
+        return d.addCallback(
             lambda entries: _matching(
                 [h for e in entries for h in handlers_from(e)], party_key, interaction
             )
         )
-        return d
 
     def knows_interaction(self, interaction: str) -> bool:
         """
@@ -509,7 +507,7 @@ class LDAPDirectory:
         log.warn(
             "SDS search {filter} failed: {error}",
             filter=search_filter,
-            error=failure.getErrorMessage() or failure.type.__name__,
+            error=failure.getErrorMessage() or getattr(failure.type, "__name__", "error"),
         )
         return Failure(DirectoryUnavailable())
 
@@ -601,7 +599,7 @@ class _Entry:
     lifetime: float
 
 
-@implementer(IDirectory)
+@implementer(IDirectory, ICacheCounters)
 class CachingDirectory:
     """
     A cache in front of another L{IDirectory}.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_errors -*-
+# -*- test-case-name: tests.test_parsing,tests.test_proxy -*-
 """
 Refusals: every reason the proxy answers a request itself, as a typed
 exception, and the one place they become a FHIR C{OperationOutcome}.
@@ -189,6 +189,19 @@ class DirectoryUnavailable(Refusal):
         super().__init__(token)
 
 
+class ThrottleUnavailable(Refusal):
+    """
+    The shared rate store cannot be reached and the policy is to fail
+    closed (503): no request is admitted that nobody could count.
+    """
+
+    status = 503
+    issue_code = "transient"
+
+    def __init__(self, token: str = "THROTTLE_UNAVAILABLE") -> None:
+        super().__init__(token)
+
+
 class AuditUnavailable(Refusal):
     """The audit trail cannot be written durably: fail closed (503)."""
 
@@ -223,8 +236,8 @@ def wants_xml(accept: bytes | None, query_format: bytes | None = None) -> bool:
     """
     Whether the consumer asked for FHIR XML, by C{_format} or C{Accept}.
     """
-    chosen = query_format if query_format else accept
-    return bool(chosen) and b"xml" in chosen.lower() and b"json" not in chosen.lower()
+    chosen = (query_format if query_format else accept) or b""
+    return b"xml" in chosen.lower() and b"json" not in chosen.lower()
 
 
 def operation_outcome(refusal: Refusal, xml: bool = False) -> tuple[bytes, bytes]:

@@ -1,91 +1,315 @@
 # -*- test-case-name: tests.test_explain -*-
 """
-C{ssp explain}: run the SDS and data-sharing checks for one would-be request
-against the configured directory, without forwarding anything, and show
-each verdict with the SDS data behind it.
+C{ssp explain}: answer "why does my request get 403?" by running the
+proxy's own admission pipeline (L{ssp.pipeline.admit}) on a described
+request, with collaborators that record instead of acting: nothing is
+forwarded, nothing is audited, no rate allowance is spent.
 
-An operator answering "why does my request get 403?" runs::
-
-    ssp explain --config etc/ssp.toml \\
+    ssp explain --config etc/ssp.toml --cert consumer.pem \\
         --target https://orange.testlab.nhs.uk/B82617/STU3/1/gpconnect/fhir/metadata \\
-        -H 'Ssp-From: 200000000359' -H 'Ssp-To: 918999198738' \\
-        -H 'Ssp-InteractionID: urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1' \\
-        --cert consumer.pem
+        -H 'Ssp-TraceID: 0c0e5a1e-...' -H 'Ssp-From: 200000000359' \\
+        -H 'Ssp-To: 918999198738' -H 'Authorization: Bearer ...' \\
+        -H 'Ssp-InteractionID: urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1'
 
-The checks are the very functions of L{ssp.policy} the proxy runs, in the
-same order; the first failure ends the run and later checks show as
-skipped, just as the proxy would not reach them.  Transport checks (chain,
-expiry, revocation), the bearer token and rate limits are not explained.
+Because the checks are the pipeline itself there is no second copy of
+their order to drift: the verdict is the first refusal the proxy would
+answer, with its status and token, or ALLOWED.  Around it, explain shows
+what each check established and the SDS answers behind it, and says
+whether an SDS or rate-store failure, not missing data, decided.
+
+Not explained: what happens before or after admission (request framing,
+sizes and time-outs, CORS preflights, the audit trail, the provider).
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import re
 import sys
-import uuid
 from pathlib import Path
-from typing import Any, Awaitable, Callable, NoReturn, TextIO
+from typing import Any, Callable, NoReturn, TextIO
 
 import attrs
-from cryptography import x509
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
-from ssp import headers, policy, target
-from ssp.config import Agreement, ConfigError, load
+from ssp import policy
+from ssp.config import ConfigError, load
 from ssp.directory import directory_from_config
-from ssp.errors import CertificateInvalid, Refusal
-from ssp.interfaces import IDirectory
-from ssp.model import AccreditedSystem, ClientIdentity, MessageHandler, SpineHeaders
-from ssp.tls import identity_of
-
-PASS = "pass"
-FAIL = "fail"
-SKIPPED = "skipped"
+from ssp.errors import (
+    CertificateRequired,
+    DirectoryUnavailable,
+    EndpointMismatch,
+    Forbidden,
+    ProviderBusy,
+    Refusal,
+    ThrottleUnavailable,
+    TooManyRequests,
+)
+from ssp.interfaces import IDirectory, IThrottle
+from ssp.model import AccreditedSystem, ClientIdentity, MessageHandler, RateDecision
+from ssp.pipeline import Checks, Findings, Inbound, admit
+from ssp.throttle import throttle_from_config
+from ssp.tls import ServerTLS
 
 
 @attrs.frozen
-class Step:
+class Request:
     """
-    One check and its verdict.
+    The request to explain, as the consumer would send it.
 
-    @ivar verdict: C{"pass"}, C{"fail"} or C{"skipped"}.
-    @ivar detail: the SDS (or configuration) data the verdict rests on.
-    @ivar status: the HTTP status the proxy would answer, when failing.
-    @ivar token: the refusal token, when failing.
+    @ivar target: the absolute provider URL (the request-target after the
+        proxy's leading C{/}).
+    @ivar headers: C{(name, value)} pairs; repeats are kept, as on the wire.
+    @ivar pem: the consumer's client certificate (and chain), or L{None}
+        for a connection without one.
     """
 
-    name: str
-    verdict: str
-    detail: str
-    status: int | None = None
-    token: str = ""
+    target: str
+    headers: tuple[tuple[str, str], ...]
+    pem: bytes | None
+    method: str = "GET"
 
 
-def client_identity(pem: bytes) -> ClientIdentity:
+@attrs.frozen
+class Lookup:
     """
-    The identity of a PEM certificate, read as the proxy reads a client
-    certificate.
+    One question a check asked, and the answer (or the failure).
     """
-    return identity_of(x509.load_pem_x509_certificate(pem))
+
+    question: str
+    answer: str
 
 
-def _describe_system(system: AccreditedSystem) -> str:
-    product = f", product {system.product_name!r}" if system.product_name else ""
-    return (
-        f"nhsAs {system.asid}: ODS {system.ods_code or '-'}, party key "
-        f"{system.party_key or '-'}{product}, {len(system.interactions)} interaction(s)"
+@attrs.frozen
+class Explanation:
+    """
+    What the pipeline decided and what it saw on the way.
+
+    @ivar refusal: the first refusal, or L{None} when the request is admitted.
+    @ivar why: a sentence naming the data behind a refusal, when there is more
+        to say than its token.
+    """
+
+    refusal: Refusal | None
+    found: Findings
+    lookups: tuple[Lookup, ...]
+    why: str = ""
+
+    @property
+    def status(self) -> int | None:
+        return None if self.refusal is None else self.refusal.status
+
+    @property
+    def token(self) -> str:
+        return "" if self.refusal is None else self.refusal.token
+
+
+@implementer(IDirectory)
+@attrs.define
+class _RecordingDirectory:
+    """
+    The configured directory, with every lookup and its answer written down.
+    """
+
+    directory: IDirectory
+    lookups: list[Lookup]
+    systems: dict[str, AccreditedSystem | None] = attrs.Factory(dict)
+    handlers: dict[str, tuple[MessageHandler, ...]] = attrs.Factory(dict)
+
+    @property
+    def reachable(self) -> bool:
+        return bool(self.directory.reachable)
+
+    def knows_interaction(self, interaction: str) -> bool:
+        return bool(self.directory.knows_interaction(interaction))
+
+    async def _ask(self, question: str, ask: Callable[[], Deferred[Any]],
+                   describe: Callable[[Any], str]) -> Any:
+        try:
+            answer = await ask()
+        except Refusal as refusal:
+            self.lookups.append(Lookup(question, f"unreachable ({refusal.token})"))
+            raise
+        self.lookups.append(Lookup(question, describe(answer)))
+        return answer
+
+    def accredited_system(self, asid: str) -> Deferred[AccreditedSystem | None]:
+        async def ask() -> AccreditedSystem | None:
+            system = await self._ask(f"nhsAs {asid}",
+                                     lambda: self.directory.accredited_system(asid),
+                                     lambda s: "no entry" if s is None else _describe_system(s))
+            self.systems[asid] = system
+            return system
+
+        return Deferred.fromCoroutine(ask())
+
+    def message_handlers(
+        self, party_key: str, interaction: str | None
+    ) -> Deferred[tuple[MessageHandler, ...]]:
+        async def ask() -> tuple[MessageHandler, ...]:
+            found = await self._ask(
+                f"nhsMhs {party_key} {interaction or '(all)'}",
+                lambda: self.directory.message_handlers(party_key, interaction),
+                lambda hs: f"{len(hs)} record(s)"
+                + "".join(f"; {_describe_handler(h)}" for h in hs),
+            )
+            if interaction is None:
+                self.handlers[party_key] = found
+            return found
+
+        return Deferred.fromCoroutine(ask())
+
+
+@implementer(IThrottle)
+@attrs.define
+class _DryRunThrottle:
+    """
+    The configured throttle asked what it would decide, spending nothing.
+    """
+
+    throttle: IThrottle
+    lookups: list[Lookup]
+
+    @property
+    def available(self) -> bool:
+        return bool(self.throttle.available)
+
+    def consume_consumer(self, asid: str) -> Deferred[RateDecision | None]:
+        return self._peek(f"rate consumer {asid}", self.throttle.peek_consumer(asid))
+
+    def consume_provider(self, asid: str) -> Deferred[RateDecision | None]:
+        return self._peek(f"rate provider {asid}", self.throttle.peek_provider(asid))
+
+    peek_consumer = consume_consumer
+    peek_provider = consume_provider
+
+    def _peek(self, question: str, d: Deferred[RateDecision | None]) -> Deferred[Any]:
+        def answered(decision: RateDecision | None) -> RateDecision | None:
+            self.lookups.append(Lookup(question, _describe_rate(decision)))
+            return decision
+
+        def failed(failure: Any) -> Any:
+            self.lookups.append(Lookup(question, f"unreachable ({failure.getErrorMessage()})"))
+            return failure
+
+        return d.addCallbacks(answered, failed)
+
+
+async def explain(
+    checks: Checks, verify: Callable[[bytes], ClientIdentity], request: Request
+) -> Explanation:
+    """
+    Run L{admit} on C{request} as the proxy would, recording instead of
+    acting.
+
+    @param checks: the proxy's collaborators (its directory, throttle,
+        agreements, token settings and clock); C{identify} is replaced.
+    @param verify: checks a PEM certificate as the TLS handshake would
+        (L{ServerTLS.verify_pem}).
+    @raise ValueError: C{request.pem} holds no certificate.
+    """
+    lookups: list[Lookup] = []
+    directory = _RecordingDirectory(checks.directory, lookups)
+
+    def identify(pem: bytes | None) -> ClientIdentity:
+        if pem is None:
+            raise CertificateRequired("CLIENT_CERTIFICATE_REQUIRED")
+        return verify(pem)
+
+    dry = attrs.evolve(
+        checks, identify=identify, directory=directory,
+        throttle=_DryRunThrottle(checks.throttle, lookups),
     )
+    raw = Headers()
+    for name, value in request.headers:
+        raw.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+    inbound = Inbound(request.method.encode("ascii"), b"/" + request.target.encode("utf-8"),
+                      raw, request.pem)
+    found = Findings()
+    try:
+        await admit(inbound, dry, found)
+    except Refusal as refusal:
+        why = await _why(refusal, found, directory, checks)
+        return Explanation(refusal, found, tuple(lookups), why)
+    return Explanation(None, found, tuple(lookups))
 
 
-def _describe_handler(handler: MessageHandler) -> str:
-    return (
-        f"nhsMhs CPA {handler.cpa_id or '-'}: endpoint {handler.endpoint}, "
-        f"FQDN {handler.fqdn or '-'}, interaction {handler.interaction}"
-    )
+async def _why(refusal: Refusal, found: Findings, directory: _RecordingDirectory,
+               checks: Checks) -> str:
+    """
+    The data behind a refusal, in the operator's terms.
+    """
+    spine = found.spine
+    if isinstance(refusal, DirectoryUnavailable):
+        return ("SDS could not be reached and no cached answer was usable: the proxy answers "
+                "503 whatever SDS holds; fix the directory connection, not the entries")
+    if isinstance(refusal, ThrottleUnavailable):
+        return ("the rate store could not be reached and throttle.on_store_failure is "
+                "\"closed\": every request is refused until it answers")
+    if isinstance(refusal, (TooManyRequests, ProviderBusy)):
+        retry = dict(refusal.headers).get(b"Retry-After", b"?").decode()
+        return f"the allowance is used up; one more request fits in {retry} s"
+    if isinstance(refusal, EndpointMismatch):
+        return _outside_endpoint(found)
+    if spine is None:
+        return ""
+    if refusal.token == Forbidden.sender(spine.sender).token:
+        return _sender_refused(directory.systems.get(spine.sender), spine.sender,
+                               spine.interaction)
+    if refusal.token == policy.certificate_token(spine.sender):
+        return _certificate_unregistered(found, directory)
+    if refusal.token == Forbidden.receiver(spine.receiver).token:
+        return await _receiver_refused(directory, spine.receiver, spine.interaction)
+    if refusal.token == Forbidden.agreement(spine.sender, spine.receiver).token:
+        listed = sorted({i for a in checks.agreements
+                         if (a.sender, a.receiver) == (spine.sender, spine.receiver)
+                         for i in (a.interactions or ("all interactions",))})
+        if not listed:
+            return f"no [[agreements]] entry for sender {spine.sender}, receiver {spine.receiver}"
+        return f"the agreements for this pair cover only {', '.join(listed)}"
+    return ""
+
+
+def _sender_refused(system: AccreditedSystem | None, asid: str, interaction: str) -> str:
+    if system is None:
+        return f"SDS has no nhsAs entry with uniqueIdentifier={asid}"
+    detail = f"nhsAsSvcIA of {asid} does not list {interaction}"
+    near = _near_misses(interaction, system.interactions)
+    return detail + (f"; it lists {', '.join(near)}" if near else "")
+
+
+def _certificate_unregistered(found: Findings, directory: _RecordingDirectory) -> str:
+    assert found.client is not None and found.spine is not None
+    system = directory.systems.get(found.spine.sender)
+    party_key = system.party_key if system else "?"
+    fqdns = sorted({h.fqdn.lower() for h in directory.handlers.get(party_key, ()) if h.fqdn})
+    return (f"certificate DNS names: {', '.join(found.client.dns_names) or '(none)'}; "
+            f"nhsMhsFQDN under party key {party_key}: {', '.join(fqdns) or '(none)'}")
+
+
+async def _receiver_refused(directory: _RecordingDirectory, asid: str, interaction: str) -> str:
+    receiver = directory.systems.get(asid)
+    if receiver is None:
+        return f"SDS has no nhsAs entry with uniqueIdentifier={asid}"
+    detail = f"no nhsMhs entry under party key {receiver.party_key} serves {interaction}"
+    try:
+        served = await directory.message_handlers(receiver.party_key, None)
+    except Refusal:
+        return detail
+    near = _near_misses(interaction, {h.interaction for h in served})
+    return detail + (f"; it serves {', '.join(near)}" if near else "")
+
+
+def _outside_endpoint(found: Findings) -> str:
+    assert found.handler is not None and found.target is not None
+    endpoint, target = found.handler.endpoint, found.target.text
+    detail = f"target {target} is not within the registered endpoint {endpoint}"
+    if target.lower().startswith(endpoint.lower()):
+        detail += " (compare case, port and dot segments: no normalisation is applied)"
+    return detail
 
 
 def _base(interaction: str) -> str:
@@ -100,275 +324,118 @@ def _near_misses(wanted: str, available: frozenset[str] | set[str]) -> list[str]
     return sorted(i for i in available if i != wanted and _base(i) == _base(wanted))
 
 
-class _Run:
-    """
-    Collects steps; after the first failure every later step is skipped.
-    """
-
-    def __init__(self) -> None:
-        self.steps: list[Step] = []
-
-    @property
-    def failed(self) -> bool:
-        return any(s.verdict == FAIL for s in self.steps)
-
-    async def check(
-        self,
-        name: str,
-        run: Callable[[], Awaitable[Any] | Any],
-        passed: Callable[[Any], str],
-        failed: Callable[[Refusal], Awaitable[str] | str],
-    ) -> Any:
-        if self.failed:
-            self.steps.append(Step(name, SKIPPED, "not checked: an earlier check failed"))
-            return None
-        try:
-            result = run()
-            if inspect.isawaitable(result):
-                result = await result
-        except Refusal as refusal:
-            detail = failed(refusal)
-            if inspect.isawaitable(detail):
-                try:
-                    detail = await detail
-                except Refusal as again:
-                    detail = f"(SDS data unavailable: {again.token})"
-            self.steps.append(Step(name, FAIL, detail, refusal.status, refusal.token))
-            return None
-        self.steps.append(Step(name, PASS, passed(result)))
-        return result
-
-    def skip(self, name: str, reason: str) -> None:
-        self.steps.append(Step(name, SKIPPED, reason))
-
-
-def _request(target_url: str, given: dict[str, str]) -> tuple[str, SpineHeaders]:
-    """
-    Parse the target and headers exactly as the proxy does; a missing
-    C{Ssp-TraceID} is supplied, since it plays no part in authorisation.
-    """
-    raw = Headers({name: [value.strip()] for name, value in given.items()})
-    if not raw.hasHeader("Ssp-TraceID"):
-        raw.setRawHeaders("Ssp-TraceID", [str(uuid.UUID(int=0))])
-    url = target.parse(b"/" + target_url.encode("ascii", "replace"))
-    return url.text, headers.parse(raw)
-
-
-async def explain(
-    directory: IDirectory,
-    agreements: tuple[Agreement, ...],
-    target_url: str,
-    headers: dict[str, str],
-    client_cert_pem: bytes | None,
-) -> list[Step]:
-    """
-    Run the authorisation checks for one request and explain each.
-
-    @param target_url: the absolute provider URL (as after the proxy's
-        prefix; a wholly percent-encoded one is decoded once).
-    @param headers: at least C{Ssp-From}, C{Ssp-To}, C{Ssp-InteractionID}
-        (names case-insensitive).
-    @param client_cert_pem: the consumer's certificate, to check its FQDN
-        binding; L{None} skips that check.
-    """
-    run = _Run()
-    parsed = await run.check(
-        "request",
-        lambda: _request(target_url, headers),
-        lambda r: f"target {r[0]}; from {r[1].sender} to {r[1].receiver}, "
-        f"interaction {r[1].interaction}",
-        lambda refusal: "the Ssp-From, Ssp-To and Ssp-InteractionID headers and an "
-        "absolute https:// target are required",
-    )
-    target, spine = parsed if parsed else (target_url, None)
-
-    async def sender_absent(refusal: Refusal) -> str:
-        return f"SDS has no nhsAs entry with uniqueIdentifier={spine.sender}"
-
-    system = await run.check(
-        "sender known",
-        lambda: policy.sender_system(directory, spine),
-        _describe_system,
-        sender_absent,
+def _describe_system(system: AccreditedSystem) -> str:
+    product = f", product {system.product_name!r}" if system.product_name else ""
+    return (
+        f"ODS {system.ods_code or '-'}, party key {system.party_key or '-'}{product}, "
+        f"{len(system.interactions)} interaction(s)"
     )
 
-    if client_cert_pem is None:
-        run.skip(
-            "certificate FQDN",
-            "not checked: an earlier check failed"
-            if run.failed
-            else "not checked: no client certificate given (--cert)",
-        )
-    else:
-        identity: list[ClientIdentity] = []
 
-        async def bind() -> ClientIdentity:
-            try:
-                identity.append(client_identity(client_cert_pem))
-            except ValueError as e:
-                raise CertificateInvalid("CERTIFICATE_UNREADABLE") from e
-            await policy.check_certificate(directory, system, identity[0])
-            return identity[0]
-
-        async def unbound(refusal: Refusal) -> str:
-            if not identity:
-                return "the certificate is not a readable PEM X.509 certificate"
-            fqdns = await policy.registered_fqdns(directory, system)
-            return (
-                f"certificate DNS names: {', '.join(identity[0].dns_names) or '(none)'}; "
-                f"nhsMhsFQDN under party key {system.party_key}: "
-                f"{', '.join(sorted(fqdns)) or '(none)'}"
-            )
-
-        await run.check(
-            "certificate FQDN",
-            bind,
-            lambda ident: f"certificate {ident.subject} names "
-            f"{', '.join(ident.dns_names)}, registered under party key {system.party_key}",
-            unbound,
-        )
-
-    def sender_refused(refusal: Refusal) -> str:
-        detail = f"nhsAsSvcIA of {system.asid} does not list {spine.interaction}"
-        near = _near_misses(spine.interaction, system.interactions)
-        if near:
-            detail += f"; it lists {', '.join(near)}"
-        return detail
-
-    await run.check(
-        "sender interaction",
-        lambda: policy.check_sender_interaction(system, spine),
-        lambda _: f"nhsAsSvcIA of {system.asid} lists {spine.interaction}",
-        sender_refused,
+def _describe_handler(handler: MessageHandler) -> str:
+    return (
+        f"CPA {handler.cpa_id or '-'}: endpoint {handler.endpoint}, "
+        f"FQDN {handler.fqdn or '-'}, interaction {handler.interaction}"
     )
 
-    async def receiver_refused(refusal: Refusal) -> str:
-        receiver = await directory.accredited_system(spine.receiver)
-        if receiver is None:
-            return f"SDS has no nhsAs entry with uniqueIdentifier={spine.receiver}"
-        handlers = await directory.message_handlers(receiver.party_key, None)
-        detail = (
-            f"{_describe_system(receiver)}; no nhsMhs entry under party key "
-            f"{receiver.party_key} serves {spine.interaction}"
-        )
-        near = _near_misses(spine.interaction, {h.interaction for h in handlers})
-        if near:
-            detail += f"; it serves {', '.join(near)}"
-        return detail
 
-    handler = await run.check(
-        "receiver endpoint",
-        lambda: policy.check_receiver(directory, spine),
-        _describe_handler,
-        receiver_refused,
-    )
-
-    def target_refused(refusal: Refusal) -> str:
-        detail = f"target {target} is not within the registered endpoint {handler.endpoint}"
-        if target.lower().startswith(handler.endpoint.lower()):
-            detail += " (compare case, port and dot segments: no normalisation is applied)"
-        return detail
-
-    await run.check(
-        "target within endpoint",
-        lambda: policy.check_target(handler, target),
-        lambda _: f"{target} is within {handler.endpoint} (CPA {handler.cpa_id or '-'})",
-        target_refused,
-    )
-
-    def agreement_refused(refusal: Refusal) -> str:
-        pair = [a for a in agreements if (a.sender, a.receiver) == (spine.sender, spine.receiver)]
-        if not pair:
-            return f"no [[agreements]] entry with sender {spine.sender}, receiver {spine.receiver}"
-        listed = sorted({i for a in pair for i in a.interactions})
-        return f"the agreements for this pair cover only {', '.join(listed)}"
-
-    await run.check(
-        "data-sharing agreement",
-        lambda: policy.check_agreement(agreements, spine),
-        lambda _: _describe_agreement(policy.matching_agreement(agreements, spine)),
-        agreement_refused,
-    )
-    return run.steps
+def _describe_rate(decision: RateDecision | None) -> str:
+    if decision is None:
+        return "no limit applies"
+    verdict = "allowed" if decision.allowed else "over the limit"
+    return f"{verdict}, {decision.remaining} of {decision.limit} left (nothing spent)"
 
 
-def _describe_agreement(agreement: Agreement | None) -> str:
-    assert agreement is not None
-    scope = ", ".join(agreement.interactions) if agreement.interactions else "all interactions"
-    return f"agreement {agreement.sender} -> {agreement.receiver} for {scope}"
-
-
-_LABELS = {PASS: "PASS", FAIL: "FAIL", SKIPPED: "SKIP"}
-
-
-def format_steps(steps: list[Step]) -> str:
+def format_explanation(explanation: Explanation) -> str:
     """
-    Render steps for a terminal: one line per check, the detail beneath a
-    failure's status and token, and a closing verdict.
+    Render an explanation for a terminal: what was established, the
+    lookups behind it, then the verdict and why.
     """
-    width = max((len(s.name) for s in steps), default=0)
+    found = explanation.found
     lines = []
-    for step in steps:
-        head = f"{_LABELS[step.verdict]}  {step.name.ljust(width)}  "
-        if step.verdict == FAIL:
-            lines.append(f"{head}{step.status} {step.token}")
-            lines.append(" " * len(head) + step.detail)
-        else:
-            lines.append(head + step.detail)
-    failed = [s for s in steps if s.verdict == FAIL]
-    if failed:
-        lines.append(f"result: REFUSED {failed[0].status} {failed[0].token}")
+    if found.client is not None:
+        lines.append(f"client    {found.client.subject} "
+                     f"(DNS {', '.join(found.client.dns_names) or '-'})")
+    if found.target is not None:
+        lines.append(f"target    {found.target.text}")
+    if found.spine is not None:
+        spine = found.spine
+        lines.append(f"headers   from {spine.sender} to {spine.receiver}, "
+                     f"interaction {spine.interaction}")
+    if found.claims is not None and found.claims.validated:
+        lines.append(f"token     aud {found.claims.audience}")
+    for lookup in explanation.lookups:
+        lines.append(f"lookup    {lookup.question}: {lookup.answer}")
+    if found.handler is not None:
+        lines.append(f"endpoint  {_describe_handler(found.handler)}")
+    if explanation.refusal is None:
+        lines.append("result: ALLOWED (the proxy would forward this request)")
     else:
-        lines.append("result: ALLOWED by the SDS and data-sharing checks")
+        lines.append(f"result: REFUSED {explanation.status} {explanation.token}")
+        if explanation.why:
+            lines.append(f"why: {explanation.why}")
     return "\n".join(lines) + "\n"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssp explain",
-        description="Explain the SDS and data-sharing checks for a request, without forwarding it.",
+        description="Run the proxy's admission checks on a request without forwarding, "
+        "auditing or spending rate allowance, and explain the verdict.",
     )
     parser.add_argument("--config", required=True, help="the proxy's TOML configuration")
     parser.add_argument("--target", required=True, help="absolute https:// provider URL")
+    parser.add_argument("--method", default="GET", help="the request's verb (default GET)")
     parser.add_argument(
-        "-H",
-        "--header",
-        action="append",
-        default=[],
-        metavar="'NAME: VALUE'",
-        help="a request header (Ssp-From, Ssp-To, Ssp-InteractionID); repeat",
+        "-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
+        help="a request header as the consumer sends it (Ssp-*, Authorization); repeat",
     )
-    parser.add_argument("--cert", help="the consumer's client certificate (PEM)")
+    parser.add_argument(
+        "--cert", help="the consumer's client certificate (PEM); without it the request is "
+        "explained as one on a connection without a certificate (496)",
+    )
     return parser
 
 
 async def run(reactor: Any, argv: list[str], out: TextIO, err: TextIO) -> int:
     """
-    The C{ssp explain} command: 0 when every check run passed, 1 when one
-    failed, 2 for unusable arguments or configuration.
+    The C{ssp explain} command: 0 when the request would be admitted, 1
+    when refused, 2 for unusable arguments, configuration or certificate.
     """
     args = _parser().parse_args(argv)
-    headers = {}
+    headers = []
     for header in args.header:
         name, sep, value = header.partition(":")
         if not sep:
             err.write(f"ssp explain: header {header!r} is not 'Name: value'\n")
             return 2
-        headers[name.strip()] = value.strip()
+        headers.append((name.strip(), value.strip()))
     try:
         config = load(args.config)
         pem = Path(args.cert).read_bytes() if args.cert else None
+        server_tls = ServerTLS(config.tls, reactor)
         directory, service = directory_from_config(config.directory, reactor, reactor)
-    except (ConfigError, OSError) as e:
+    except (ConfigError, OSError, ValueError) as e:
         err.write(f"ssp explain: {e}\n")
         return 2
+    throttle = throttle_from_config(config.throttle, reactor)
+    checks = Checks(identify=server_tls.client_identity, directory=directory, throttle=throttle,
+                    agreements=config.agreements, token=config.token, clock=reactor)
     service.startService()
+    throttle.start()
     try:
-        steps = await explain(directory, config.agreements, args.target, headers, pem)
+        explanation = await explain(
+            checks, server_tls.verify_pem,
+            Request(args.target, tuple(headers), pem, args.method.upper()),
+        )
+    except ValueError as e:
+        err.write(f"ssp explain: {args.cert}: {e}\n")
+        return 2
     finally:
-        await Deferred.fromCoroutine(_stop(service))
-    out.write(format_steps(steps))
-    return 1 if any(s.verdict == FAIL for s in steps) else 0
+        await throttle.stop()
+        await _stop(service)
+    out.write(format_explanation(explanation))
+    return 0 if explanation.refusal is None else 1
 
 
 async def _stop(service: Any) -> None:

@@ -21,10 +21,10 @@ from typing import Any, Callable
 import attrs
 from twisted.internet import error as net_error
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import HEADER, STATUS, ParseError
@@ -43,7 +43,8 @@ from zope.interface import implementer
 from ssp.config import UpstreamConfig
 from ssp.errors import UpstreamFailed, UpstreamTimeout
 from ssp.interfaces import IUpstream
-from ssp.tls import BulkTLSEndpoint, UpstreamTLS, send_now
+from ssp.tls import BulkTLSEndpoint, UpstreamTLS
+from ssp.wire import send_now
 
 log = Logger()
 
@@ -105,11 +106,11 @@ class Upstream:
         self._timeout = config.response_timeout
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = config.max_persistent_per_host
-        self.pool.cachedConnectionTimeout = config.cached_connection_timeout
+        self.pool.cachedConnectionTimeout = config.cached_connection_timeout  # type: ignore[assignment]
         self.pool.retryAutomatically = False
         # The pool builds its protocols through this (private) hook.
-        self.pool._factory = functools.partial(_ProviderFactory,
-                                               max_header_bytes=config.max_header_bytes)
+        self.pool._factory = functools.partial(  # type: ignore[assignment]
+            _ProviderFactory, max_header_bytes=config.max_header_bytes)
         endpoints = ProviderEndpoints(reactor, tls, dict(config.resolve), config.connect_timeout)
         self._agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
 
@@ -131,6 +132,7 @@ class Upstream:
         target = url.decode("ascii")
         d = self._agent.request(method, url, headers, body)
         expired = []
+        timer: IDelayedCall
 
         def expire() -> None:
             nonlocal timer
@@ -199,7 +201,7 @@ class _ProviderProtocol(HTTP11ClientProtocol):
         super()._giveUp(reason)
         self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         response = getattr(self._parser, "response", None)
         if response is not None and not reason.check(net_error.ConnectionDone):
             _CUT_SHORT.add(response)
@@ -363,7 +365,7 @@ class RequestBody:
         self._buffer = []
         self._set_paused(False)
         if self._failure is not None:
-            return Deferred.fromFailure(self._failure)
+            return fail(self._failure)
         if self.complete:
             return succeed(None)
         self._done = Deferred()
@@ -462,7 +464,7 @@ class _Relay(Protocol):
         if self._idle is not None:
             self.transport.stopProducing()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None

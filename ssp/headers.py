@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_headers -*-
+# -*- test-case-name: tests.test_parsing -*-
 """
 Request and response headers: validating the C{Ssp-*} headers and
 deciding what crosses the proxy.
@@ -16,11 +16,11 @@ fields, hop-by-hop (L{field_refusal}, called by the channel per line).
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from collections.abc import Sequence
 
 from twisted.web.http_headers import Headers
-
-import ipaddress
 
 from ssp.errors import BadRequest
 from ssp.model import SpineHeaders
@@ -93,7 +93,7 @@ def parse(headers: Headers) -> SpineHeaders:
             refusal = field_refusal(name.lower(), value.strip(b" \t"), seen)
             if refusal is not None:
                 raise refusal
-    values = []
+    fields: list[str] = []
     for name, pattern, rule in _RULES:
         found = headers.getRawHeaders(name)
         label = name.decode("ascii")
@@ -101,8 +101,8 @@ def parse(headers: Headers) -> SpineHeaders:
             raise BadRequest(f"BAD_REQUEST: {label} header is missing")
         if not pattern.fullmatch(found[0]):
             raise BadRequest(f"BAD_REQUEST: {label} header {rule}")
-        values.append(found[0].decode("ascii"))
-    return SpineHeaders(*values)
+        fields.append(found[0].decode("ascii"))
+    return SpineHeaders(*fields)
 
 
 def single(headers: Headers, name: bytes) -> bytes | None:
@@ -200,7 +200,7 @@ def upstream_headers(incoming: Headers, target: Target, forwarded: bytes) -> Hea
         if name.lower() not in dropped:
             outgoing.setRawHeaders(name, values)
     outgoing.setRawHeaders(b"Host", [target.authority])
-    outgoing.setRawHeaders(b"Forwarded", incoming.getRawHeaders(b"forwarded", []) + [forwarded])
+    outgoing.setRawHeaders(b"Forwarded", [*incoming.getRawHeaders(b"forwarded", []), forwarded])
     return outgoing
 
 
@@ -218,7 +218,7 @@ def _node(host: str) -> bytes:
     return host.encode("ascii")
 
 
-def downstream_headers(incoming: Headers) -> list[tuple[bytes, list[bytes]]]:
+def downstream_headers(incoming: Headers) -> list[tuple[bytes, Sequence[bytes]]]:
     """
     The provider's response headers to relay: all but hop-by-hop ones,
     including those its C{Connection} field names.

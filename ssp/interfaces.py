@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_interfaces -*-
+# -*- test-case-name: tests.test_contracts -*-
 """
 The pluggable concerns of the proxy, as zope Interfaces.
 
@@ -65,6 +65,17 @@ class IDirectory(Interface):
     )
 
 
+class ICacheCounters(Interface):
+    """
+    A cache's lookup counters, which C{/metrics} exports
+    (C{ssp_sds_cache_lookups}); a directory without a cache lacks them.
+    """
+
+    hits = Attribute("Lookups answered from a fresh entry.")
+    misses = Attribute("Lookups that asked the directory behind.")
+    stale_served = Attribute("Lookups answered from a stale entry while SDS was down.")
+
+
 class IThrottle(Interface):
     """
     Rate limits per consumer ASID (C{Ssp-From}) and per provider ASID
@@ -82,6 +93,16 @@ class IThrottle(Interface):
         Spend one request from the provider's global allowance.
         """
 
+    def peek_consumer(asid: str) -> "Deferred[RateDecision | None]":
+        """
+        What L{consume_consumer} would decide now, spending nothing: how
+        C{ssp explain} asks without using up anyone's allowance.
+        """
+
+    def peek_provider(asid: str) -> "Deferred[RateDecision | None]":
+        """
+        What L{consume_provider} would decide now, spending nothing.
+        """
     available = Attribute(
         "False while the shared rate store cannot be reached and C{on_store_failure} "
         "applies; C{/readyz} and C{ssp_throttle_store_up} report it."
@@ -150,6 +171,12 @@ class IExchange(IRequest):
         """
         Drop the connection at once, without completing the response: the
         consumer must not take a cut-short body for a whole one.
+        """
+
+    def notifyFinish() -> Deferred[None]:
+        """
+        A Deferred that fires when the response is complete, or fails when
+        the consumer's connection is lost first.
         """
 
     def close_after_response() -> None:

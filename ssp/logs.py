@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import IO, Any
 
 from twisted.logger import (
@@ -37,7 +37,7 @@ def event_as_line(event: dict[str, Any]) -> str:
     """
     level = event.get("log_level")
     line: dict[str, Any] = {
-        "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc)
+        "time": datetime.fromtimestamp(event.get("log_time", 0), UTC)
         .isoformat(timespec="milliseconds"),
         "level": level.name if level is not None else "info",
         "namespace": event.get("log_namespace", "-"),

@@ -27,8 +27,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from ssp import __version__
-from ssp.directory import CachingDirectory
-from ssp.interfaces import IDirectory, IThrottle
+from ssp.interfaces import ICacheCounters, IDirectory, IThrottle
 from ssp.model import AuditRecord, RateDecision
 from ssp.refusals import TLS_HANDSHAKE
 
@@ -192,6 +191,11 @@ class _CountingThrottle:
     def consume_provider(self, asid: str) -> Deferred[RateDecision | None]:
         return self._count("provider", self.throttle.consume_provider(asid))
 
+    def peek_consumer(self, asid: str) -> Deferred[RateDecision | None]:
+        return self.throttle.peek_consumer(asid)  # a peek decides nothing: not counted
+
+    def peek_provider(self, asid: str) -> Deferred[RateDecision | None]:
+        return self.throttle.peek_provider(asid)
     @property
     def available(self) -> bool:
         return bool(self.throttle.available)
@@ -237,7 +241,7 @@ class _CacheCollector:
 
     def collect(self) -> Iterator[Metric]:
         directory = self.directory()
-        if isinstance(directory, CachingDirectory):
+        if ICacheCounters.providedBy(directory):
             lookups = CounterMetricFamily(
                 "ssp_sds_cache_lookups", "SDS lookups by cache outcome.", labels=["outcome"])
             lookups.add_metric(["hit"], directory.hits)
@@ -304,7 +308,7 @@ class _Text(Resource):
         super().__init__()
         self._render = render
 
-    def render_GET(self, request):  # type: ignore[no-untyped-def]
+    def render_GET(self, request: Any) -> bytes:
         status, content_type, body = self._render()
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", content_type)

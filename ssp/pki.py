@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_pki -*-
+# -*- test-case-name: tests.test_proxy -*-
 """
 A development PKI: a stand-in for the Spine CA and the certificates the
 demo and the tests need (proxy server and client, consumers, providers),
@@ -314,4 +314,4 @@ def _is_ip(host: str) -> bool:
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)

@@ -147,7 +147,14 @@ def within_endpoint(endpoint: str, target_url: str) -> bool:
     boundary, compared as exact strings (no case folding, no default-port
     or IP normalisation), with no C{.}/C{..} segment after the endpoint
     (which the provider would resolve to outside it).
+
+    The one rule for "within": the target check, the token's C{aud} and
+    C{ssp explain} all use it.  An endpoint registered with a trailing
+    C{/} does not contain the URL without it: the target must start with
+    the endpoint exactly (SPEC §3).
     """
+    if not endpoint:
+        return False
     if target_url == endpoint:
         return True
     if endpoint.endswith("/"):

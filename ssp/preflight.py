@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,7 +47,7 @@ def check(config: Config, source: Path, now: float) -> list[str]:
                            ("admin.endpoint", config.admin.endpoint))
         if value and value.split(":", 1)[0] in INHERITED_ENDPOINTS
     ]
-    moment = datetime.fromtimestamp(now, timezone.utc)
+    moment = datetime.fromtimestamp(now, UTC)
     fail("tls.ciphers", _ciphers, config.tls.ciphers)
     _pair(fail, "tls", config.tls.certificate, config.tls.private_key, moment)
     _pair(fail, "upstream", config.upstream.certificate, config.upstream.private_key, moment)

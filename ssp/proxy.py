@@ -295,6 +295,8 @@ class Proxy:
             observer(record)
         try:
             await self.audit.append(record)
+        except CancelledError:
+            pass  # the consumer left meanwhile; the sink writes the record all the same
         except Refusal:
             log.critical("Audit record for {request_id} could not be written",
                          request_id=record.request_id)

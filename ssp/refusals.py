@@ -98,7 +98,7 @@ class ConnectionRefusals:
         request to refuse).
         """
         tallies, self._tallies = self._tallies, {}
-        for (address, reason), tally in sorted(tallies.items()):
+        for (address, _reason), tally in sorted(tallies.items()):
             record = attrs.evolve(tally.first, consumer_address=address, count=tally.count)
-            self._sink.append(record).addErrback(
+            self._sink.append(record).addErrback(  # type: ignore[call-overload]
                 lambda f, n=tally.count: log.failure("{n} connection refusals not audited", f, n=n))

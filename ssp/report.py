@@ -85,7 +85,8 @@ class _Group:
 
     def add(self, record: dict[str, Any]) -> None:
         status = record.get("status") or 0
-        for name in ("requests", record.get("decision"), f"status_{status // 100}xx"):
+        names: tuple[Any, ...] = ("requests", record.get("decision"), f"status_{status // 100}xx")
+        for name in names:
             self.counts[name] = self.counts.get(name, 0) + 1
         self.bytes_in += record.get("bytes_in") or 0
         self.bytes_out += record.get("bytes_out") or 0
@@ -108,7 +109,8 @@ class _Group:
                 "status_5xx",
             )
         ]
-        values = (*key, *counts, self.bytes_in, self.bytes_out, *total, *upstream, scope)
+        values: tuple[Any, ...] = (*key, *counts, self.bytes_in, self.bytes_out, *total, *upstream,
+                                   scope)
         return Row(*values)
 
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auditcli -*-
+# -*- test-case-name: tests.test_audit -*-
 """
 Retention of the audit trail: closed files are compressed after a while
 and removed once expired, without making the rest unverifiable.

@@ -10,7 +10,7 @@ import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from weakref import WeakSet
 
 import attrs
@@ -21,7 +21,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import deferLater
-from twisted.internet.testing import waitUntilAllDisconnected
 from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
@@ -162,8 +161,8 @@ class SSPService(MultiService):
         remaining = [*self.site.channels, *self._accepting.open()]
         for protocol in remaining:
             protocol.transport.abortConnection()
-        if remaining:
-            await waitUntilAllDisconnected(self.reactor, remaining)
+        while any(protocol.transport.connected for protocol in remaining):
+            await deferLater(self.reactor, 0.01, lambda: None)
 
     def _build(self) -> None:
         config = self.config
@@ -279,7 +278,9 @@ class SSPService(MultiService):
         return, the listener keeps its port, and stops it on stop.
         """
         assert self._listener is not None
-        return _branch(self._listener._waitingForPort)
+        waiting = self._listener._waitingForPort
+        assert waiting is not None  # set by startService
+        return _branch(waiting)
 
     def _ready(self, port: Any) -> Any:
         if port is not None:  # None: listening failed and was logged
@@ -362,7 +363,7 @@ class SSPService(MultiService):
         if throttle is None:
             if running is not None and _same_store(config.throttle, running.throttle):
                 assert self.proxy is not None
-                throttle = Throttle(config.throttle, self.throttle.store)
+                throttle = Throttle(config.throttle, cast(Throttle, self.throttle).store)
             else:
                 throttle, new_store = throttle_from_config(config.throttle, self.reactor), True
         return _Parts(upstream, directory, directory_service, throttle, new_store)
@@ -417,7 +418,7 @@ class SSPService(MultiService):
             parts.directory_service.setServiceParent(self)
             retired_directory, self._directory_service = self._directory_service, parts.directory_service
         if parts.new_store:
-            parts.throttle.start()
+            cast(Throttle, parts.throttle).start()
             retired_throttle = self.throttle
         if self._given.throttle is None:
             self._lifecycle[self._lifecycle.index(self.throttle)] = parts.throttle
@@ -446,7 +447,7 @@ class SSPService(MultiService):
         if directory_service is not None and directory_service.parent is self:
             stopping.append(maybeDeferred(directory_service.disownServiceParent))
         if throttle is not None:
-            stopping.append(throttle.stop())
+            stopping.append(cast(Throttle, throttle).stop())
         return DeferredList(stopping)
 
     async def _retire_now(self) -> None:

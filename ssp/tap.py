@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_service -*-
 """
 C{twistd ssp}: command-line options and service construction.
 
@@ -275,7 +275,6 @@ def _announce(reactor: Any, pki: DevelopmentPKI, listening: Callable[[], Deferre
     def announce(port: Any) -> None:
         line = demo.curl_line(pki, port.getHost().port)
         # Straight to the terminal, not through twistd's log, so it can be pasted.
-        sys.__stdout__.write(f"\nSSP demo is listening. Try:\n\n{line}\n\n")
-        sys.__stdout__.flush()
+        print(f"\nSSP demo is listening. Try:\n\n{line}\n", file=sys.__stdout__, flush=True)
 
     reactor.callWhenRunning(lambda: listening().addCallback(announce))

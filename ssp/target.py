@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_target -*-
+# -*- test-case-name: tests.test_parsing,tests.test_ssrf -*-
 """
 The target: the provider URL embedded in the request path, and the verbs
 the proxy forwards.

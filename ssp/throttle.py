@@ -22,7 +22,7 @@ bit for bit; floats would drift by an ulp and flip C{remaining}.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
 import attrs
@@ -36,26 +36,13 @@ from txredisapi import ConnectionHandler, RedisError, RedisFactory, ResponseErro
 from zope.interface import Attribute, Interface, implementer
 
 from ssp.config import LimitSet, RateLimit, ThrottleConfig
-from ssp.errors import ProviderBusy, Refusal, TooManyRequests
+from ssp.errors import ProviderBusy, ThrottleUnavailable, TooManyRequests
 from ssp.interfaces import IThrottle
 from ssp.model import RateDecision
 
 log = Logger()
 
 MICROS = 1_000_000
-
-
-class ThrottleUnavailable(Refusal):
-    """
-    The shared rate store cannot be reached and the policy is to fail
-    closed (503): no request is admitted that nobody could count.
-    """
-
-    status = 503
-    issue_code = "transient"
-
-    def __init__(self, token: str = "THROTTLE_UNAVAILABLE") -> None:
-        super().__init__(token)
 
 
 def emission_interval(limit: RateLimit) -> int:
@@ -155,6 +142,12 @@ class IRateStore(Interface):
         L{ThrottleUnavailable}.
         """
 
+    def peek(key: str, limit: RateLimit) -> "Deferred[RateDecision]":
+        """
+        The decision L{spend} would make now, spending nothing
+        (C{ssp explain}).  May fail with L{ThrottleUnavailable}.
+        """
+
     def start() -> None:
         """
         Connect, if the store has anything to connect to.
@@ -192,6 +185,9 @@ class MemoryRateStore:
         if tat is not None:
             self._tats[key] = tat
         return succeed(decision)
+
+    def peek(self, key: str, limit: RateLimit) -> Deferred[RateDecision]:
+        return succeed(gcra(self._tats.get(key), _micros(self.clock.seconds()), limit)[1])
 
     def __len__(self) -> int:
         """
@@ -360,11 +356,41 @@ class RedisRateStore:
 
         return d.addCallbacks(decide, failed)
 
+    def peek(self, key: str, limit: RateLimit) -> Deferred[RateDecision]:
+        if self._redis is None:
+            raise RuntimeError("RedisRateStore.peek() before start()")
+        if not self.available:
+            return self._degraded_peek(key, limit)
+        redis = self._redis
+        d = redis.execute_command("GET", self.prefix + key)
+        d.addTimeout(self.timeout, self.reactor)
+
+        async def decide(stored: Any) -> RateDecision:
+            if self.clock is None:
+                seconds, micros = await redis.execute_command("TIME")
+                now = int(seconds) * MICROS + int(micros)
+            else:
+                now = _micros(self.clock.seconds())
+            return gcra(None if stored is None else int(stored), now, limit)[1]
+
+        def failed(failure: Failure) -> Deferred[RateDecision]:
+            failure.trap(RedisError, defer.TimeoutError)
+            return self._degraded_peek(key, limit)
+
+        return d.addCallback(lambda stored: Deferred.fromCoroutine(decide(stored))).addErrback(
+            failed
+        )
+
+    def _degraded_peek(self, key: str, limit: RateLimit) -> Deferred[RateDecision]:
+        if self.on_failure == "local":
+            return self.fallback.peek(key, limit)
+        return fail(ThrottleUnavailable())
+
     def _evalsha(self, key: str, args: tuple[Any, ...]) -> Deferred[Any]:
         assert self._redis is not None
         redis = self._redis
 
-        def noscript(failure: Failure) -> Deferred[Any]:
+        def noscript(failure: Failure) -> Failure | Deferred[Any]:
             failure.trap(ResponseError)
             if not str(failure.value).startswith("NOSCRIPT"):
                 return failure
@@ -441,11 +467,23 @@ class Throttle:
     def available(self) -> bool:
         return bool(self.store.available)
 
-    def _consume(self, role: str, limits: LimitSet, asid: str) -> Deferred[RateDecision | None]:
+    def peek_consumer(self, asid: str) -> Deferred[RateDecision | None]:
+        return self._consume("consumer", self.config.consumer, asid, self.store.peek)
+
+    def peek_provider(self, asid: str) -> Deferred[RateDecision | None]:
+        return self._consume("provider", self.config.provider, asid, self.store.peek)
+
+    def _consume(
+        self,
+        role: str,
+        limits: LimitSet,
+        asid: str,
+        how: Callable[[str, RateLimit], Deferred[RateDecision]] | None = None,
+    ) -> Deferred[Any]:
         limit = limits.for_asid(asid)
         if limit is None:
             return succeed(None)
-        return self.store.spend(f"{role}:{asid}", limit)
+        return (how or self.store.spend)(f"{role}:{asid}", limit)
 
     def start(self) -> None:
         """

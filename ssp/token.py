@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from ssp.config import TokenConfig
 from ssp.errors import BadRequest
 from ssp.model import Claims
+from ssp.policy import within_endpoint
 
 LIFETIME = 300
 REASONS = ("directcare", "migration")
@@ -114,19 +115,19 @@ def validate(
 def check_audience(claims: Claims, endpoint: str, target: str | None = None) -> None:
     """
     Check, once SDS has named the provider's registered endpoint, that the
-    token was addressed to it: C{aud} is the endpoint or a URL under it on
-    a path-segment boundary (older consumers send the full resource URL);
-    and, when C{target} is given, that C{aud} covers the target: the
-    target is C{aud}, lies under it, or differs from it only by a query.
+    token was addressed to it: C{aud} is within the endpoint (older
+    consumers send the full resource URL); and, when C{target} is given,
+    that the target is within C{aud}.  "Within" is the one rule the target
+    check uses, L{ssp.policy.within_endpoint}.
 
     @raise BadRequest: naming C{aud}.  Nothing is checked for claims that
         were not validated.
     """
     if not claims.validated:
         return
-    if not _within(claims.audience, endpoint):
+    if not within_endpoint(endpoint, claims.audience):
         raise _claim("aud", f"is not within the registered endpoint {endpoint}")
-    if target is not None and not _within(target, claims.audience):
+    if target is not None and not within_endpoint(claims.audience, target):
         raise _claim("aud", "does not cover the target URL")
 
 
@@ -305,7 +306,7 @@ def _repeated_path(text: str) -> str:
     return ""
 
 
-class _Members(list):  # type: ignore[type-arg]
+class _Members(list):
     """
     A JSON object's members as parsed, in order, duplicates kept.
     """
@@ -436,20 +437,6 @@ _CLAIM_CHECKS = (
     ("requesting_organization", _check_organisation),
     ("requesting_practitioner", _check_practitioner),
 )
-
-
-def _within(url: str, base: str) -> bool:
-    """
-    Whether C{url} is C{base} or lies under it on a path-segment boundary
-    (or differs from it only by a query).  Strings compare exactly: no
-    case folding, no default ports, as SDS endpoints are compared.
-    """
-    base = base.rstrip("/")
-    if not base:
-        return False
-    if url.rstrip("/") == base:
-        return True
-    return url.startswith(base) and url[len(base)] in "/?"
 
 
 def _claims(payload: dict[str, Any], validated: bool) -> Claims:

@@ -43,16 +43,16 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import attrs
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import error, tcp
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred, DeferredList, execute, succeed
+from twisted.internet.defer import Deferred, DeferredList, execute, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import (
     ILogObserver,
@@ -203,7 +203,7 @@ class ReusePortEndpoint:
     interface: str = ""
     backlog: int = 50
 
-    def listen(self, factory: Factory) -> Deferred[IListeningPort]:
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
         def bind() -> IListeningPort:
             port = _ReusePort(self.port, factory, self.backlog, self.interface, self.reactor)
             port.startListening()
@@ -464,15 +464,20 @@ class Master(MultiService):
         if self._reusing:
             # Now, with privileges shed, as the workers will bind: fail the
             # start rather than have every worker fail in a loop.
-            self._endpoint.probe()
+            reusing = cast(ReusePortEndpoint, self._endpoint)
+            reusing.probe()
             log.info("Each worker listens on {endpoint} (listen.reuse_port)",
-                     endpoint=self._endpoint.description())
+                     endpoint=reusing.description())
             self._binding = succeed(None)
         elif self._binding is None:
             self.privilegedStartService()
         assert self._binding is not None
         super().startService()
-        self._binding.addCallback(lambda _: [self._spawn(slot) for slot in self._slots])
+        def spawn_all(_: object) -> None:
+            for slot in self._slots:
+                self._spawn(slot)
+
+        self._binding.addCallback(spawn_all)
 
     def listening(self) -> Deferred[IListeningPort | None]:
         """
@@ -522,11 +527,12 @@ class Master(MultiService):
             if slot.respawn is not None and slot.respawn.active():
                 slot.respawn.cancel()
         if self.port is not None:
-            await self.port.stopListening()
+            await maybeDeferred(self.port.stopListening)
         waiting = []
         for slot in self._slots:
             if slot.process is not None:
-                self._exited[slot.number] = exited = Deferred()
+                exited: Deferred[Any] = Deferred()
+                self._exited[slot.number] = exited
                 waiting.append(exited)
                 self._signal(slot, "TERM")
         if waiting:
@@ -554,7 +560,7 @@ class Master(MultiService):
         slot.respawn = None
         fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", STATUS_FD: "r"}
         if self._reusing:
-            listen = self._endpoint.description()
+            listen = cast(ReusePortEndpoint, self._endpoint).description()
         else:
             assert self.port is not None
             listen = inherited_endpoint(self.port)
@@ -637,8 +643,8 @@ class WorkerLink(Service):
         from twisted.internet.stdio import StandardIO
 
         super().startService()
-        self._io = StandardIO(_Lifeline(self), stdin=self._fds[0], stdout=self._fds[1],
-                              reactor=self._reactor)
+        self._io = StandardIO(_Lifeline(self), stdin=self._fds[0],  # type: ignore[call-arg]
+                              stdout=self._fds[1], reactor=self._reactor)
         self._listening().addCallback(lambda _: self._io.write(LISTENING))
         # After twistd's own handlers are in place, which happens at start-up.
         self._reactor.callWhenRunning(self._stop_signals_once)

@@ -16,14 +16,14 @@ import ssl
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import attrs
-
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.internet.testing import waitUntilAllDisconnected
 from twisted.internet.threads import deferToThread
 from twisted.protocols.policies import WrappingFactory
@@ -290,8 +290,26 @@ class Proxy:
         self.port = port.getHost().port
         return self
 
+    def settled(self) -> bool:
+        """
+        Whether every audit record appended so far is durable.  A response
+        leaves the proxy in the same turn as its record is appended, so
+        once a consumer has a reply, waiting for this makes the record
+        visible (other requests may still be in progress).
+        """
+        return self.audit.pending == 0
+
+    def quiet(self) -> bool:
+        """
+        L{settled}, no request in progress and no consumer connection open:
+        nothing more can happen.
+        """
+        assert self.service.site is not None and self.service.proxy is not None
+        return (self.settled() and self.service.proxy.in_flight == 0
+                and not self.service.site.channels)
+
     def consumer(self, cert: str | None = "consumer-0") -> Consumer:
-        return Consumer(self.port, self.pki, cert)
+        return Consumer(self.port, self.pki, cert, self.settled)
 
     async def close(self) -> None:
         await self.service.stopService()
@@ -322,8 +340,14 @@ class Consumer:
     thread so the reactor keeps serving the proxy and the provider.
     """
 
-    def __init__(self, port: int, pki: DevelopmentPKI, cert: str | None) -> None:
+    def __init__(self, port: int, pki: DevelopmentPKI, cert: str | None,
+                 settled: Callable[[], bool] = lambda: True) -> None:
+        """
+        @param settled: what a reply waits for before it is returned (the
+            proxy's audit records, see L{Proxy.settled}).
+        """
         self.port = port
+        self.settled = settled
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.load_verify_locations(str(pki.path(DevelopmentPKI.ca)))
         if cert is not None:
@@ -348,7 +372,11 @@ class Consumer:
                 if connection is None:
                     conn.close()
 
-        return deferToThread(call)
+        async def settled(reply: Reply) -> Reply:
+            await until(self.settled)
+            return reply
+
+        return deferToThread(call).addCallback(lambda r: Deferred.fromCoroutine(settled(r)))
 
     def get(self, resource: str, headers: dict[str, str] | None = None, **kw: Any
             ) -> Deferred[Reply]:
@@ -356,6 +384,21 @@ class Consumer:
                             headers if headers is not None else spine_headers(), **kw)
 
 
+
+
+async def until(predicate: Callable[[], bool], within: float = 60.0) -> None:
+    """
+    Wait for an event the test cannot be told of directly, polling each
+    reactor turn (at most every 10 ms); C{within} only bounds a hung test,
+    it is no expectation of speed.
+
+    @raise AssertionError: the event did not happen within C{within} s.
+    """
+    deadline = reactor.seconds() + within
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"not reached within {within} s: {predicate}")
+        await deferLater(reactor, 0.01, lambda: None)
 
 
 def audit_key() -> Path:

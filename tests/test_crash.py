@@ -25,11 +25,11 @@ from ssp import chain, demo
 from ssp.verify import verify_files
 from tests.ports import free_port
 from tests.support import (
-    audit_key,
     DEMO_LDIF,
     ROOT,
     Consumer,
     Provider,
+    audit_key,
     certificates_toml,
     pki,
     spine_headers,

@@ -374,7 +374,7 @@ class SchemaFixtureTests(TestCase):
         entry = slapd.SYNTHETIC_LDIF.read_text().split("\n\n")[2]
         self.assertIn("nhsMhsFQDN:", entry)
         broken = Path(self.mktemp())
-        broken.write_text("\n".join(l for l in entry.splitlines() if "nhsMhsFQDN" not in l))
+        broken.write_text("\n".join(line for line in entry.splitlines() if "nhsMhsFQDN" not in line))
         error = self.assertRaises(RuntimeError, slapd.Slapd.launch, [broken])
         self.assertIn("nhsMhsFQDN", str(error))
 
@@ -446,7 +446,7 @@ class LDAPTransportTests(TestCase):
         directory = started(self, ldap_config(url, receive_timeout=0.3, connect_timeout=0.3))
         started_at = reactor.seconds()
         await self.assertUnavailable(directory)
-        self.assertLess(reactor.seconds() - started_at, 3.0)
+        self.assertLess(reactor.seconds() - started_at, 30.0)  # bounded, not hung: exact bound in test_deadline
 
     def test_deadline(self) -> None:
         """

@@ -8,18 +8,18 @@ token, "not forwarded" and its audit record.
 from __future__ import annotations
 
 import time
-
-import attrs
 from pathlib import Path
 
+import attrs
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from ssp import chain, demo
-from ssp.verify import verify_files
-from ssp.config import LimitSet, RateLimit, ThrottleConfig
+from ssp.config import DirectoryConfig, LimitSet, RateLimit, ThrottleConfig
+from ssp.directory import directory_from_config
 from ssp.service import Concerns
+from ssp.verify import verify_files
 from tests import redis, slapd
 from tests.support import DEMO_LDIF, ENDPOINT, Provider, Proxy, spine_headers
 
@@ -29,7 +29,8 @@ HOST = "orange.testlab.nhs.uk"
 class DeployedProxyTests(unittest.TestCase):
     skip = slapd.SKIP or redis.SKIP
 
-    async def deploy(self, directory=None, throttle=None, agreements=None, sds=None):
+    async def deploy(self, directory=None, throttle=None, agreements=None, sds=None,
+                     concerns=None):
         self.sds = sds or slapd.Slapd.shared([DEMO_LDIF])
         self.redis = redis.RedisServer.start_for(self)
         self.audit_dir = Path(self.mktemp()).resolve()
@@ -42,7 +43,7 @@ class DeployedProxyTests(unittest.TestCase):
         }
         if agreements is not None:
             overrides["agreements"] = agreements
-        proxy = await Proxy(self, provider, concerns=Concerns(), **overrides).start()
+        proxy = await Proxy(self, provider, concerns=concerns or Concerns(), **overrides).start()
         return provider, proxy
 
     def records(self):
@@ -155,16 +156,24 @@ class DeployedProxyTests(unittest.TestCase):
         self.assertEqual(len(provider.seen), 1)
 
     async def test_sds_stopped_serves_stale_then_fails_closed(self):
+        """
+        The cache's time is a L{Clock}, so "within the stale limit" and
+        "past it" do not depend on how fast this machine answers.
+        """
         server = slapd.Slapd.start_for(self, [DEMO_LDIF])
-        provider, proxy = await self.deploy(
-            sds=server, directory={"cache_ttl": 0.2, "stale_limit": 1.0, "connect_timeout": 1.0,
-                                   "receive_timeout": 1.0})
+        clock = Clock()
+        config = DirectoryConfig(kind="ldap", urls=(server.url,), cache_ttl=300.0,
+                                 stale_limit=600.0)
+        directory, ldap = directory_from_config(config, clock, reactor)
+        ldap.startService()
+        self.addCleanup(ldap.stopService)
+        provider, proxy = await self.deploy(sds=server, concerns=Concerns(directory=directory))
         self.assertEqual((await proxy.consumer().get("metadata")).status, 200)
         server.stop()
-        await deferLater(reactor, 0.3)
+        clock.advance(301)
         stale = await proxy.consumer().get("metadata")
         self.assertEqual(stale.status, 200)
-        await deferLater(reactor, 1.2)
+        clock.advance(600)
         closed = await proxy.consumer().get("metadata")
         self.assertEqual(closed.status, 503)
         self.assertEqual(closed.token(), "SDS_UNAVAILABLE")

@@ -42,7 +42,7 @@ class EventAsLineTests(unittest.TestCase):
         A logged failure arrives as its traceback text.
         """
         try:
-            1 / 0
+            raise ZeroDivisionError("division by zero")
         except ZeroDivisionError:
             failure = Failure()
         line = json.loads(event_as_line(

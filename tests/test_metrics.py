@@ -10,7 +10,6 @@ import socket
 import ssl
 import urllib.error
 import urllib.request
-
 from typing import Any
 
 import attrs
@@ -22,10 +21,10 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from ssp.directory import CachingDirectory
+from ssp.errors import ThrottleUnavailable
 from ssp.metrics import MAX_INTERACTION_LABELS, Metrics
 from ssp.model import AuditRecord
 from ssp.testing import MemoryDirectory, MemoryThrottle
-from ssp.throttle import ThrottleUnavailable
 from tests.ports import free_port
 from tests.support import ENDPOINT, METADATA, Provider, Proxy, spine_headers
 

@@ -136,7 +136,7 @@ class AdmitTests(unittest.SynchronousTestCase):
         refused = self.refusal()
         self.assertEqual(refused.token, f"FOT_CHECK_FAILED_MESSAGESENDER_{CONSUMER}_MESSAGERECEIVER_{PROVIDER}")
         self.assertIsInstance(refused, Forbidden)
-        self.assertEqual(self.throttle.spent, {})
+        self.assertEqual(self.throttle.spent, 0)
 
     def test_consumer_throttle_before_provider_throttle(self) -> None:
         self.throttle.consumer_allowance = 0

@@ -21,6 +21,7 @@ from ssp.policy import (
     check_sender,
     check_target,
     choose_handler,
+    within_endpoint,
 )
 from ssp.testing import MemoryDirectory
 from tests import slapd
@@ -303,6 +304,20 @@ class TargetTests(SynchronousTestCase):
             ENDPOINT + "/Binary/a..b",
         ]:
             self.assertAllowed(target)
+
+    def test_endpoint_with_trailing_slash(self) -> None:
+        """
+        An endpoint registered as C{.../fhir/} contains what starts with it
+        exactly; C{.../fhir} (and its query) does not start with it.
+        """
+        slashed = attrs.evolve(HANDLER, endpoint=ENDPOINT + "/")
+        for target in (ENDPOINT + "/", ENDPOINT + "/metadata", ENDPOINT + "/?_format=json"):
+            self.assertAllowed(target, slashed)
+        for target in (ENDPOINT, ENDPOINT + "?_format=json", ENDPOINT + "/../metadata"):
+            self.assertRefused(target, slashed)
+
+    def test_empty_endpoint(self) -> None:
+        self.assertFalse(within_endpoint("", "/metadata"))
 
     def test_segment_boundary(self) -> None:
         """

@@ -429,7 +429,7 @@ def expired_crl(authority: Authority) -> bytes:
     """
     A CRL from C{authority} whose C{nextUpdate} passed a day ago.
     """
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     crl = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(authority.issued.certificate.subject)

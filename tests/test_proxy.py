@@ -32,6 +32,7 @@ from tests.support import (
     pki,
     rss_bytes,
     spine_headers,
+    until,
 )
 
 
@@ -196,6 +197,7 @@ class ForwardingTests(ProxyTestCase):
         self.assertEqual((status, total), (200, size))
         self.assertEqual(sha, pattern_sha256(size))
         self.assertLess(peak.growth, 48 * 1024 * 1024)
+        await until(proxy.settled)
         self.assertEqual(proxy.audit.completed()[0].bytes_out, size)
 
     async def test_large_upload_streams_in_bounded_memory(self):
@@ -216,6 +218,7 @@ class ForwardingTests(ProxyTestCase):
         self.assertEqual(json.loads(reply.body)["body_sha256"], pattern_sha256(size))
         self.assertEqual(provider.seen[0].body_length, size)
         self.assertLess(peak.growth, 24 * 1024 * 1024)
+        await until(proxy.settled)
         self.assertEqual(proxy.audit.completed()[0].bytes_in, size)
 
     async def test_chunked_trickle_reaches_consumer_before_provider_finishes(self):
@@ -383,6 +386,7 @@ class RefusalTests(ProxyTestCase):
         self.assertEqual(provider.seen, [])
         self.assertEqual(proxy.audit.completed(), [])
         proxy.service.connection_refusals.flush()
+        await until(proxy.settled)
         self.assertEqual(
             [(r.event, r.status, r.decision, r.token, r.count, r.consumer_address)
              for r in proxy.audit.records],
@@ -443,21 +447,21 @@ class UpstreamFailureTests(ProxyTestCase):
         reply = await proxy.consumer().get("stall")
         self.assertEqual(reply.status, 504)
         self.assertEqual(reply.token(), f"TIMEOUT_COMMUNICATING_TO_ENDPOINT_URL_{ENDPOINT}/stall")
-        await deferLater(reactor, 0.05)
-        self.assertTrue(provider.resource.stalled._disconnected)
+        await until(lambda: provider.resource.stalled._disconnected)
 
     async def test_idle_body_timeout_aborts_both_sides(self):
         provider, proxy = await self.setup(upstream={"idle_timeout": 0.3})
         with self.assertRaises(http.client.IncompleteRead):
             await proxy.consumer().get("stallbody")
-        await deferLater(reactor, 0.05)
-        self.assertTrue(provider.resource.stalled._disconnected)
+        await until(lambda: provider.resource.stalled._disconnected)
+        await until(proxy.quiet)
         self.assertEqual([(r.status, r.decision) for r in proxy.audit.completed()], [(504, "failed")])
 
     async def test_reset_mid_body(self):
         provider, proxy = await self.setup()
         with self.assertRaises(http.client.IncompleteRead):
             await proxy.consumer().get("reset")
+        await until(proxy.quiet)
         self.assertEqual([(r.status, r.decision) for r in proxy.audit.completed()], [(502, "failed")])
 
     async def test_client_disconnect_cancels_upstream(self):
@@ -475,10 +479,8 @@ class UpstreamFailureTests(ProxyTestCase):
         while not provider.seen:
             await deferLater(reactor, 0.01)
         tls.close()
-        while not proxy.audit.completed():
-            await deferLater(reactor, 0.01)
-        await deferLater(reactor, 0.05)
-        self.assertTrue(provider.resource.stalled._disconnected)
+        await until(lambda: provider.resource.stalled._disconnected)
+        await until(proxy.quiet)
         self.assertEqual([(r.status, r.decision) for r in proxy.audit.completed()],
                          [(499, "abandoned")])
 

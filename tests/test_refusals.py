@@ -12,18 +12,18 @@ from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
-from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from ssp.audit import FileAuditSink
 from ssp.chain import KeyedSeal, audit_files, read_records
+from ssp.directory import LDIFDirectory
 from ssp.errors import AuditUnavailable
 from ssp.interfaces import IAuditSink
 from ssp.model import AuditRecord
-from ssp.directory import LDIFDirectory
 from ssp.refusals import MAX_KEYS, ConnectionRefusals
 from ssp.service import Concerns
 from ssp.testing import MemoryThrottle

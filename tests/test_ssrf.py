@@ -31,6 +31,7 @@ from tests.support import (
     Proxy,
     Reply,
     spine_headers,
+    until,
 )
 
 HOST = demo.PROVIDER_HOST
@@ -247,6 +248,7 @@ class TargetAbuseTests(unittest.TestCase):
 
         self.assertEqual([trap.accepted for trap in traps], [0, 0])
         audited = {trace for trace, _ in sent + allowed}
+        await until(proxy.settled)
         completed = [r for r in proxy.audit.completed() if r.trace_id in audited]
         self.assertEqual([(r.trace_id, (r.status, r.token)) for r in completed[: len(sent)]], sent)
         self.assertEqual({r.decision for r in completed[: len(sent)]}, {"refused"})

@@ -29,7 +29,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from ssp import forward
 from ssp.errors import UpstreamFailed
-from tests.support import ENDPOINT, Provider, Proxy, pattern_sha256, spine_headers
+from tests.support import ENDPOINT, Provider, Proxy, pattern_sha256, spine_headers, until
 from tests.test_hostile import wait_for
 
 Relay = forward._Relay
@@ -281,6 +281,7 @@ class StalledConsumerTests(unittest.TestCase):
         self.assertEqual((status, total), (200, size))
         self.assertEqual(sha, pattern_sha256(size))
         self.assertEqual(relays[0].sent, size)
+        await until(proxy.settled)
         self.assertEqual(proxy.audit.completed()[0].bytes_out, size)
         self.assertEqual((provider_socket.bufferSize, consumer_socket.bufferSize,
                           consumer_socket.SEND_LIMIT),

@@ -30,15 +30,17 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from ssp.config import LimitSet, RateLimit, ThrottleConfig, parse
-from ssp.errors import ProviderBusy, TooManyRequests
+from ssp.directory import LDIFDirectory
+from ssp.errors import ProviderBusy, ThrottleUnavailable, TooManyRequests
 from ssp.interfaces import IThrottle
 from ssp.model import RateDecision
+from ssp.service import Concerns
+from ssp.testing import RecordingAuditSink
 from ssp.throttle import (
     IRateStore,
     MemoryRateStore,
     RedisRateStore,
     Throttle,
-    ThrottleUnavailable,
     check_consumer,
     check_provider,
     emission_interval,
@@ -46,9 +48,6 @@ from ssp.throttle import (
     retry_after,
     throttle_from_config,
 )
-from ssp.directory import LDIFDirectory
-from ssp.service import Concerns
-from ssp.testing import RecordingAuditSink
 from tests import redis
 from tests.ports import free_port
 from tests.support import DEMO_LDIF, Provider, Proxy
@@ -450,6 +449,10 @@ async def main(reactor, url, count):
 react(lambda reactor, *argv: Deferred.fromCoroutine(main(reactor, *argv)), sys.argv[1:])
 """
 
+# Time-outs while Redis runs (longer than any stall of a loaded machine) and
+# while it is down (short, so outages are detected quickly).
+HEALTHY, DOWN = 30.0, 0.3
+
 # Refills once an hour: Redis TIME advancing during a test changes nothing.
 HOURLY = RateLimit(rate=1, period=3600.0, burst=10)
 
@@ -466,11 +469,25 @@ class RedisRateStoreTests(TestCase):
         self.server = redis.RedisServer.start_for(self)
 
     def store(self, **kwargs: Any) -> RedisRateStore:
-        kwargs = {"timeout": 0.3, "backoff_initial": 0.05, "backoff_max": 0.2, **kwargs}
+        kwargs = {"timeout": HEALTHY, "backoff_initial": 0.05, "backoff_max": 0.2, **kwargs}
         store = RedisRateStore.from_url(reactor, self.server.url, **kwargs)
         store.start()
         self.addCleanup(store.stop)
         return store
+
+    def kill(self, *stores: RedisRateStore) -> None:
+        """
+        Kill the server.  Only now may the stores give up quickly: with no
+        server a short time-out cannot misjudge a slow answer as an outage.
+        """
+        self.server.stop()
+        for store in stores:
+            store.timeout = DOWN
+
+    def restart(self, *stores: RedisRateStore) -> None:
+        self.server.start()
+        for store in stores:
+            store.timeout = HEALTHY
 
     async def inspect(self) -> Any:
         """
@@ -572,12 +589,12 @@ class RedisRateStoreTests(TestCase):
         store = self.store(on_failure="local")
         limit = RateLimit(rate=1, period=3600.0, burst=3)
         self.assertEqual([(await store.spend("k", limit)).remaining for _ in range(2)], [2, 1])
-        self.server.stop()
+        self.kill(store)
         local = [await store.spend("k", limit) for _ in range(4)]
         self.assertFalse(store.available)
         self.assertEqual([(d.allowed, d.remaining) for d in local],
                          [(True, 2), (True, 1), (True, 0), (False, 0)])
-        self.server.start()
+        self.restart(store)
         await self.until(lambda: store.available)
         # Redis came back empty: the local bucket (exhausted) is not used.
         self.assertEqual((await store.spend("k", limit)).remaining, 2)
@@ -591,12 +608,12 @@ class RedisRateStoreTests(TestCase):
         """
         store = self.store(on_failure="closed")
         self.assertTrue((await store.spend("k", HOURLY)).allowed)
-        self.server.stop()
+        self.kill(store)
         for _ in range(3):
             with self.assertRaises(ThrottleUnavailable):
                 await store.spend("k", HOURLY)
         self.assertFalse(store.available)
-        self.server.start()
+        self.restart(store)
         await self.until(lambda: store.available)
         self.assertEqual((await store.spend("k", HOURLY)).remaining, 9)
 
@@ -631,7 +648,7 @@ class RedisRateStoreTests(TestCase):
         L{ThrottleUnavailable}; once it runs again the store reconnects by
         itself, within seconds, and the shared state is used again.
         """
-        store = self.store(on_failure="closed")
+        store = self.store(on_failure="closed", timeout=DOWN)  # a stall is found by time-out
         self.assertEqual((await store.spend("k", HOURLY)).remaining, 9)
 
         async def refused() -> None:
@@ -646,7 +663,7 @@ class RedisRateStoreTests(TestCase):
         With C{"local"}, a stalled Redis falls back to per-process limits,
         and afterwards limits are shared between processes again.
         """
-        store = self.store(on_failure="local")
+        store = self.store(on_failure="local", timeout=DOWN)  # a stall is found by time-out
         await store.spend("k", HOURLY)
         await store.spend("k", HOURLY)
 
@@ -661,11 +678,11 @@ class RedisRateStoreTests(TestCase):
         No server at all: the first spend times out and the policy applies.
         """
         self.server.stop()
-        store = self.store(on_failure="local")
+        store = self.store(on_failure="local", timeout=DOWN)
         decision = await store.spend("k", HOURLY)
         self.assertEqual((decision.allowed, decision.remaining), (True, 9))
         self.assertFalse(store.available)
-        self.server.start()
+        self.restart(store)
         await self.until(lambda: store.available)
         self.assertEqual((await store.spend("k", HOURLY)).remaining, 9)
 
@@ -676,7 +693,7 @@ class RedisRateStoreTests(TestCase):
         call or connection).
         """
         scheduled, probing = self.store(), self.store()
-        self.server.stop()
+        self.kill(scheduled, probing)
         await gatherResults([scheduled.spend("k", HOURLY), probing.spend("k", HOURLY)])
         self.assertFalse(scheduled.available or probing.available)
         await scheduled.stop()

@@ -21,8 +21,8 @@ from typing import Any
 import attrs
 from cryptography import x509
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -181,6 +181,7 @@ class ResumptionTests(IdentityTestCase):
                 proxy.audit.records.clear()
                 answers = await deferToThread(first_and_resumed, proxy.port,
                                               client_context(cert, mechanism), metadata_request())
+                await until(proxy.settled)
                 with self.subTest(cert=cert, mechanism=mechanism):
                     self.assertAllRefused(answers, 495, f"CLIENT_CERTIFICATE_INVALID_{reason}",
                                           provider, proxy)
@@ -242,6 +243,7 @@ class RequestFormTests(IdentityTestCase):
         for method, target, host in self.FORMS:
             request = raw_request(method, target, spine_headers(), host or "localhost")
             answers.append(await deferToThread(exchange, proxy.port, context, request))
+        await until(proxy.settled)
         return provider, proxy, answers
 
     async def test_without_certificate(self) -> None:
@@ -426,6 +428,7 @@ class HandshakeFailureTests(IdentityTestCase):
         await deferToThread(connect)
         await until(lambda: proxy.service.connection_refusals.counted)
         proxy.service.connection_refusals.flush()
+        await until(proxy.settled)
         [record] = proxy.audit.records
         self.assertEqual((record.event, record.decision), ("connection-refused", "refused"))
         return record.token
@@ -533,4 +536,4 @@ class _Clock:
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(reactor.seconds(), datetime.timezone.utc)
+    return datetime.datetime.fromtimestamp(reactor.seconds(), datetime.UTC)

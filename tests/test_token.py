@@ -625,6 +625,24 @@ class CheckAudienceTests(SynchronousTestCase):
                 error.token, "BAD_REQUEST: JWT claim 'aud' does not cover the target URL"
             )
 
+    def test_endpoint_with_trailing_slash(self) -> None:
+        """
+        "Within" is the target check's rule: with an endpoint registered as
+        C{.../fhir/}, an C{aud} of C{.../fhir} is outside it, and an C{aud}
+        of C{.../fhir/} does not cover the target C{.../fhir}.
+        """
+        slashed = ENDPOINT + "/"
+        check_audience(self.claims(slashed), slashed, slashed + "metadata")
+        error = self.assertRaises(BadRequest, check_audience, self.claims(ENDPOINT), slashed)
+        self.assertEqual(
+            error.token,
+            f"BAD_REQUEST: JWT claim 'aud' is not within the registered endpoint {slashed}",
+        )
+        error = self.assertRaises(
+            BadRequest, check_audience, self.claims(slashed), slashed, ENDPOINT
+        )
+        self.assertEqual(error.token, "BAD_REQUEST: JWT claim 'aud' does not cover the target URL")
+
     def test_not_validated(self) -> None:
         """
         Presence-only mode never refuses on C{aud}.
