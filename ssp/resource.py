@@ -19,7 +19,6 @@ disconnect cancels, so an abandoned request stops its upstream request.
 from __future__ import annotations
 
 import re
-import uuid
 from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -42,6 +41,7 @@ from ssp.errors import (
     UpstreamFailed,
     URITooLong,
 )
+from ssp.ids import new_request_id
 from ssp.interfaces import IAuditSink, IUpstream
 from ssp.model import AuditRecord, Claims, ClientIdentity
 from ssp.pipeline import Checks, Findings, Inbound, admit
@@ -645,7 +645,7 @@ class Proxy:
 
     async def handle(self, request: ProxyRequest) -> None:
         started = self.clock.seconds()
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         found = Findings()
         outcome = _Outcome()
         self.in_flight += 1
@@ -791,7 +791,7 @@ class Proxy:
         request.responseHeaders.setRawHeaders(b"Date", [http.datetimeToString(started)])
         self._refuse(request, refusal, found)
         Deferred.fromCoroutine(self._complete(
-            self._record("completed", uuid.uuid4().hex, started, request, found, outcome)
+            self._record("completed", new_request_id(), started, request, found, outcome)
         ))
 
     def _identity(self, request: ProxyRequest) -> ClientIdentity | None:

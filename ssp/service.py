@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from ssp.audit import FileAuditSink
 from ssp.config import Config, ServerTLSConfig, ThrottleConfig
 from ssp.directory import directory_from_config
 from ssp.forward import Upstream
+from ssp.ids import new_request_id
 from ssp.interfaces import IAuditSink, IDirectory, IThrottle
 from ssp.metrics import Metrics, admin_resource
 from ssp.model import AuditRecord
@@ -284,7 +284,7 @@ class SSPService(MultiService):
     def _record_connection_refusal(self, peer: Any, event: str, token: str, status: int) -> None:
         record = AuditRecord(
             event=event,
-            request_id=uuid.uuid4().hex if status else "",
+            request_id=new_request_id() if status else "",
             time=self.reactor.seconds(),
             consumer_address=f"{getattr(peer, 'host', '')}:{getattr(peer, 'port', '')}",
             decision="refused",
