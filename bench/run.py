@@ -514,9 +514,29 @@ class Target:
         self.pids = pids
         self.path = METADATA_PATH
 
-    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.open_connection("127.0.0.1", self.port, ssl=self.ctx,
+    async def connect(self, session: ssl.SSLSession | None = None,
+                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """
+        A new TLS connection, offering to resume C{session} if given.
+        """
+        ctx: Any = self.ctx if session is None else _Resuming(self.ctx, session)
+        return await asyncio.open_connection("127.0.0.1", self.port, ssl=ctx,
                                              server_hostname=self.server_hostname)
+
+
+class _Resuming:
+    """
+    An SSL context offering C{session} on the connection it wraps: asyncio
+    takes no session argument, but builds its TLS object with C{wrap_bio}.
+    """
+
+    def __init__(self, ctx: ssl.SSLContext, session: ssl.SSLSession) -> None:
+        self._ctx, self._session = ctx, session
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, server_side: bool = False,
+                 server_hostname: str | None = None) -> ssl.SSLObject:
+        return self._ctx.wrap_bio(incoming, outgoing, server_side, server_hostname,
+                                  session=self._session)
 
 
 async def exchange(target: Target, reader: asyncio.StreamReader,
@@ -631,26 +651,33 @@ async def open_loop(target: Target, rate: float, duration: float, concurrency: i
 
 
 async def closed_loop(target: Target, requests: int, concurrency: int, keepalive: bool,
-                      time_limit: float) -> dict:
+                      time_limit: float, resume: bool = False) -> dict:
     """
     C{concurrency} workers each sending back-to-back requests, over one
-    kept-alive connection each, or over a new TLS connection per request.
+    kept-alive connection each, or over a new TLS connection per request
+    (with C{resume}, each offering the TLS session of the worker's previous
+    connection, as a client with a session cache does).
     """
     remaining = requests
     done = 0
     errors = 0
+    resumed = 0
     deadline = time.perf_counter() + time_limit
 
     async def worker() -> None:
-        nonlocal remaining, done, errors
+        nonlocal remaining, done, errors, resumed
         conn = None
+        session = None
         while remaining > 0 and time.perf_counter() < deadline:
             remaining -= 1
             try:
                 if conn is None:
-                    conn = await target.connect()
+                    conn = await target.connect(session if resume else None)
                 reusable = await exchange(target, *conn)
                 done += 1
+                tls = conn[1].get_extra_info("ssl_object")
+                resumed += tls.session_reused
+                session = tls.session
             except Exception:
                 errors += 1
                 reusable = False
@@ -663,7 +690,7 @@ async def closed_loop(target: Target, requests: int, concurrency: int, keepalive
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
-    return {"requests": done, "errors": errors, "seconds": elapsed,
+    return {"requests": done, "errors": errors, "seconds": elapsed, "resumed": resumed,
             "rps": done / elapsed if elapsed else 0.0,
             "truncated": done + errors < requests}
 
@@ -914,7 +941,7 @@ class Bench:
         for t in self.targets:
             out["handshake"][t.name] = await self.phase(
                 f"handshake {t.name}",
-                closed_loop(t, a.handshakes, a.concurrency, False, a.phase_limit))
+                closed_loop(t, a.handshakes, a.concurrency, False, a.phase_limit, a.resume))
         if a.stream_bytes:
             out["stream"] = {}
             for t in self.targets:
@@ -1107,7 +1134,9 @@ def table(r: dict) -> str:
         row("  provider / loadgen CPU ms/req",
             {n: f"{ka[n]['cpu_ms_per_request']['provider']:.2f} / "
                 f"{ka[n]['cpu_ms_per_request']['loadgen']:.2f}" for n in names}),
-        row("new-handshake req/s", {n: f"{hs[n]['rps']:.0f}" for n in names}),
+        row("new-handshake req/s" + (" (resuming)" if r["args"]["resume"] else ""),
+            {n: f"{hs[n]['rps']:.0f}" for n in names}),
+        row("  TLS sessions resumed", {n: f"{hs[n].get('resumed', 0)}" for n in names}),
         row("  hop CPU ms/req", hop_cpu(hs)),
         row("  provider / loadgen CPU ms/req",
             {n: f"{hs[n]['cpu_ms_per_request']['provider']:.2f} / "
@@ -1181,6 +1210,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds per target in the latency phase (default 10)")
     parser.add_argument("--handshakes", type=int, default=None,
                         help="requests per target in the handshake phase (default requests/3)")
+    parser.add_argument("--resume", action="store_true",
+                        help="new-handshake phase: each connection offers the previous session")
     parser.add_argument("--phase-limit", type=float, default=12.0,
                         help="cap, in seconds, on each throughput measurement (default 12)")
     parser.add_argument("--stream-bytes", type=int, default=GiB,

@@ -158,6 +158,7 @@ class ServerTLSConfig:
     private_key: Path
     client_ca: Path
     crls: tuple[Path, ...] = ()
+    crl_expiry_margin: float = attrs.field(default=3600.0, validator=ge(0))
     ciphers: str = DEFAULT_CIPHERS
     hsts: str = attrs.field(default="max-age=31536000; includeSubDomains", validator=_header_value)
 
@@ -189,12 +190,15 @@ class DirectoryConfig:
     start_tls: bool = False
     pool_strategy: str = attrs.field(default="first", validator=in_(["first", "round_robin"]))
     connections: int = attrs.field(default=4, validator=ge(1))
+    max_queued_searches: int = attrs.field(default=16, validator=ge(0))
     connect_timeout: float = attrs.field(default=3.0, validator=gt(0))
     receive_timeout: float = attrs.field(default=5.0, validator=gt(0))
     time_limit: int = attrs.field(default=5, validator=ge(1))
     cache_ttl: float = attrs.field(default=300.0, validator=ge(0))
     negative_ttl: float = attrs.field(default=60.0, validator=ge(0))
     stale_limit: float = attrs.field(default=3600.0, validator=ge(0))
+    cache_entries: int = attrs.field(default=100_000, validator=ge(1))
+    negative_entries: int = attrs.field(default=10_000, validator=ge(1))
 
 
 @attrs.frozen

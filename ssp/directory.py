@@ -24,6 +24,7 @@ import base64
 import math
 import queue
 import ssl
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -45,9 +46,8 @@ from ldap3 import (
 from ldap3.core.exceptions import LDAPException
 from ldap3.utils.conv import escape_filter_chars
 from twisted.application.service import IService, Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -80,6 +80,20 @@ _SUCCESS = 0
 _NO_SUCH_OBJECT = 32
 # A party key has one MHS record per interaction: a few dozen at most.
 _SIZE_LIMIT = 1000
+#: At most this many interaction IDs are remembered as known (for metric
+#: labels); SDS registers a few hundred.
+MAX_KNOWN_INTERACTIONS = 10_000
+
+
+def _interactions_of(value: Any) -> Iterator[str]:
+    """
+    The interaction IDs an answer of an L{IDirectory} lookup names.
+    """
+    if isinstance(value, AccreditedSystem):
+        yield from value.interactions
+    elif isinstance(value, tuple):
+        for handler in value:
+            yield handler.interaction
 
 
 def _first(attributes: Attributes, name: str) -> str:
@@ -253,6 +267,10 @@ class LDIFDirectory:
         self._handlers: dict[str, list[MessageHandler]] = {}
         for handler in handlers:
             self._handlers.setdefault(handler.party_key.lower(), []).append(handler)
+        self._interactions = frozenset(
+            [i for system in self._systems.values() for i in system.interactions]
+            + [h.interaction for hs in self._handlers.values() for h in hs]
+        )
 
     @classmethod
     def from_file(cls, path: Path | str) -> LDIFDirectory:
@@ -272,6 +290,9 @@ class LDIFDirectory:
             _matching(self._handlers.get(party_key.lower(), ()), party_key, interaction)
         )
 
+    def knows_interaction(self, interaction: str) -> bool:
+        return interaction in self._interactions
+
 
 def _read_password(path: Path | None) -> str | None:
     if path is None:
@@ -287,6 +308,22 @@ def _strings(values: Any) -> list[str]:
 
 class _SearchFailed(Exception):
     """SDS answered a search with an error result."""
+
+
+class _Dropped(Exception):
+    """The search timed out (or was cancelled) before a thread took it."""
+
+
+class _QueuedSearch:
+    """
+    A search waiting for an LDAP thread; the reactor drops it when its
+    caller's deadline passes, and the thread then skips it.
+    """
+
+    dropped = False
+
+    def drop(self) -> None:
+        self.dropped = True
 
 
 @implementer(IDirectory)
@@ -305,14 +342,22 @@ class LDAPDirectory:
     Searches are bounded by C{connect_timeout}, C{receive_timeout} and the
     server-side C{time_limit}; since a thread cannot be cancelled, the
     caller's L{Deferred} also times out, after C{2 * connect_timeout *
-    len(urls) + receive_timeout + time_limit} seconds.  Any failure becomes
-    L{DirectoryUnavailable}.
+    len(urls) + receive_timeout + time_limit} seconds, counted from when
+    the search was asked for.  A search still queued when it times out is
+    dropped, never run.  At most C{connections} searches run and
+    C{max_queued_searches} wait; beyond that a lookup fails at once, so a
+    flood of cache misses costs neither a growing queue nor SDS's time.
+    Any failure becomes L{DirectoryUnavailable}.
 
     L{start} and L{stop} run and stop the thread pool (see
     L{directory_from_config} for the service that calls them).
 
     @ivar searches: how many LDAP searches were started, for tests and
         metrics.
+    @ivar refused: how many lookups were refused at once because every
+        connection was busy and the queue full.
+    @ivar dropped: how many queued searches were skipped because their
+        caller had timed out.
     @ivar reachable: whether the last search reached SDS.
     """
 
@@ -370,7 +415,12 @@ class LDAPDirectory:
             + math.ceil(config.receive_timeout)
             + config.time_limit
         )
+        self._capacity = config.connections + config.max_queued_searches
+        self._pending = 0
+        self._saturated = False
         self.searches = 0
+        self.refused = 0
+        self.dropped = 0
 
     def start(self) -> None:
         """
@@ -415,10 +465,36 @@ class LDAPDirectory:
         )
         return d
 
+    def knows_interaction(self, interaction: str) -> bool:
+        """
+        Nothing is remembered here: L{CachingDirectory} does.
+        """
+        return False
+
     def _lookup(self, search_filter: str, attributes: Iterable[str]) -> Deferred[list[Attributes]]:
+        if self._pending >= self._capacity:
+            self.refused += 1
+            if not self._saturated:
+                log.warn("SDS searches saturated ({pending} running or queued): refusing "
+                         "lookups that miss the cache", pending=self._pending)
+            self._saturated = True
+            return fail(DirectoryUnavailable())
+        self._saturated = False
         self.searches += 1
-        d = deferToThreadPool(
-            self._reactor, self._threads, self._search, search_filter, list(attributes)
+        self._pending += 1
+        search = _QueuedSearch()
+        d: Deferred[list[Attributes]] = Deferred(lambda _: search.drop())
+
+        def finished(succeeded: bool, result: Any) -> None:
+            self._pending -= 1
+            if not succeeded and result.check(_Dropped):
+                self.dropped += 1
+            if not d.called:
+                (d.callback if succeeded else d.errback)(result)
+
+        self._threads.callInThreadWithCallback(
+            lambda succeeded, result: self._reactor.callFromThread(finished, succeeded, result),
+            self._search, search, search_filter, list(attributes),
         )
         d.addTimeout(self._deadline, self._reactor)
         d.addCallbacks(self._reached, self._unavailable, errbackArgs=(search_filter,))
@@ -437,10 +513,14 @@ class LDAPDirectory:
         )
         return Failure(DirectoryUnavailable())
 
-    def _search(self, search_filter: str, attributes: list[str]) -> list[Attributes]:
+    def _search(self, search: _QueuedSearch, search_filter: str,
+                attributes: list[str]) -> list[Attributes]:
         """
-        Run one search on a pooled connection.  Runs in an LDAP thread.
+        Run one search on a pooled connection, unless its caller gave up
+        while it was queued.  Runs in an LDAP thread.
         """
+        if search.dropped:
+            raise _Dropped()
         connection = self._idle.get()
         try:
             if connection is not None and not connection.closed:
@@ -535,8 +615,10 @@ class CachingDirectory:
         L{DirectoryUnavailable}, an entry up to C{stale_limit} seconds past
         its freshness is served instead; beyond that the failure
         propagates, and the proxy answers 503 (fail closed).
-      - At most C{max_entries} entries: expired ones are dropped first, then
-        the oldest, so random ASIDs cannot grow it without bound.
+      - At most C{max_entries} answers and, apart from them,
+        C{max_negative} empty ones, each dropped least recently used first
+        in constant time: random ASIDs cannot grow the cache, nor evict
+        the systems that are really in use.
 
     Three monotonic counters are public for metrics:
 
@@ -555,14 +637,16 @@ class CachingDirectory:
         negative_ttl: float,
         stale_limit: float,
         max_entries: int = 100_000,
+        max_negative: int = 10_000,
     ):
         self._directory = directory
         self._clock = clock
         self._ttl = ttl
         self._negative_ttl = negative_ttl
         self._stale_limit = stale_limit
-        self._max_entries = max_entries
-        self._entries: dict[tuple[Any, ...], _Entry] = {}
+        self._positive = _LRU(max_entries)
+        self._negative = _LRU(max_negative)
+        self._interactions: set[str] = set()
         self._waiting: dict[tuple[Any, ...], list[Deferred[Any]]] = {}
         self.hits = 0
         self.misses = 0
@@ -585,8 +669,25 @@ class CachingDirectory:
             interaction,
         )
 
+    def knows_interaction(self, interaction: str) -> bool:
+        """
+        Whether an answer this cache stored named the interaction.
+        """
+        return interaction in self._interactions
+
+    @property
+    def size(self) -> int:
+        """
+        How many answers are cached, positive and negative.  (Not
+        C{__len__}: an empty cache must still be a true value.)
+        """
+        return len(self._positive) + len(self._negative)
+
+    def _entry(self, key: tuple[Any, ...]) -> _Entry | None:
+        return self._positive.get(key) or self._negative.get(key)
+
     def _get(self, key: tuple[Any, ...], lookup: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        entry = self._entries.get(key)
+        entry = self._entry(key)
         if entry is not None and self._clock.seconds() - entry.stored < entry.lifetime:
             self.hits += 1
             return succeed(entry.value)
@@ -613,7 +714,7 @@ class CachingDirectory:
         waiters = self._waiting.pop(key)
         now = self._clock.seconds()
         if isinstance(result, Failure):
-            entry = self._entries.get(key)
+            entry = self._entry(key)
             if (
                 result.check(DirectoryUnavailable)
                 and entry is not None
@@ -637,16 +738,44 @@ class CachingDirectory:
                 d.callback(result)
 
     def _store(self, key: tuple[Any, ...], value: Any, now: float) -> None:
-        lifetime = self._ttl if value else self._negative_ttl
+        if value:
+            self._negative.pop(key)
+            self._positive.put(key, _Entry(value, now, self._ttl))
+            if len(self._interactions) < MAX_KNOWN_INTERACTIONS:
+                self._interactions.update(_interactions_of(value))
+        else:
+            self._positive.pop(key)
+            self._negative.put(key, _Entry(value, now, self._negative_ttl))
+
+
+class _LRU:
+    """
+    At most C{size} entries; reading one makes it the most recently used,
+    and storing one more drops the least recently used.  Every operation
+    is O(1).
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: OrderedDict[tuple[Any, ...], _Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[Any, ...]) -> _Entry | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: tuple[Any, ...], entry: _Entry) -> None:
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+    def pop(self, key: tuple[Any, ...]) -> None:
         self._entries.pop(key, None)
-        if len(self._entries) >= self._max_entries:
-            horizon = self._stale_limit
-            for old_key, old in list(self._entries.items()):
-                if now - old.stored > old.lifetime + horizon:
-                    del self._entries[old_key]
-            while len(self._entries) >= self._max_entries:
-                del self._entries[next(iter(self._entries))]
-        self._entries[key] = _Entry(value, now, lifetime)
 
 
 class _LDAPService(Service):
@@ -698,5 +827,7 @@ def directory_from_config(
         ttl=config.cache_ttl,
         negative_ttl=config.negative_ttl,
         stale_limit=config.stale_limit,
+        max_entries=config.cache_entries,
+        max_negative=config.negative_entries,
     )
     return cached, _LDAPService(ldap)

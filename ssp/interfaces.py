@@ -47,6 +47,13 @@ class IDirectory(Interface):
         C{interaction} is L{None}.
         """
 
+    def knows_interaction(interaction: str) -> bool:
+        """
+        Whether an entry this directory holds or has answered with names
+        C{interaction}: only such IDs become metric label values, so a
+        consumer cannot mint series by sending random ones.
+        """
+
     reachable = Attribute(
         "False while the directory behind cannot be reached (its last lookup failed); "
         "C{/readyz} reports it."
@@ -69,6 +76,11 @@ class IThrottle(Interface):
         """
         Spend one request from the provider's global allowance.
         """
+
+    available = Attribute(
+        "False while the shared rate store cannot be reached and C{on_store_failure} "
+        "applies; C{/readyz} and C{ssp_throttle_store_up} report it."
+    )
 
 
 class IAuditSink(Interface):

@@ -41,13 +41,15 @@ class Issued:
             serialization.NoEncryption(),
         )
 
-    def write(self, directory: Path, name: str) -> tuple[Path, Path]:
+    def write(self, directory: Path, name: str, chain: bytes = b"") -> tuple[Path, Path]:
         """
-        Write C{name.pem} (certificate) and C{name.key} (mode 0600).
+        Write C{name.pem} (the certificate, then C{chain}: the intermediate
+        CAs a client sends with it, or the rest of a CA bundle) and
+        C{name.key} (mode 0600).
         """
         cert_path = directory / f"{name}.pem"
         key_path = directory / f"{name}.key"
-        cert_path.write_bytes(self.certificate_pem())
+        cert_path.write_bytes(self.certificate_pem() + chain)
         key_path.touch(mode=0o600)
         key_path.write_bytes(self.key_pem())
         return cert_path, key_path
@@ -63,33 +65,30 @@ class Authority:
 
     @classmethod
     def create(cls, name: str, now: datetime.datetime | None = None) -> Authority:
-        now = now or _now()
+        """
+        A self-signed root CA.
+        """
         key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _DAY)
-            .not_valid_after(now + 3650 * _DAY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True, content_commitment=False,
-                    key_encipherment=False, data_encipherment=False,
-                    key_agreement=False, key_cert_sign=True, crl_sign=True,
-                    encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
-            .sign(key, hashes.SHA256())
-        )
-        return cls(Issued(certificate, key))
+        subject = _name(name)
+        return cls(Issued(_ca_certificate(subject, key.public_key(), subject, key, now), key))
+
+    def subordinate(self, name: str) -> Authority:
+        """
+        An intermediate CA issued by this one.
+        """
+        key = ec.generate_private_key(ec.SECP256R1())
+        issuer = self.issued
+        certificate = _ca_certificate(_name(name), key.public_key(),
+                                      issuer.certificate.subject, issuer.key, None)
+        return Authority(Issued(certificate, key))
+
+    def chain_pem(self) -> bytes:
+        """
+        This CA's certificate as a client sends it after its own (empty for
+        a root, which the server holds).
+        """
+        certificate = self.issued.certificate
+        return b"" if certificate.issuer == certificate.subject else self.issued.certificate_pem()
 
     def issue(
         self,
@@ -110,7 +109,7 @@ class Authority:
                                   (ExtendedKeyUsageOID.CLIENT_AUTH, client)) if on]
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .subject_name(_name(common_name))
             .issuer_name(self.issued.certificate.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -131,26 +130,96 @@ class Authority:
             builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         return Issued(builder.sign(self.issued.key, hashes.SHA256()), key)
 
-    def crl(self, revoked: tuple[Issued, ...] = ()) -> bytes:
+    @classmethod
+    def load(cls, certificate: Path, key: Path) -> Authority:
         """
-        A PEM CRL revoking C{revoked}, valid for a week.
+        A CA written by L{Issued.write}.
+        """
+        private_key = serialization.load_pem_private_key(key.read_bytes(), password=None)
+        assert isinstance(private_key, ec.EllipticCurvePrivateKey)
+        return cls(Issued(x509.load_pem_x509_certificate(certificate.read_bytes()), private_key))
+
+    def crl(self, revoked: tuple[x509.Certificate, ...] = (),
+            last_update: datetime.datetime | None = None,
+            next_update: datetime.datetime | None = None) -> bytes:
+        """
+        A PEM CRL revoking C{revoked}, issued a day ago and valid for a week
+        unless told otherwise.
         """
         now = _now()
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.issued.certificate.subject)
-            .last_update(now - _DAY)
-            .next_update(now + 7 * _DAY)
+            .last_update(last_update or now - _DAY)
+            .next_update(next_update or now + 7 * _DAY)
         )
-        for leaf in revoked:
+        for certificate in revoked:
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder()
-                .serial_number(leaf.certificate.serial_number)
+                .serial_number(certificate.serial_number)
                 .revocation_date(now - _DAY)
                 .build()
             )
         crl = builder.sign(self.issued.key, hashes.SHA256())
         return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _ca_certificate(subject: x509.Name, public_key: ec.EllipticCurvePublicKey,
+                    issuer: x509.Name, issuer_key: ec.EllipticCurvePrivateKey,
+                    now: datetime.datetime | None) -> x509.Certificate:
+    now = now or _now()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _DAY)
+        .not_valid_after(now + 3650 * _DAY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False,
+                key_encipherment=False, data_encipherment=False,
+                key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+        .sign(issuer_key, hashes.SHA256())
+    )
+
+
+def self_signed(common_name: str, dns_names: tuple[str, ...]) -> Issued:
+    """
+    A self-signed client certificate naming C{dns_names}: what an attacker
+    mints to claim someone else's FQDN.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = _now() - _DAY
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + 825 * _DAY)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(d) for d in dns_names]),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return Issued(certificate, key)
 
 
 @attrs.frozen
@@ -178,18 +247,31 @@ def create_development_pki(
     """
     Generate a development PKI into C{directory}:
 
-      - C{spine-ca.pem}: the trust anchor for both legs;
+      - C{spine-ca.pem}: the trust anchor for both legs, followed by the
+        intermediate CAs below (a client CA bundle holds the whole chain, so
+        that every CRL is signed by one of its CAs); C{spine-ca.key}, so
+        that tests can issue CRLs;
       - C{proxy.pem/.key}: the proxy's server certificate;
       - C{proxy-client.pem/.key}: the proxy's outbound client certificate;
       - C{consumer-<n>.pem/.key} for each consumer FQDN (C{n} from 0);
       - C{provider-<n>.pem/.key} for each provider FQDN;
       - C{consumer-expired}, C{consumer-revoked}, C{consumer-untrusted}
-        (issued by another CA) for the first consumer FQDN;
-      - C{spine-ca.crl.pem} revoking C{consumer-revoked}.
+        (issued by another CA) and C{consumer-self-signed} for the first
+        consumer FQDN;
+      - C{consumer-chained}: the first consumer FQDN under the intermediate
+        C{spine-sub-ca.pem/.key}, and C{consumer-revoked-intermediate} under an
+        intermediate the root has revoked (each C{.pem} holds the leaf and
+        its intermediate, as a client sends them);
+      - C{spine-ca.crl.pem}: the root's CRL (revoking C{consumer-revoked}
+        and the revoked intermediate) and each intermediate's (empty), so
+        that the whole chain can be checked.
     """
     directory.mkdir(parents=True, exist_ok=True)
     ca = Authority.create("SSP Development Spine CA")
-    (directory / DevelopmentPKI.ca).write_bytes(ca.issued.certificate_pem())
+    sub = ca.subordinate("SSP Development Spine Sub CA")
+    revoked_sub = ca.subordinate("SSP Development Revoked Sub CA")
+    ca.issued.write(directory, "spine-ca",
+                    sub.issued.certificate_pem() + revoked_sub.issued.certificate_pem())
     ip_hosts = tuple(h for h in proxy_hosts if _is_ip(h))
     dns_hosts = tuple(h for h in proxy_hosts if not _is_ip(h))
     ca.issue(proxy_hosts[0], dns_hosts, ip_hosts + ("127.0.0.1",), client=False).write(
@@ -210,7 +292,16 @@ def create_development_pki(
     Authority.create("Untrusted CA").issue(first, (first,), server=False).write(
         directory, "consumer-untrusted"
     )
-    (directory / DevelopmentPKI.crl).write_bytes(ca.crl((revoked,)))
+    self_signed(first, (first,)).write(directory, "consumer-self-signed")
+    sub.issued.write(directory, "spine-sub-ca")
+    sub.issue(first, (first,), server=False).write(directory, "consumer-chained", sub.chain_pem())
+    revoked_sub.issue(first, (first,), server=False).write(
+        directory, "consumer-revoked-intermediate", revoked_sub.chain_pem()
+    )
+    (directory / DevelopmentPKI.crl).write_bytes(
+        ca.crl((revoked.certificate, revoked_sub.issued.certificate)) + sub.crl()
+        + revoked_sub.crl()
+    )
     return DevelopmentPKI(directory)
 
 

@@ -25,7 +25,7 @@ from OpenSSL import SSL
 
 from ssp.config import INHERITED_ENDPOINTS, Config, ConfigError
 from ssp.directory import ldif_problem
-from ssp.tls import read_certificates, read_crls, read_pem, read_private_key
+from ssp.tls import fresh_crls, read_certificates, read_pem, read_private_key
 
 T = TypeVar("T")
 
@@ -98,14 +98,12 @@ def _crls(fail: Callable[..., Any], key: str, path: Path,
     from any other issuer would revoke nothing) and has a future
     C{nextUpdate} (OpenSSL refuses every client with an expired CRL).
     """
-    for crl in fail(key, read_crls, path):
+    crls, _ = fail(key, fresh_crls, path, now.timestamp())
+    for crl in crls:
         issuers = [a for a in authorities if a.subject == crl.issuer]
         if not any(crl.is_signature_valid(a.public_key()) for a in issuers):
             fail(key, None, f"{path}: not signed by a CA in tls.client_ca "
                             f"(issuer {crl.issuer.rfc4514_string()})")
-        next_update = crl.next_update_utc
-        if next_update is not None and next_update < now:
-            fail(key, None, f"{path}: expired (nextUpdate {next_update:%Y-%m-%d %H:%M} UTC)")
 
 
 def _directory(fail: Callable[..., Any], config: Config) -> None:

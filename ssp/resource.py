@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -45,7 +44,7 @@ from ssp.ids import new_request_id
 from ssp.interfaces import IAuditSink, IUpstream
 from ssp.model import AuditRecord, Claims, ClientIdentity
 from ssp.pipeline import Checks, Findings, Inbound, admit
-from ssp.tls import send_now
+from ssp.tls import host_of, send_now
 
 log = Logger()
 
@@ -137,6 +136,19 @@ class ProxyRequest(server.Request):
         self.describe(command, path, version)
         self.args = {}
         self.process()
+
+    def process(self) -> None:
+        """
+        Hand every request, whatever its target's form, to the proxy
+        resource, so that it is checked, answered and audited like any
+        other: Twisted's own L{server.Request.process} answers C{OPTIONS *}
+        (and any other verb with C{*}) itself, with no client certificate
+        checked, no HSTS and no audit record.
+        """
+        self.site = self.channel.site
+        self.setHeader(b"Date", http.datetimeToString(self.site.reactor.seconds()))
+        self.prepath, self.postpath = [], []
+        self.render(self.site.resource)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._started:
@@ -538,13 +550,75 @@ def _request_line_prefix(partial: bytes) -> tuple[bytes, bytes, bytes]:
     return method[:32], target, b"HTTP/1.1"
 
 
-class _Refused(Protocol):
+class ConnectionCaps:
     """
-    Stands in for a channel on a connection over the limits: aborts it.
+    C{listen.max_connections} and C{listen.max_connections_per_address},
+    counted from the moment a connection is accepted, not from its first
+    byte or its TLS handshake: a connection that stays silent, or
+    handshakes slowly, holds its place like any other.
+
+    Behind the PROXY protocol the consumer's address is known only once
+    the header is read: such a connection is L{open}ed with no address
+    (the total cap) and L{identify}d with it later (the per-address cap),
+    so that connections the balancer has not yet introduced are not
+    counted against the balancer's own address.
+
+    @ivar open_connections: connections accepted and not yet closed.
+    @ivar refused_connections: connections refused for being over a cap.
     """
 
-    def connectionMade(self) -> None:
-        self.transport.abortConnection()
+    def __init__(self, limits: Callable[[], ListenConfig]) -> None:
+        self._limits = limits
+        self._per_address: dict[str, int] = {}
+        self.open_connections = 0
+        self.refused_connections = 0
+
+    def open(self, address: str | None) -> bool:
+        """
+        Count a connection just accepted from C{address} (L{None}: not yet
+        known); L{False}, and counted as refused, when over a cap: the
+        caller aborts it and never calls L{close}.
+        """
+        if self.open_connections >= self._limits().max_connections:
+            return self._refuse(address)
+        if address is not None and not self._count(address):
+            return False
+        self.open_connections += 1
+        return True
+
+    def identify(self, address: str) -> bool:
+        """
+        Name the address of a connection L{open}ed without one; L{False},
+        and counted as refused, when that address is over its cap: the
+        caller aborts it and still calls L{close} with no address.
+        """
+        return self._count(address)
+
+    def close(self, address: str | None) -> None:
+        """
+        An admitted connection closed, counted under C{address}.
+        """
+        self.open_connections -= 1
+        if address is None:
+            return
+        left = self._per_address[address] - 1
+        if left:
+            self._per_address[address] = left
+        else:
+            del self._per_address[address]
+
+    def _count(self, address: str) -> bool:
+        held = self._per_address.get(address, 0)
+        if held >= self._limits().max_connections_per_address:
+            return self._refuse(address)
+        self._per_address[address] = held + 1
+        return True
+
+    def _refuse(self, address: str | None) -> bool:
+        self.refused_connections += 1
+        log.debug("Connection from {address} refused: over the connection limits",
+                  address=address or "(PROXY header not yet read)")
+        return False
 
 
 class ProxySite(server.Site):
@@ -553,7 +627,10 @@ class ProxySite(server.Site):
     per consumer address, and no access log of its own (each exchange is
     logged once, with its audit fields, by L{Proxy}).
 
-    @ivar refused_connections: connections aborted for being over a cap.
+    @ivar caps: the connection caps, which the listening factory applies
+        from the moment it accepts a connection (L{ConnectionCaps}).
+    @ivar channels: the HTTP channels, built at a connection's first
+        byte.
     """
 
     requestFactory = ProxyRequest
@@ -565,39 +642,21 @@ class ProxySite(server.Site):
         self.proxy = resource.proxy
         self.limits = limits
         self.channels: set[ProxyChannel] = set()
-        self.refused_connections = 0
-        self._per_address: dict[str, int] = {}
+        self.caps = ConnectionCaps(lambda: self.limits)
 
-    def buildProtocol(self, addr: Any) -> ProxyChannel | _Refused:
+    def buildProtocol(self, addr: Any) -> ProxyChannel:
         """
-        A channel, or a L{_Refused} when C{listen.max_connections} or
-        C{listen.max_connections_per_address} would be exceeded.  C{addr}
-        is the consumer's address (after the PROXY protocol when enabled).
+        A channel for a connection from C{addr}, already counted by
+        L{caps}.
         """
-        address = str(getattr(addr, "host", ""))
-        limits = self.limits
-        if (len(self.channels) >= limits.max_connections
-                or self._per_address.get(address, 0) >= limits.max_connections_per_address):
-            self.refused_connections += 1
-            log.debug("Connection from {address} refused: over the connection limits",
-                      address=address)
-            return _Refused()
         channel = super().buildProtocol(addr)
-        channel.limits = limits
-        channel.address = address
+        channel.limits = self.limits
+        channel.address = host_of(addr)
         self.channels.add(channel)
-        self._per_address[address] = self._per_address.get(address, 0) + 1
         return channel
 
     def channel_closed(self, channel: ProxyChannel) -> None:
-        if channel not in self.channels:
-            return
         self.channels.discard(channel)
-        left = self._per_address[channel.address] - 1
-        if left:
-            self._per_address[channel.address] = left
-        else:
-            del self._per_address[channel.address]
 
     def log(self, request: Any) -> None:
         pass
@@ -810,7 +869,7 @@ class Proxy:
             time=started,
             consumer_address=f"{getattr(peer, 'host', '')}:{getattr(peer, 'port', '')}",
             method=_text(request.method),
-            target=found.target.text if found.target else _text(request.uri[1:]),
+            target=found.target.text if found.target else _text(_unparsed_target(request.uri)),
             trace_id=spine.trace_id if spine else _sent_once(request, b"ssp-traceid"),
             sender=spine.sender if spine else _sent_once(request, b"ssp-from"),
             receiver=spine.receiver if spine else _sent_once(request, b"ssp-to"),
@@ -885,6 +944,15 @@ def _tls_connection(request: ProxyRequest) -> Any:
     transport = request.channel.transport
     get_handle = getattr(transport, "getHandle", None)
     return get_handle() if get_handle is not None else None
+
+
+def _unparsed_target(uri: bytes) -> bytes:
+    """
+    What the audit records as the target of a request refused before its
+    target was parsed: the provider URL after the proxy's C{/}, or any
+    other form (C{*}, C{host:port}, an absolute URL) as received.
+    """
+    return uri[1:] if uri.startswith(b"/") else uri
 
 
 def _query_format(uri: bytes) -> bytes | None:

@@ -30,7 +30,7 @@ from ssp import __version__, preflight
 from ssp import config as ssp_config
 from ssp.accesslog import AccessLogFile
 from ssp.audit import FileAuditSink
-from ssp.config import Config, ServerTLSConfig, ThrottleConfig
+from ssp.config import Config, ThrottleConfig
 from ssp.directory import directory_from_config
 from ssp.forward import Upstream
 from ssp.ids import new_request_id
@@ -41,7 +41,14 @@ from ssp.pipeline import Checks
 from ssp.resource import Proxy, ProxyResource, ProxySite
 from ssp.systemd import SystemdNotifier
 from ssp.throttle import Throttle, throttle_from_config
-from ssp.tls import BulkTLSFactory, ServerTLS, TLSOrPlainFactory, UpstreamTLS, read_certificates
+from ssp.tls import (
+    BulkTLSFactory,
+    ServerTLS,
+    TLSOrPlainFactory,
+    UpstreamTLS,
+    handshake_failure_reason,
+    read_certificates,
+)
 
 log = Logger()
 
@@ -157,8 +164,8 @@ class SSPService(MultiService):
         config = self.config
         self.systemd = SystemdNotifier(self.reactor, os.environ)
         self.systemd.setServiceParent(self)
-        self.server_tls = ServerTLS(config.tls)
-        self._certificate_expiry = _expiry(config.tls)
+        self.server_tls = ServerTLS(config.tls, self.reactor)
+        self._certificate_expiry = _expiry(config)
         parts = self._reloadable(config, None)
         if parts.directory_service is not None:
             parts.directory_service.setServiceParent(self)
@@ -178,8 +185,13 @@ class SSPService(MultiService):
             audit_pending=lambda: audit.pending,
             readiness=lambda: self.readiness() if self.proxy else {},
             directory=lambda: self.proxy.checks.directory if self.proxy else None,
-            connections=lambda: len(self.site.channels) if self.site else 0,
-            refused_connections=lambda: self.site.refused_connections if self.site else 0,
+            connections=lambda: self.site.caps.open_connections if self.site else 0,
+            refused_connections=lambda: self.site.caps.refused_connections if self.site else 0,
+            certificate_expiry=lambda: self._certificate_expiry,
+            crl_next_update=lambda: {str(f.path): f.next_update
+                                     for f in self.server_tls.trust.crl_files},
+            known_interaction=self._known_interaction,
+            throttle_store_up=lambda: self.throttle.available,
         )
         observers: tuple[Callable[[AuditRecord], None], ...] = (self.metrics.observe,)
         if config.log.access_log and config.log.access_log_file is not None:
@@ -198,6 +210,8 @@ class SSPService(MultiService):
             self.reactor, config.listen.header_timeout,
             on_handshake_failure=self._handshake_failed,
             on_plain_http=self._plain_http,
+            caps=site.caps, proxy_protocol=config.listen.proxy_protocol,
+            on_refused=self._over_connection_caps,
         )
         endpoint = self._endpoint("listen.endpoint")
         if config.listen.proxy_protocol:
@@ -209,7 +223,7 @@ class SSPService(MultiService):
         if config.admin.endpoint:
             admin = StreamServerEndpointService(
                 self._endpoint("admin.endpoint"),
-                _QuietSite(admin_resource(self.metrics, self.readiness)),
+                _QuietSite(admin_resource(self.metrics, self.readiness, self.degraded)),
             )
             admin._raiseSynchronously = True
             admin.setName("admin.endpoint")
@@ -240,6 +254,15 @@ class SSPService(MultiService):
             clock=self.reactor,
         )
 
+    def _known_interaction(self, interaction: str) -> bool:
+        """
+        Whether the agreements or the directory name C{interaction}, so
+        that metrics may label with it.
+        """
+        if any(interaction in agreement.interactions for agreement in self.config.agreements):
+            return True
+        return self.proxy is not None and self.proxy.checks.directory.knows_interaction(interaction)
+
     def listening(self) -> Deferred[Any]:
         """
         Fires with the listening port once it is bound.
@@ -265,18 +288,36 @@ class SSPService(MultiService):
     def readiness(self) -> dict[str, bool]:
         """
         What C{/readyz} reports: listening, the audit writable, the
-        directory reachable and the server certificate within its validity.
+        directory reachable, the server certificate within its validity,
+        every CRL more than C{tls.crl_expiry_margin} seconds from its
+        nextUpdate (past it, every consumer would be refused), and the rate
+        store answering, unless C{on_store_failure = "local"} stands in for
+        it (see L{degraded}).
         """
         assert self.proxy is not None
+        now = self.reactor.seconds()
         return {
             "listening": self.running,
             "audit": bool(self.audit.writable),
             "directory": bool(self.proxy.checks.directory.reachable),
-            "tls": self.reactor.seconds() < self._certificate_expiry,
+            "tls": now < self._certificate_expiry["server"],
+            "crl": now < self.server_tls.trust.valid_until - self.config.tls.crl_expiry_margin,
+            "throttle": self.throttle.available or self.config.throttle.on_store_failure == "local",
         }
 
+    def degraded(self) -> list[str]:
+        """
+        What C{/readyz} names as degraded but ready: the rate store while
+        per-process limits stand in for it.
+        """
+        local = self.config.throttle.on_store_failure == "local"
+        return ["throttle"] if local and not self.throttle.available else []
+
     def _handshake_failed(self, peer: Any, reason: Failure) -> None:
-        self._record_connection_refusal(peer, "tls-failed", reason.getErrorMessage()[:200], 0)
+        self._record_connection_refusal(peer, "tls-failed", handshake_failure_reason(reason), 0)
+
+    def _over_connection_caps(self, peer: Any) -> None:
+        self._record_connection_refusal(peer, "tls-failed", "CONNECTION_LIMIT_EXCEEDED", 0)
 
     def _plain_http(self, peer: Any) -> None:
         self._record_connection_refusal(peer, "completed", "HTTP_REQUEST_SENT_TO_HTTPS_PORT", 497)
@@ -358,8 +399,9 @@ class SSPService(MultiService):
             config = self._adjust(ssp_config.load(self.config_path))
             preflight.check(config, self.config_path, self.reactor.seconds())
             parts = self._reloadable(config, self.config)
+            certificate_expiry = _expiry(config)
             self.server_tls.reload(config.tls)
-            self._certificate_expiry = _expiry(config.tls)
+            self._certificate_expiry = certificate_expiry
         except Exception as e:
             log.error("Reload rejected, keeping the running configuration: {error}", error=e)
             return False
@@ -473,11 +515,16 @@ def _setting(config: Config, key: str) -> Any:
     return config
 
 
-def _expiry(config: ServerTLSConfig) -> float:
+def _expiry(config: Config) -> dict[str, float]:
     """
-    When the server certificate expires, as a POSIX time.
+    When the server certificate and the upstream client certificate
+    expire, as POSIX times, by role.
     """
-    return read_certificates(config.certificate)[0].not_valid_after_utc.timestamp()
+    return {
+        role: read_certificates(path)[0].not_valid_after_utc.timestamp()
+        for role, path in (("server", config.tls.certificate),
+                           ("upstream_client", config.upstream.certificate))
+    }
 
 
 def _close_idle(transport: Any) -> None:

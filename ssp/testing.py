@@ -60,6 +60,10 @@ class MemoryDirectory:
             )
         )
 
+    def knows_interaction(self, interaction: str) -> bool:
+        return any(interaction in s.interactions for s in self.systems) or any(
+            interaction == h.interaction for h in self.handlers)
+
 
 @implementer(IThrottle)
 @attrs.define
@@ -72,6 +76,7 @@ class MemoryThrottle:
     consumer_allowance: int = 1_000_000
     provider_allowance: int = 1_000_000
     spent: dict[tuple[str, str], int] = attrs.Factory(dict)
+    available: bool = True
 
     def consume_consumer(self, asid: str) -> Deferred[RateDecision]:
         return succeed(self._spend("consumer", asid, self.consumer_allowance))

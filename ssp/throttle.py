@@ -224,17 +224,23 @@ class RedisRateStore:
     trip is needed).  Keys are C{<prefix><role>:<asid>} and expire once
     the bucket is full, so idle keys vanish.
 
-    When a command fails or takes longer than C{timeout}, the store
-    declares an outage (logged once) and, without asking Redis again,
-    answers by C{on_failure}: C{"local"} spends from a per-process
-    L{MemoryRateStore} instead, C{"closed"} fails with
-    L{ThrottleUnavailable}.  Meanwhile txredisapi reconnects and a C{PING}
+    When a command fails or takes longer than C{timeout} (a closed
+    connection, a restarted or stalled server), the store declares an
+    outage (logged once) and, without asking Redis again, answers by
+    C{on_failure}: C{"local"} spends from a per-process L{MemoryRateStore}
+    instead, C{"closed"} fails with L{ThrottleUnavailable}.  Meanwhile a
     probe runs with exponential back-off from C{backoff_initial} to
-    C{backoff_max} seconds; the first answer ends the outage.
+    C{backoff_max} seconds: each one throws the old connection away and
+    opens a new one (connect, C{AUTH}, C{SELECT}, C{PING}, all within
+    C{4 * timeout}); the first answer ends the outage.  The store never
+    relies on txredisapi to reconnect: txredisapi stops trying for good
+    when C{SELECT} or C{AUTH} times out on a new connection, which is what
+    a server stalled (C{SIGSTOP}, swapping) while reconnecting does.
 
     @ivar clock: test only: the time the script uses instead of Redis
         C{TIME}.  Production leaves it L{None} so all hosts share Redis's
         clock and no host's clock skew matters.
+    @ivar probes: how many reconnection probes were made.
     """
 
     reactor: Any
@@ -247,8 +253,8 @@ class RedisRateStore:
         default="local", validator=attrs.validators.in_(["local", "closed"])
     )
     timeout: float = 0.5
-    backoff_initial: float = 0.5
-    backoff_max: float = 10.0
+    backoff_initial: float = 0.25
+    backoff_max: float = 2.0
     prefix: str = "ssp:rl:"
     clock: IReactorTime | None = None
     fallback: MemoryRateStore = attrs.field()
@@ -258,6 +264,8 @@ class RedisRateStore:
     _delay: float = attrs.field(default=0.0, init=False)
     _probe_call: IDelayedCall | None = attrs.field(default=None, init=False)
     _probing: Deferred[Any] | None = attrs.field(default=None, init=False)
+    _closing: list[Deferred[Any]] = attrs.field(factory=list, init=False)
+    probes: int = attrs.field(default=0, init=False)
 
     @fallback.default
     def _local(self) -> MemoryRateStore:
@@ -285,6 +293,16 @@ class RedisRateStore:
         )
 
     def start(self) -> None:
+        self._connect()
+
+    def _connect(self) -> None:
+        """
+        Open a new connection, closing any previous one.
+        """
+        if self._factory is not None:
+            closing = self._factory.disconnect()
+            self._closing.append(closing)
+            closing.addBoth(lambda _: self._closing.remove(closing))
         factory = RedisFactory(
             f"{self.host}:{self.port}",
             self.db,
@@ -298,6 +316,9 @@ class RedisRateStore:
         )
         factory.initialDelay = self.backoff_initial
         factory.maxDelay = self.backoff_max
+        # Fails when AUTH or SELECT does (txredisapi then stops trying): the
+        # next probe opens a new connection.
+        factory.deferred.addErrback(lambda failure: None)
         factory.startConnecting(
             HostnameEndpoint(self.reactor, self.host, self.port, timeout=self.timeout)
         )
@@ -311,9 +332,8 @@ class RedisRateStore:
         if self._probing is not None:
             self._probing.cancel()
         factory, self._factory, self._redis = self._factory, None, None
-        if factory is None:
-            return succeed(None)
-        return factory.disconnect().addCallback(lambda _: None)
+        closing = [*self._closing] + ([factory.disconnect()] if factory is not None else [])
+        return defer.gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)
 
     def spend(self, key: str, limit: RateLimit) -> Deferred[RateDecision]:
         if self._redis is None:
@@ -378,9 +398,11 @@ class RedisRateStore:
 
     def _probe(self) -> None:
         self._probe_call = None
+        self.probes += 1
+        self._connect()
         assert self._redis is not None
         d = self._redis.ping()
-        d.addTimeout(self.timeout, self.reactor)
+        d.addTimeout(4 * self.timeout, self.reactor)
         self._probing = d
         d.addCallbacks(self._recovered, self._still_down)
 
@@ -414,6 +436,10 @@ class Throttle:
 
     def consume_provider(self, asid: str) -> Deferred[RateDecision | None]:
         return self._consume("provider", self.config.provider, asid)
+
+    @property
+    def available(self) -> bool:
+        return bool(self.store.available)
 
     def _consume(self, role: str, limits: LimitSet, asid: str) -> Deferred[RateDecision | None]:
         limit = limits.for_asid(asid)

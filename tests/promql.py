@@ -174,14 +174,10 @@ class Exposed:
                     for name, labels in series.items()})
 
 
-def problems(usage: Usage, exposed: Exposed,
-             pending: dict[str, frozenset[str]]) -> list[str]:
+def problems(usage: Usage, exposed: Exposed) -> list[str]:
     """
     What an expression needs that the scrape lacks: a metric, a label it
     matches or groups on, or a value it matches exactly.
-
-    @param pending: metrics not exported yet, with the labels they will
-        have; an expression may use those labels only.
     """
     found = []
     available = set(TARGET_LABELS)
@@ -190,8 +186,6 @@ def problems(usage: Usage, exposed: Exposed,
             labels: dict[str, frozenset[str]] = {}
         elif selector.metric in exposed.series:
             labels = exposed.series[selector.metric]
-        elif selector.metric in pending:
-            labels = {label: frozenset() for label in pending[selector.metric]}
         else:
             found.append(f"{selector.metric}: not exported")
             continue
@@ -201,8 +195,7 @@ def problems(usage: Usage, exposed: Exposed,
                 continue
             if matcher.label not in labels:
                 found.append(f"{selector.metric}: no label {matcher.label}")
-            elif (matcher.op == "=" and selector.metric not in pending
-                  and matcher.value not in labels[matcher.label]):
+            elif matcher.op == "=" and matcher.value not in labels[matcher.label]:
                 found.append(f"{selector.metric}: {matcher.label}={matcher.value!r} never seen "
                              f"(seen: {sorted(labels[matcher.label])})")
     found.extend(f"grouping label {label}: on none of its metrics"

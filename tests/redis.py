@@ -14,7 +14,9 @@ One server per test, cleaned up by the test::
 
 L{RedisServer.stop} kills the server with C{SIGKILL}, as a crash would,
 and L{RedisServer.start} brings it back on the same port, empty (nothing
-is persisted), to simulate an outage.
+is persisted), to simulate an outage.  L{RedisServer.pause} and
+L{RedisServer.resume} stall it with C{SIGSTOP} and C{SIGCONT}: the kernel
+still accepts connections, nothing answers.
 """
 
 from __future__ import annotations
@@ -103,6 +105,20 @@ class RedisServer:
                 log = self.log.read_text() if self.log.exists() else "(no log)"
                 raise RuntimeError(f"redis-server did not start:\n{log}")
             time.sleep(0.02)
+
+    def pause(self) -> None:
+        """
+        Stall the server (C{SIGSTOP}); L{resume} or L{stop} ends it.
+        """
+        assert self._process is not None, "not running"
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """
+        Let a paused server run again (C{SIGCONT}).
+        """
+        assert self._process is not None, "not running"
+        self._process.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         """

@@ -147,6 +147,34 @@ class DirectoryFaultTests(FaultTestCase):
         self.assertEqual((await self.get(proxy))[0].status, 200)
 
 
+    async def test_sds_saturated(self) -> None:
+        """
+        With the only LDAP connection stuck on a stalled slapd and no room
+        to queue, a request whose sender is not cached is refused with 503
+        C{SDS_UNAVAILABLE} while the stuck one still waits: it neither
+        queues behind it nor reaches SDS later.
+        """
+        sds = slapd.Slapd.start_for(self, [DEMO_LDIF])
+        config = DirectoryConfig(kind="ldap", urls=(sds.url,), connect_timeout=1.0,
+                                 receive_timeout=5.0, time_limit=5, connections=1,
+                                 max_queued_searches=0)
+        ldap = LDAPDirectory(config, reactor)
+        ldap.start()
+        self.addCleanup(ldap.stop)
+        cache = CachingDirectory(ldap, Clock(), ttl=300, negative_ttl=60, stale_limit=600)
+        provider, proxy = await self.deploy(directory=cache)
+        sds.process.send_signal(signal.SIGSTOP)
+        self.addCleanup(lambda: sds.process and sds.process.send_signal(signal.SIGCONT))
+        stuck = Deferred.fromCoroutine(self.get(proxy))
+        await until(lambda: ldap.searches == 1)
+        refused, trace = await self.get(proxy, sender="200000042019")
+        self.assertFalse(stuck.called)
+        self.assertRefusedNotForwarded(refused, trace, 503, "SDS_UNAVAILABLE", provider)
+        self.assertEqual((ldap.searches, ldap.refused), (1, 1))
+        sds.process.send_signal(signal.SIGCONT)
+        self.assertEqual((await stuck)[0].status, 200)
+
+
 class ThrottleFaultTests(FaultTestCase):
     """
     Redis killed under the proxy: C{on_store_failure = "local"} keeps

@@ -7,13 +7,14 @@ slapd), the LDAP transport options, and the cache.
 from __future__ import annotations
 
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -465,13 +466,41 @@ class LDAPTransportTests(TestCase):
         """
         More concurrent lookups than connections all complete.
         """
-        directory = started(self, ldap_config(self.sds.url, connections=2))
+        directory = started(self, ldap_config(self.sds.url, connections=2,
+                                              max_queued_searches=18))
         results = await gatherResults(
             [directory.accredited_system(CONSUMER) for _ in range(10)]
             + [directory.message_handlers(PROVIDER_PK, METADATA) for _ in range(10)]
         )
         self.assertEqual({r.asid for r in results[:10]}, {CONSUMER})
         self.assertEqual({r[0].endpoint for r in results[10:]}, {ENDPOINT})
+
+
+    async def test_saturated(self) -> None:
+        """
+        Beyond C{connections} running and C{max_queued_searches} waiting
+        searches, a lookup fails at once; a queued search whose caller
+        timed out is dropped, not run once a thread is free.
+        """
+        config = ldap_config(self.sds.url, connections=1, max_queued_searches=2,
+                             connect_timeout=0.1, receive_timeout=0.1)
+        directory = started(self, config)
+        release = threading.Event()
+        self.addCleanup(release.set)
+        directory._threads.callInThread(release.wait)  # the only LDAP thread is stuck
+        queued = [directory.accredited_system(CONSUMER) for _ in range(3)]
+        self.failureResultOf(directory.accredited_system(CONSUMER), DirectoryUnavailable)
+        self.assertEqual((directory.searches, directory.refused), (3, 1))
+        for d in queued:
+            with self.assertRaises(DirectoryUnavailable):
+                await d
+        release.set()
+        deadline = reactor.seconds() + 10
+        while directory.dropped < 3:
+            self.assertLess(reactor.seconds(), deadline, "timed-out searches not dropped")
+            await deferLater(reactor, 0.02)
+        self.assertEqual((await directory.accredited_system(CONSUMER)).asid, CONSUMER)
+        self.assertEqual(directory.dropped, 3)
 
 
 class LDAPTLSTests(TestCase):
@@ -552,6 +581,9 @@ class PendingDirectory:
 
     def message_handlers(self, party_key: str, interaction: str | None) -> Deferred[Any]:
         return self._call("message_handlers", party_key, interaction)
+
+    def knows_interaction(self, interaction: str) -> bool:
+        return False
 
 
 SYSTEM = AccreditedSystem(CONSUMER, "GPC001", CONSUMER_PK, frozenset({METADATA}))
@@ -743,6 +775,51 @@ class CachingDirectoryTests(SynchronousTestCase):
         self.assertEqual(backend.queries, 5)
         self.successResultOf(cache.accredited_system("0"))
         self.assertEqual(backend.queries, 6)
+
+
+    def test_least_recently_used_goes(self) -> None:
+        """
+        A cached answer that is read again stays; the least recently read
+        one makes room.
+        """
+        systems = [AccreditedSystem(str(i), "X", f"P-{i}", frozenset()) for i in range(4)]
+        backend = MemoryDirectory(systems, [])
+        cache = CachingDirectory(backend, self.clock, ttl=300, negative_ttl=60, stale_limit=600,
+                                 max_entries=3)
+        for asid in ("0", "1", "2", "0", "3", "0", "2", "3"):
+            self.successResultOf(cache.accredited_system(asid))
+        self.assertEqual(backend.queries, 4)
+        self.successResultOf(cache.accredited_system("1"))
+        self.assertEqual(backend.queries, 5)
+
+    def test_negative_answers_bounded_apart(self) -> None:
+        """
+        Unknown ASIDs fill a bounded negative cache of their own, and evict
+        none of the systems in use.
+        """
+        cache = CachingDirectory(self.backend, self.clock, ttl=300, negative_ttl=60,
+                                 stale_limit=600, max_entries=2, max_negative=5)
+        self.successResultOf(cache.accredited_system(CONSUMER))
+        self.successResultOf(cache.message_handlers(PROVIDER_PK, METADATA))
+        for n in range(1000):
+            self.assertIsNone(self.successResultOf(cache.accredited_system(f"9{n}")))
+        self.assertEqual(cache.size, 2 + 5)
+        queries = self.backend.queries
+        self.successResultOf(cache.accredited_system(CONSUMER))
+        self.successResultOf(cache.message_handlers(PROVIDER_PK, METADATA))
+        self.assertEqual(self.backend.queries, queries)
+
+    def test_knows_interactions_it_has_seen(self) -> None:
+        """
+        The interactions of cached answers are known (for metric labels);
+        one only asked about is not.
+        """
+        cache = CachingDirectory(self.backend, self.clock, ttl=300, negative_ttl=60,
+                                 stale_limit=600)
+        self.successResultOf(cache.message_handlers(PROVIDER_PK, "urn:made:up"))
+        self.assertFalse(cache.knows_interaction("urn:made:up"))
+        self.successResultOf(cache.accredited_system(CONSUMER))
+        self.assertTrue(cache.knows_interaction(METADATA))
 
 
 class CachingOverSlapdTests(TestCase):

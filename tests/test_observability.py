@@ -28,18 +28,6 @@ from tests.support import DEMO_LDIF, Provider, Proxy, pki, spine_headers
 from tests.test_alert_rules import NO_PROMTOOL, PROMTOOL
 from tests.test_metrics import _get, samples
 
-# ---------------------------------------------------------------------------
-# PENDING: metrics other branches are adding now, with the labels they will
-# have.  While absent from the scrape, an expression may use them with these
-# labels only; once exported they are checked like every other metric.
-# The lead empties this set after merging those branches.
-PENDING: dict[str, frozenset[str]] = {
-    "ssp_certificate_expiry_timestamp_seconds": frozenset({"role"}),
-    "ssp_crl_next_update_timestamp_seconds": frozenset({"file"}),
-    "ssp_throttle_store_up": frozenset(),
-}
-# ---------------------------------------------------------------------------
-
 
 class _SwitchableThrottle(MemoryThrottle):
     """
@@ -108,7 +96,7 @@ class LiveMetricsTests(unittest.TestCase):
         exposed = promql.Exposed.parse(await self.scrape_after_every_outcome())
         found = {f"{name}: {problem}"
                  for name, expr in promql.every_expression()
-                 for problem in promql.problems(promql.parse(expr), exposed, PENDING)}
+                 for problem in promql.problems(promql.parse(expr), exposed)}
         self.assertEqual(found, set())
 
     async def test_the_check_catches_drift(self) -> None:
@@ -125,7 +113,7 @@ class LiveMetricsTests(unittest.TestCase):
             ("sum by (role) (ssp_in_flight)", "grouping label role: on none of its metrics"),
             ('ssp_throttle_store_up{store="redis"}', "ssp_throttle_store_up: no label store"),
         ]:
-            found = promql.problems(promql.parse(expr), exposed, PENDING)
+            found = promql.problems(promql.parse(expr), exposed)
             self.assertEqual(len(found), 1, (expr, found))
             self.assertTrue(found[0].startswith(expected), (expr, found))
 

@@ -6,6 +6,7 @@ wrong in several ways, the first check in the documented order answers.
 from __future__ import annotations
 
 from OpenSSL import SSL
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial import unittest
@@ -173,9 +174,9 @@ def handshake(server_tls: ServerTLS, client_name: str) -> SSL.Connection:
 
 class IdentifyTests(unittest.SynchronousTestCase):
     """
-    The first check, L{ServerTLS.client_identity}: a certificate is parsed
-    once, however often its holder reconnects, and the remembered identity
-    never stands in for the handshake's verdict.
+    The first check, L{ServerTLS.client_identity}: a certificate chain is
+    verified and parsed once, however often its holder reconnects, and only
+    a good verdict is remembered.
     """
 
     def setUp(self) -> None:
@@ -185,7 +186,7 @@ class IdentifyTests(unittest.SynchronousTestCase):
         self.server_tls = ServerTLS(ServerTLSConfig(
             certificate=pki().path("proxy.pem"), private_key=pki().path("proxy.key"),
             client_ca=pki().path(pki().ca), crls=(pki().path(pki().crl),),
-        ))
+        ), reactor)
 
     def identity(self, name: str) -> ClientIdentity:
         return self.server_tls.client_identity(handshake(self.server_tls, name))
@@ -200,7 +201,7 @@ class IdentifyTests(unittest.SynchronousTestCase):
         self.assertEqual(len(self.parsed), 2)
 
     def test_bounded(self) -> None:
-        self.patch(tls, "IDENTITY_CACHE_SIZE", 1)
+        self.patch(tls, "VERDICT_CACHE_SIZE", 1)
         for name in ("consumer-0", "consumer-1", "consumer-0"):
             self.identity(name)
         self.assertEqual(len(self.parsed), 3)

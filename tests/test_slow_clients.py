@@ -27,7 +27,7 @@ from ssp.pipeline import Checks
 from ssp.resource import Proxy as ProxyHandler
 from ssp.resource import ProxyResource, ProxySite
 from ssp.testing import MemoryDirectory, MemoryThrottle, RecordingAuditSink
-from tests.support import ENDPOINT, Provider, Proxy
+from tests.support import ENDPOINT, Provider, Proxy, spine_headers
 from tests.test_hostile import (
     ECHO,
     FIGURE_COLUMNS,
@@ -64,10 +64,14 @@ def open_idle(port: int, context: ssl.SSLContext, source: str = "127.0.0.1",
     Blocking: a TLS connection that sends nothing, or L{None} when the
     proxy refuses it (the handshake fails, or the proxy closes it within
     C{probe} seconds).  With C{consumer}, it comes through a load balancer:
-    a PROXY protocol v1 header names C{consumer} first.
+    a PROXY protocol v1 header names C{consumer} first.  A connection
+    refused at accept may be reset before C{connect} even returns.
     """
-    raw = socket.create_connection(("127.0.0.1", port), timeout=5,
-                                   source_address=(source, 0))
+    try:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5,
+                                       source_address=(source, 0))
+    except ConnectionResetError:
+        return None
     try:
         if consumer is not None:
             raw.sendall(f"PROXY TCP4 {consumer} 127.0.0.1 40000 443\r\n".encode())
@@ -267,8 +271,8 @@ class SlowClientScenarios(unittest.TestCase):
         await deferToThread(closed_within, [s for s in idle[:1] if s is not None], 0.01)
         await wait_for(lambda: len(proxy.service.site.channels) < 3)
         await self.good_request(tally, proxy, source="127.0.0.1")
-        tally.expect(proxy.service.site.refused_connections == 1,
-                     f"refused {proxy.service.site.refused_connections}")
+        tally.expect(proxy.service.site.caps.refused_connections == 1,
+                     f"refused {proxy.service.site.caps.refused_connections}")
         failed = [r for r in proxy.audit.records if r.event == "tls-failed"]
         tally.expect(len(failed) == 1, f"refused connection audited as {failed}")
         await deferToThread(closed_within, [s for s in idle[1:] if s is not None], 0.01)
@@ -348,6 +352,22 @@ class _Unreachable:
         raise AssertionError("nothing may be forwarded")
 
 
+def consumer_from(consumer: Any, source: str) -> Any:
+    """
+    A request from C{consumer}, sent from the local address C{source}.
+    """
+    def call() -> int:
+        connection = consumer.connect()
+        connection.source_address = (source, 0)
+        try:
+            connection.request("GET", f"/{ENDPOINT}/metadata", headers=spine_headers())
+            return connection.getresponse()
+        finally:
+            connection.close()
+
+    return deferToThread(call)
+
+
 class ClockedTimeouts(unittest.SynchronousTestCase):
     """
     The channel's time-outs and caps against a L{Clock} and a
@@ -416,24 +436,61 @@ class ClockedTimeouts(unittest.SynchronousTestCase):
         self.assertIn(b" 408 ", transport.value())
 
     def test_connection_caps(self):
-        first, _ = self.connect("192.0.2.1")
-        self.connect("192.0.2.1")
-        refused, transport = self.connect("192.0.2.1")
-        self.assertNotIsInstance(refused, type(first))
-        self.assertTrue(transport.disconnecting)
-        self.connect("192.0.2.2")
-        self.connect("192.0.2.3")
-        over_total, transport = self.connect("192.0.2.4")
-        self.assertTrue(transport.disconnecting)
-        self.assertEqual(self.site.refused_connections, 2)
-        first.connectionLost(Exception("gone"))
-        again, transport = self.connect("192.0.2.1")
-        self.assertIsInstance(again, type(first))
-        self.assertFalse(transport.disconnecting)
+        caps = self.site.caps
+        self.assertEqual([caps.open("192.0.2.1") for _ in range(3)], [True, True, False])
+        self.assertEqual([caps.open(h) for h in ("192.0.2.2", "192.0.2.3", "192.0.2.4")],
+                         [True, True, False])
+        self.assertEqual((caps.open_connections, caps.refused_connections), (4, 2))
+        caps.close("192.0.2.1")
+        self.assertTrue(caps.open("192.0.2.1"))
+        self.assertEqual(caps.open_connections, 4)
+
+    def test_connection_caps_address_known_later(self):
+        """
+        Behind the PROXY protocol a connection counts in the total from
+        accept, and against its consumer's cap once the header names it.
+        """
+        caps = self.site.caps
+        self.assertEqual([caps.open(None) for _ in range(5)], [True] * 4 + [False])
+        self.assertEqual([caps.identify("192.0.2.1") for _ in range(3)], [True, True, False])
+        caps.close(None)
+        caps.close("192.0.2.1")
+        self.assertTrue(caps.identify("192.0.2.1"))
+        self.assertEqual((caps.open_connections, caps.refused_connections), (2, 2))
 
 
 class SilentTCPTests(unittest.TestCase):
     timeout = 30
+
+    async def test_silent_connections_count_against_caps(self):
+        """
+        Connections count against the caps from the moment they are
+        accepted: with the per-address cap taken by TCP connections that
+        have sent nothing, the next connection from that address is
+        refused at once, before its handshake; another address is served;
+        once they are cut off, the address is served again.
+        """
+        provider = Provider(self)
+        proxy = await Proxy(self, provider, listen={
+            "header_timeout": 1.0, "max_connections_per_address": 3}).start()
+        consumer = proxy.consumer()
+        context = client_context(proxy)
+
+        def silent() -> socket.socket:
+            return socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+
+        quiet = [await deferToThread(silent) for _ in range(3)]
+        self.addCleanup(lambda: [s.close() for s in quiet])
+        caps = proxy.service.site.caps
+        self.assertTrue(await wait_for(lambda: caps.open_connections == 3, 10.0))
+        refused = await deferToThread(open_idle, proxy.port, context, "127.0.0.1", 0.5)
+        self.assertIsNone(refused)
+        self.assertEqual(caps.refused_connections, 1)
+        self.assertEqual(
+            [r.token for r in proxy.audit.records], ["CONNECTION_LIMIT_EXCEEDED"])
+        self.assertEqual((await consumer_from(consumer, "127.0.0.2")).status, 200)
+        self.assertTrue(await wait_for(lambda: caps.open_connections == 0, 10.0))
+        self.assertEqual((await consumer.get("metadata")).status, 200)
 
     async def test_silent_tcp_connection_cut_off(self):
         """

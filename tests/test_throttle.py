@@ -16,12 +16,13 @@ import os
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from txredisapi import Connection
@@ -45,7 +46,13 @@ from ssp.throttle import (
     retry_after,
     throttle_from_config,
 )
+from ssp.directory import LDIFDirectory
+from ssp.service import Concerns
+from ssp.testing import RecordingAuditSink
 from tests import redis
+from tests.ports import free_port
+from tests.support import DEMO_LDIF, Provider, Proxy
+from tests.test_metrics import _get
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -592,6 +599,62 @@ class RedisRateStoreTests(TestCase):
         await self.until(lambda: store.available)
         self.assertEqual((await store.spend("k", HOURLY)).remaining, 9)
 
+    async def stall(self, store: RedisRateStore, policy: Callable[[], Awaitable[None]]) -> float:
+        """
+        Pause Redis (C{SIGSTOP}), check that C{policy} applies and wait
+        until the store has failed to reconnect to the stalled server
+        twice, then resume Redis (C{SIGCONT}).
+
+        @return: the seconds the store took to use Redis again.
+        """
+        self.server.pause()
+        self.addCleanup(self.server.resume)
+        await policy()
+        await self.until(lambda: store.probes >= 2 and not store.available)
+        self.server.resume()
+        resumed = reactor.seconds()
+        await self.until(lambda: store.available)
+        return reactor.seconds() - resumed
+
+    async def assertShared(self, store: RedisRateStore) -> None:
+        """
+        What C{store} spends, another store (another worker) sees.
+        """
+        mine = await store.spend("k", HOURLY)
+        theirs = await self.store().spend("k", HOURLY)
+        self.assertEqual(theirs.remaining, mine.remaining - 1)
+
+    async def test_stalled_closed_policy(self) -> None:
+        """
+        With C{"closed"}, a stalled Redis refuses with
+        L{ThrottleUnavailable}; once it runs again the store reconnects by
+        itself, within seconds, and the shared state is used again.
+        """
+        store = self.store(on_failure="closed")
+        self.assertEqual((await store.spend("k", HOURLY)).remaining, 9)
+
+        async def refused() -> None:
+            with self.assertRaises(ThrottleUnavailable):
+                await store.spend("k", HOURLY)
+
+        self.assertLess(await self.stall(store, refused), 5.0)
+        await self.assertShared(store)
+
+    async def test_stalled_local_policy(self) -> None:
+        """
+        With C{"local"}, a stalled Redis falls back to per-process limits,
+        and afterwards limits are shared between processes again.
+        """
+        store = self.store(on_failure="local")
+        await store.spend("k", HOURLY)
+        await store.spend("k", HOURLY)
+
+        async def local() -> None:
+            self.assertEqual((await store.spend("k", HOURLY)).remaining, 9)
+
+        self.assertLess(await self.stall(store, local), 5.0)
+        await self.assertShared(store)
+
     async def test_down_from_the_start(self) -> None:
         """
         No server at all: the first spend times out and the policy applies.
@@ -618,3 +681,113 @@ class RedisRateStoreTests(TestCase):
         await scheduled.stop()
         await deferLater(reactor, 0.1)
         await probing.stop()
+
+
+class StoreOutageEndToEndTests(TestCase):
+    """
+    A running proxy with its Redis store stalled (C{SIGSTOP}) and resumed,
+    and killed and restarted: C{/readyz}, C{ssp_throttle_store_up} and
+    the answers to consumers, under both policies.
+    """
+
+    skip = redis.SKIP
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.server = redis.RedisServer.start_for(self)
+
+    async def proxy(self, policy: str) -> tuple[Proxy, str]:
+        admin = free_port()
+        proxy = await Proxy(
+            self, Provider(self),
+            Concerns(directory=LDIFDirectory.from_file(DEMO_LDIF), audit=RecordingAuditSink()),
+            throttle=ThrottleConfig(
+                store="redis", redis_url=self.server.url, on_store_failure=policy,
+                consumer=LimitSet(default=RateLimit(rate=1, period=3600.0, burst=100)),
+            ),
+            admin={"endpoint": f"tcp:{admin}:interface=127.0.0.1"},
+        ).start()
+        return proxy, f"http://127.0.0.1:{admin}"
+
+    async def state(self, base: str) -> tuple[str, float]:
+        """
+        The C{/readyz} answer (status and text) and C{ssp_throttle_store_up}.
+        """
+        status, text = await deferToThread(_get, f"{base}/readyz")
+        metrics = (await deferToThread(_get, f"{base}/metrics"))[1]
+        up = [line for line in metrics.splitlines() if line.startswith("ssp_throttle_store_up ")]
+        return f"{status} {text.strip()}", float(up[0].split()[1])
+
+    async def until_state(self, base: str, wanted: tuple[str, float], within: float) -> float:
+        """
+        Poll until C{state} is C{wanted}; the seconds it took.
+        """
+        started = reactor.seconds()
+        while (found := await self.state(base)) != wanted:
+            self.assertLess(reactor.seconds() - started, within, f"still {found}")
+            await deferLater(reactor, 0.05)
+        return reactor.seconds() - started
+
+    async def outage(self, policy: str, during: int, down: str,
+                     fault: Callable[[], None], repair: Callable[[], None]) -> float:
+        proxy, base = await self.proxy(policy)
+        consumer = proxy.consumer()
+        self.assertEqual((await consumer.get("metadata")).status, 200)
+        self.assertEqual(await self.state(base), ("200 ready", 1.0))
+        fault()
+        reply = await consumer.get("metadata")
+        self.assertEqual(reply.status, during)
+        if during == 503:
+            self.assertEqual(reply.token(), "THROTTLE_UNAVAILABLE")
+        self.assertEqual(await self.state(base), (down, 0.0))
+        # Long enough for several probes to fail, with growing back-off.
+        store = proxy.service.throttle.store
+        while store.probes < 3:
+            await deferLater(reactor, 0.05)
+        self.assertEqual(await self.state(base), (down, 0.0))
+        repair()
+        recovery = await self.until_state(base, ("200 ready", 1.0), 10.0)
+        # Counted in Redis again: a fresh bucket there, not a local one.
+        client = await Connection("127.0.0.1", self.server.port, reconnect=False)
+        await client.execute_command("FLUSHALL")
+        await client.disconnect()
+        remaining = [(await consumer.get("metadata")).header("X-Rate-Limit-Remaining")
+                     for _ in range(2)]
+        self.assertEqual(remaining, ["99", "98"])
+        return recovery
+
+    def stall(self) -> None:
+        self.server.pause()
+        self.addCleanup(self.server.resume)
+
+    async def test_stalled_closed(self) -> None:
+        """
+        C{"closed"}: 503 C{THROTTLE_UNAVAILABLE} and not ready while Redis is
+        stalled; ready and forwarding within seconds of it answering again.
+        """
+        recovery = await self.outage("closed", 503, "503 not ready: throttle", self.stall,
+                                     lambda: self.server.resume())
+        self.assertLess(recovery, 5.0)
+
+    async def test_stalled_local(self) -> None:
+        """
+        C{"local"}: forwarded under per-process limits and ready but
+        degraded while Redis is stalled; shared limits again once it
+        answers.
+        """
+        recovery = await self.outage("local", 200, "200 ready (degraded: throttle)", self.stall,
+                                     lambda: self.server.resume())
+        self.assertLess(recovery, 5.0)
+
+    async def test_restarted_closed(self) -> None:
+        """
+        C{"closed"}: Redis killed and started again, empty.
+        """
+        recovery = await self.outage("closed", 503, "503 not ready: throttle", self.server.stop,
+                                     self.server.start)
+        self.assertLess(recovery, 5.0)
+
+    async def test_restarted_local(self) -> None:
+        recovery = await self.outage("local", 200, "200 ready (degraded: throttle)",
+                                     self.server.stop, self.server.start)
+        self.assertLess(recovery, 5.0)
