@@ -248,6 +248,7 @@ validate = true
 [audit]
 directory = "{audit}"
 durability = "always"
+key_file = "{demo.audit_key(certs)}"
 [throttle]
 store = "memory"
 [throttle.consumer.default]

@@ -41,7 +41,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ssp import audit, demo
+from ssp import chain, demo
+from ssp.verify import verify_files
 from ssp.pki import DevelopmentPKI, create_development_pki
 
 HOST = demo.PROVIDER_HOST
@@ -143,6 +144,7 @@ ldif = "{REPO}/etc/demo-sds.ldif"
 [audit]
 directory = "{root}/audit"
 durability = "always"
+key_file = "{demo.audit_key(certs)}"
 [admin]
 endpoint = ""
 [log]
@@ -589,8 +591,8 @@ def slope_mb_per_hour(samples: list[tuple[float, int]]) -> float:
 def check(root: Path, load: Load, proxy_exit: int | None, log: str,
           samples: list[tuple[float, int]]) -> dict[str, Any]:
     directory = root / "audit"
-    verified = audit.verify([directory])
-    records = list(audit.read_records([directory]))
+    verified = verify_files([directory])
+    records = list(chain.read_records([directory]))
     completed: collections.Counter[str] = collections.Counter()
     decisions: dict[str, str] = {}
     authorised: set[str] = set()
@@ -598,11 +600,10 @@ def check(root: Path, load: Load, proxy_exit: int | None, log: str,
     for r in records:
         if r["event"] == "authorised":
             authorised.add(r["trace_id"])
-        elif r["event"] == "tls-failed":
-            connection["tls-failed"] += 1
+        elif r["event"] == "connection-refused":
+            plain = r["token"] == "HTTP_REQUEST_SENT_TO_HTTPS_PORT"
+            connection["plain-http" if plain else "tls-failed"] += r["count"]
         elif r["event"] == "completed":
-            if r["token"] == "HTTP_REQUEST_SENT_TO_HTTPS_PORT":
-                connection["plain-http"] += 1
             completed[r["trace_id"]] += 1
             decisions[r["trace_id"]] = r["decision"]
     received = set((root / "provider-seen.txt").read_text().split())

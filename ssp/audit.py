@@ -1,142 +1,100 @@
 # -*- test-case-name: tests.test_audit -*-
 """
-The durable, tamper-evident audit trail.
+The durable, tamper-evident audit trail: the writer.
 
-Records are JSON lines in C{<directory>/audit-YYYYMMDD-NNNN.jsonl}.  Each
-line carries C{prev}, the SHA-256 of the line before it (the previous file's
-last line for the first line of a file, 64 zeros for the first record
-ever), so removing, altering or reordering any record breaks the chain at
-that point; L{verify} finds the first break.
+Records are JSON lines in C{<directory>/audit-YYYYMMDD-NNNN.jsonl}, each
+bound to the one before it (L{ssp.chain}: HMAC-SHA256 under a secret key,
+or SHA-256 when unkeyed by explicit choice).  Every C{checkpoint_interval}
+seconds, and at stop, the chain head, record count and time go outside
+the directory: to the log (journal/syslog) and to the anchor file
+(L{ssp.anchor}), which is what exposes a cut tail or a re-chained past.
 
 Writing is the security boundary of the proxy: a forwarded request's
 C{"authorised"} record must be on disk before anything goes upstream.  So
 L{FileAuditSink} writes on its own thread, batches every append that arrives
 while a write and fsync are in flight into the next one (group commit), and
-fails closed: when the disk refuses, every waiting append fails with
-L{AuditUnavailable} and C{writable} turns false until a write succeeds.
+fails closed: when the disk refuses, or the queue is full, appends fail
+with L{AuditUnavailable} (and C{writable} turns false until a write
+succeeds, after a disk failure).
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
 import os
-import re
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import attrs
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from ssp import anchor
+from ssp.chain import (
+    GENESIS,
+    ChainError,
+    KeyedSeal,
+    Seal,
+    UncheckedSeal,
+    UnkeyedSeal,
+    audit_files,
+    lines_from_end,
+    open_file,
+    order,
+    read_key,
+    stem,
+)
 from ssp.config import AuditConfig
 from ssp.errors import AuditUnavailable
 from ssp.interfaces import IAuditSink
-from ssp.model import AuditRecord
-
-GENESIS = "0" * 64
-_NAME = re.compile(r"audit-(\d{8})-(\d+)\.jsonl\Z")
-_TAIL_BLOCK = 64 * 1024
-
-
-def encode(record: AuditRecord, previous_hash: str) -> bytes:
-    """
-    Serialise a record as one JSON line (sorted keys, ASCII, no spaces,
-    terminated by C{\\n}) chained to the line before it.
-
-    @param previous_hash: L{line_hash} of the previous line, or L{GENESIS}.
-    @raise ValueError: if the record holds something JSON cannot carry
-        faithfully (NaN, infinity).
-    """
-    fields = attrs.asdict(record)
-    fields["prev"] = previous_hash
-    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return text.encode("ascii") + b"\n"
-
-
-def line_hash(line: bytes) -> str:
-    """
-    The chain hash of one line: hex SHA-256 of its bytes, C{prev} included,
-    the terminating newline excluded.
-    """
-    return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
-
-
-def audit_files(directory: Path) -> list[Path]:
-    """
-    The audit files of a directory, oldest first (by day, then by sequence
-    number compared as integers).
-    """
-    found = [p for p in directory.iterdir() if _NAME.match(p.name) and p.is_file()]
-    return sorted(found, key=_order)
-
-
-def expand(paths: Sequence[Path]) -> list[Path]:
-    """
-    Directories replaced by their audit files; when every file is named
-    like an audit file, the set is put in chain order whatever order the
-    shell listed it in.
-    """
-    files: list[Path] = []
-    for path in paths:
-        files.extend(audit_files(path) if path.is_dir() else [path])
-    files = list(dict.fromkeys(files))
-    if all(_NAME.match(p.name) for p in files):
-        files.sort(key=_order)
-    return files
-
-
-def read_records(paths: Sequence[Path]) -> Iterator[dict[str, Any]]:
-    """
-    Every record in a file set, in chain order.  An incomplete final line
-    (being written, or torn by a crash) is skipped.
-
-    @raise ValueError: naming file and line of a line that is not a record.
-    """
-    files = expand(paths)
-    for index, path in enumerate(files):
-        with path.open("rb") as f:
-            for number, raw in enumerate(f, 1):
-                if not raw.endswith(b"\n") and index == len(files) - 1:
-                    return
-                try:
-                    record = json.loads(raw)
-                except ValueError:
-                    record = None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}:{number}: not a JSON audit record")
-                yield record
-
-
-def _order(path: Path) -> tuple[str, int]:
-    match = _NAME.match(path.name)
-    assert match is not None
-    return match[1], int(match[2])
-
+from ssp.model import AuditRecord, audit_record
 
 def _day(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y%m%d")
 
 
+def _count_lines(path: Path) -> int:
+    with open_file(path) as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def _line_at(path: Path, wanted: int) -> tuple[int, bytes | None]:
+    """
+    The number of complete lines of a file, and its line C{wanted}.
+    """
+    found, count = None, 0
+    with open_file(path) as f:
+        for count, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):
+                count -= 1
+                break
+            if count == wanted:
+                found = raw
+    return count, found
+
+
 @attrs.define
 class _ChainWriter:
     """
-    The blocking half of the sink: files, rotation and the chain.  Only
-    ever called from the sink's single writer thread.
+    The blocking half of the sink: files, rotation, the chain and the
+    checkpoints.  Only ever called from the sink's single writer thread.
 
-    @ivar last_hash: hash of the last line written.
+    @ivar last_hash: link of the last line written.
     @ivar size: bytes written to the current file.
     @ivar synced: bytes of the current file known to be durable; a failed
         batch is cut back to this, unless it was already acknowledged.
+    @ivar lines: complete lines in the current file (C{synced_lines}
+        durable).
+    @ivar records: records in the chain since it began (for checkpoints).
+    @ivar alarms: what recovery found that looks like tampering.
     """
 
     directory: Path
@@ -145,29 +103,53 @@ class _ChainWriter:
     rotate_daily: bool
     fsync: Callable[[int], None]
     raw_write: Callable[[int, memoryview], int] = os.write
+    seal: Seal = UnkeyedSeal()
+    anchor_file: Path | None = None
+    signer: Ed25519PrivateKey | None = None
     last_hash: str = GENESIS
     path: Path | None = None
     day: str = ""
     sequence: int = 0
     size: int = 0
     synced: int = 0
+    lines: int = 0
+    synced_lines: int = 0
+    records: int = 0
+    checkpointed: tuple[str, int] | None = None
     acknowledged: bool = False
     fd: int | None = None
     notes: list[str] = attrs.Factory(list)
+    alarms: list[str] = attrs.Factory(list)
+
+    def start(self) -> tuple[list[str], list[str]]:
+        """
+        L{recover}, then compare the tail with the anchor's last checkpoint
+        and count the records of the chain.  A mismatch is an alarm: the
+        chain goes on, so that the proxy keeps serving, but loudly (the
+        sink logs it as critical and writes it into the chain), and
+        C{verify} with the anchor shows the break.
+
+        @return: notes worth logging, and alarms.
+        """
+        notes = self.recover()
+        files = [p for p in audit_files(self.directory) if not p.name.endswith(".gz")]
+        self.records = self._count(files)
+        alarms, self.alarms = self.alarms, []
+        return notes, alarms
 
     def recover(self) -> list[str]:
         """
         Continue the chain from disk: reopen the newest file, cut a line a
-        crash left half-written, and take the hash of the last complete
-        line.  With no records on disk the in-memory hash is kept, so a
-        trail deleted under a running proxy shows as a break, not as a
-        fresh chain.
+        crash left half-written, and take the link of the last complete
+        line (checking its MAC).  With no records on disk the in-memory
+        link is kept, so a trail deleted under a running proxy shows as a
+        break, not as a fresh chain.
 
         @return: what was found worth logging.
         """
         self.close()
         self.directory.mkdir(parents=True, exist_ok=True)
-        files = audit_files(self.directory)
+        files = [p for p in audit_files(self.directory) if not p.name.endswith(".gz")]
         if files:
             newest = files[-1]
             fd = os.open(newest, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
@@ -182,16 +164,72 @@ class _ChainWriter:
                 os.close(fd)
                 raise
             self.fd, self.path, self.size, self.synced = fd, newest, good, good
-            self.day, self.sequence = _order(newest)
+            self.day, self.sequence = order(newest)
+            self.lines = self.synced_lines = _count_lines(newest)
             for older in reversed(files[:-1]):
                 if last is not None:
                     break
                 with older.open("rb") as f:
                     _, last = _last_line(f.fileno(), os.fstat(f.fileno()).st_size)
             if last is not None:
-                self.last_hash = line_hash(last)
+                self.last_hash = self._link(last)
         notes, self.notes = self.notes, []
         return notes
+
+    def _link(self, line: bytes) -> str:
+        try:
+            return self.seal.open(line)[1]
+        except ChainError as e:
+            self.alarms.append(f"the last record on disk fails its check ({e})")
+            return UncheckedSeal().open(line)[1]
+
+    def _count(self, files: list[Path]) -> int:
+        """
+        Records in the chain so far: from the anchor's last checkpoint when
+        the trail still holds it, by counting every line otherwise.
+        """
+        checkpoint = self.anchor_file and anchor.last_checkpoint(self.anchor_file, self.directory)
+        if not checkpoint:
+            everything = audit_files(self.directory)
+            return sum(_count_lines(p) for p in everything)
+        names = [stem(p) for p in files]
+        position = f"{checkpoint['file']}:{checkpoint['line']}"
+        if checkpoint["file"] not in names:
+            archived = any(stem(p) == checkpoint["file"] for p in audit_files(self.directory))
+            if not archived:
+                self.alarms.append(f"the anchor's last checkpoint is in {position}, and that "
+                                   "file is gone: files were deleted")
+            return checkpoint["records"] + sum(_count_lines(p) for p in files)
+        at = names.index(checkpoint["file"])
+        count, line = _line_at(files[at], checkpoint["line"])
+        later = sum(_count_lines(p) for p in files[at + 1:])
+        if line is None:
+            self.alarms.append(f"the anchor's last checkpoint is at {position}, and that file "
+                               f"now ends at line {count}: the tail was cut")
+        elif UncheckedSeal().open(line)[1] != checkpoint["head"]:
+            self.alarms.append(f"the record at {position} differs from the anchor's last "
+                               "checkpoint: the trail was rewritten")
+        else:
+            self.checkpointed = (checkpoint["file"], checkpoint["line"])
+        return checkpoint["records"] + count - checkpoint["line"] + later
+
+    def checkpoint(self, now: float) -> dict[str, Any] | None:
+        """
+        Record the chain head outside the directory, if records were
+        written since the last checkpoint.
+
+        @return: the entry, for the log; L{None} when there was nothing new.
+        @raise OSError: the anchor file could not be written.
+        """
+        if self.path is None or self.checkpointed == (self.path.name, self.lines):
+            return None
+        entry = {"kind": "checkpoint", "chain": str(self.directory), "time": now,
+                 "file": self.path.name, "line": self.lines, "records": self.records,
+                 "head": self.last_hash, "key_id": self.seal.key_id}
+        if self.anchor_file is not None:
+            entry = anchor.append(self.anchor_file, entry, self.signer, self._sync)
+        self.checkpointed = (self.path.name, self.lines)
+        return entry
 
     def write(
         self,
@@ -229,7 +267,7 @@ class _ChainWriter:
         chain = self.last_hash
         for index, record in enumerate(records):
             try:
-                line = encode(record, chain)
+                line = self.seal.seal(record, chain)
             except (TypeError, ValueError) as e:
                 rejected[index] = e
                 continue
@@ -240,7 +278,7 @@ class _ChainWriter:
                 chunk, pending = [], 0
             chunk.append(line)
             pending += len(line)
-            chain = line_hash(line)
+            chain = self.seal.link(line)
         self._commit(chunk, chain)
         written(rejected)
         self.acknowledged = self.durability != "always"
@@ -286,6 +324,8 @@ class _ChainWriter:
         while view:
             view = view[self.raw_write(self.fd, view) :]
         self.size += len(data)
+        self.lines += len(chunk)
+        self.records += len(chunk)
         self.last_hash = chain
 
     def _open_next(self, now: float) -> None:
@@ -303,7 +343,7 @@ class _ChainWriter:
                 continue
             break
         self.fd, self.path, self.day, self.sequence = fd, path, day, sequence
-        self.size = self.synced = 0
+        self.size = self.synced = self.lines = self.synced_lines = 0
         directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             self._sync(directory)
@@ -313,7 +353,7 @@ class _ChainWriter:
     def _sync_current(self) -> None:
         if self.fd is not None:
             self._sync(self.fd)
-            self.synced = self.size
+            self.synced, self.synced_lines = self.size, self.lines
 
     def _sync(self, fd: int) -> None:
         if self.durability != "never":
@@ -326,6 +366,9 @@ class _ChainWriter:
         so the next batch recovers from disk.
         """
         if self.fd is not None:
+            if not self.acknowledged:
+                self.records -= self.lines - self.synced_lines
+                self.lines = self.synced_lines
             try:
                 os.ftruncate(self.fd, self.size if self.acknowledged else self.synced)
             except OSError:
@@ -337,23 +380,20 @@ def _last_line(fd: int, size: int) -> tuple[int, bytes | None]:
     """
     Where the complete lines of a file end, and the last complete line.
     """
-    end = size
-    tail = b""
-    while end > 0:
-        start = max(0, end - _TAIL_BLOCK)
-        tail = os.pread(fd, end - start, start) + tail
-        end = start
-        cut = tail.rfind(b"\n")
-        if cut < 0:
-            continue
-        before = tail.rfind(b"\n", 0, cut)
-        if before >= 0 or end == 0:
-            return end + cut + 1, tail[before + 1 : cut]
+    for end, line in lines_from_end(fd, size):
+        return end, line
     return 0, None
 
 
 # Seconds a record nobody waits for may wait for company (see append).
 LINGER = 0.05
+
+
+def _urgent(record: AuditRecord) -> bool:
+    """
+    Whether someone waits for the record before answering (see append).
+    """
+    return record.event == "authorised" or record.decision == "refused"
 
 
 @attrs.define(eq=False)
@@ -384,6 +424,11 @@ class FileAuditSink:
         rotate_daily: bool = True,
         fsync: Callable[[int], None] = os.fsync,
         raw_write: Callable[[int, memoryview], int] = os.write,
+        seal: Seal = UnkeyedSeal(),
+        anchor_file: Path | None = None,
+        signer: Ed25519PrivateKey | None = None,
+        checkpoint_interval: float = 60.0,
+        max_pending: int = 10000,
     ) -> None:
         """
         @param reactor: runs the writer thread's results (and the flush).
@@ -395,13 +440,27 @@ class FileAuditSink:
         @param fsync: the fsync to use (a seam for tests).
         @param raw_write: the C{os.write} to use for records (a seam for tests
             that emulate a full or read-only disk).
+        @param seal: how records are bound to each other (L{ssp.chain}).
+        @param anchor_file: where checkpoints are appended (outside the
+            directory); L{None}: to the log only.
+        @param signer: signs each checkpoint (Ed25519) when given.
+        @param checkpoint_interval: seconds between checkpoints.
+        @param max_pending: records queued or in flight beyond which an
+            append fails at once with L{AuditUnavailable}: a flood cannot
+            grow the queue without bound.
         """
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
         self._durability = durability
         self._writer = _ChainWriter(
-            Path(directory), durability, rotate_bytes, rotate_daily, fsync, raw_write
+            Path(directory).resolve(), durability, rotate_bytes, rotate_daily, fsync, raw_write,
+            seal, anchor_file, signer,
         )
+        self._checkpoints = LoopingCall(self._checkpoint)
+        self._checkpoints.clock = self._clock
+        self._checkpoint_interval = checkpoint_interval
+        self._max_pending = max_pending
+        self._overflowing = False
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="ssp-audit")
         self._queue: list[tuple[AuditRecord, Deferred[None]]] = []
         self._writing: _Batch | None = None
@@ -417,6 +476,21 @@ class FileAuditSink:
     def from_config(
         cls, config: AuditConfig, reactor: IReactorFromThreads, clock: IReactorTime | None = None
     ) -> FileAuditSink:
+        """
+        @raise ValueError: no key and unkeyed mode not chosen, or a key that
+            cannot be used.
+        @raise OSError: a key file that cannot be read.
+        """
+        if config.key_file is not None:
+            seal: Seal = KeyedSeal(read_key(config.key_file))
+        elif config.unkeyed:
+            cls.log.warn(
+                "Audit trail UNKEYED ([audit] unkeyed = true): anyone who can write {directory} "
+                "can rewrite it undetectably; set [audit] key_file", directory=config.directory)
+            seal = UnkeyedSeal()
+        else:
+            raise ValueError("[audit] key_file is required (or unkeyed = true)")
+        signer = anchor.load_signing_key(config.signing_key) if config.signing_key else None
         return cls(
             config.directory,
             reactor,
@@ -424,6 +498,11 @@ class FileAuditSink:
             durability=config.durability,
             rotate_bytes=config.rotate_bytes,
             rotate_daily=config.rotate_daily,
+            seal=seal,
+            anchor_file=config.anchor_file,
+            signer=signer,
+            checkpoint_interval=config.checkpoint_interval,
+            max_pending=config.max_pending,
         )
 
     def start(self) -> Deferred[None]:
@@ -435,10 +514,38 @@ class FileAuditSink:
         self._pool.start()
         self._started = True
         self._busy = True
-        d = deferToThreadPool(self._reactor, self._pool, self._writer.recover)
-        d.addCallbacks(self._log_notes, self._unavailable, errbackArgs=(None,))
+        d = deferToThreadPool(self._reactor, self._pool, self._writer.start)
+        d.addCallbacks(self._started_chain, self._unavailable, errbackArgs=(None,))
         d.addBoth(self._finished)
+        self._checkpoints.start(self._checkpoint_interval, now=False)
         return d
+
+    def _started_chain(self, found: tuple[list[str], list[str]]) -> None:
+        notes, alarms = found
+        self._log_notes(notes)
+        for alarm in alarms:
+            self.log.critical("Audit trail tampered with? {alarm} (in {directory}); run "
+                              "ssp audit verify with --key and --anchor", alarm=alarm,
+                              directory=self._writer.directory)
+            self.append(audit_record("chain-alarm", self._clock.seconds(), None, with_port=False,
+                                     token=alarm[:500])
+                        ).addErrback(lambda f: self.log.failure("Chain alarm not audited", f))
+
+    def _checkpoint(self) -> Deferred[None]:
+        d = deferToThreadPool(self._reactor, self._pool, self._writer.checkpoint,
+                              self._clock.seconds())
+        d.addCallbacks(self._log_checkpoint, self._checkpoint_failed)
+        return d
+
+    def _log_checkpoint(self, entry: dict[str, Any] | None) -> None:
+        if entry is not None:
+            self.log.info(
+                "Audit checkpoint {chain} {file}:{line} records={records} head={head}",
+                **{k: entry[k] for k in ("chain", "file", "line", "records", "head")})
+
+    def _checkpoint_failed(self, reason: Failure) -> None:
+        self.log.failure("Audit checkpoint not written to {anchor}", reason,
+                         anchor=self._writer.anchor_file)
 
     def stop(self) -> Deferred[None]:
         """
@@ -450,8 +557,11 @@ class FileAuditSink:
             return succeed(None)
         if self._flush_call is not None and not self._busy:
             self._flush_call.reset(0)
+        if self._checkpoints.running:
+            self._checkpoints.stop()
         if self._stopping is None:
             self._stopping = self._when_idle()
+            self._stopping.addCallback(lambda _: self._checkpoint())
             self._stopping.addCallback(
                 lambda _: deferToThreadPool(self._reactor, self._pool, self._writer.close)
             )
@@ -472,19 +582,30 @@ class FileAuditSink:
 
     def append(self, record: AuditRecord) -> Deferred[None]:
         """
-        Queue a record.  An C{authorised} record is written at the end of
-        this reactor turn, with everything else appended in it: a request
-        waits for it before going upstream.  Other records (completed
-        requests, failed handshakes) wait on no one: they join the next
-        batch, or are written after L{LINGER} seconds, which halves the
-        writer thread's wake-ups under load.
+        Queue a record.  An C{authorised} record, and the record of a
+        refusal, are written at the end of this reactor turn, with
+        everything else appended in it: the request waits for it before
+        going upstream, or before its refusal is answered.  Other records
+        (completed requests) wait on no one: they join the next batch, or
+        are written after L{LINGER} seconds, which halves the writer
+        thread's wake-ups under load.
+
+        Fails at once with L{AuditUnavailable} once C{max_pending} records
+        are waiting: the disk is not keeping up, and memory must not grow.
         """
         if self._stopped:
             return fail(AuditUnavailable())
+        if self.pending >= self._max_pending:
+            if not self._overflowing:
+                self.log.error("Audit queue full ({pending} records): refusing requests until "
+                               "the disk catches up", pending=self.pending)
+            self._overflowing = True
+            return fail(AuditUnavailable())
+        self._overflowing = False
         d: Deferred[None] = Deferred()
         self._queue.append((record, d))
         if not self._busy:
-            self._schedule(record.event == "authorised")
+            self._schedule(_urgent(record))
         return d
 
     def _schedule(self, urgent: bool) -> None:
@@ -557,8 +678,7 @@ class FileAuditSink:
 
     def _finished(self, _: object) -> None:
         self._busy = False
-        if self._queue and (self._stopped or any(
-                record.event == "authorised" for record, _ in self._queue)):
+        if self._queue and (self._stopped or any(_urgent(record) for record, _ in self._queue)):
             self._flush()
         elif self._queue:
             self._schedule(False)
@@ -578,122 +698,3 @@ class FileAuditSink:
         self._pool.stop()
         if isinstance(result, Failure):
             self.log.failure("Audit trail not closed cleanly", result)
-
-
-@attrs.frozen
-class VerifyResult:
-    """
-    The outcome of checking a chain.
-
-    @ivar records: records checked (up to the break, if any).
-    @ivar last_hash: hash of the last record checked; keep it (or compare
-        it with the SIEM's copy) to detect truncation of the tail later.
-    @ivar broken_file: file of the first broken record.
-    @ivar broken_line: its 1-based line number.
-    @ivar note: something worth saying that is not a break.
-    """
-
-    ok: bool
-    records: int
-    files: int
-    last_hash: str
-    broken_file: Path | None = None
-    broken_line: int | None = None
-    reason: str = ""
-    note: str = ""
-
-
-def verify(paths: Sequence[Path], anchor: str | None = GENESIS) -> VerifyResult:
-    """
-    Check the hash chain of a file set.
-
-    @param paths: audit files and/or directories holding them.
-    @param anchor: the C{prev} the first record must carry: L{GENESIS} for
-        a complete trail, the last hash of the archived part otherwise, or
-        L{None} to accept any.
-    """
-    files = expand(paths)
-    if not files:
-        return VerifyResult(False, 0, 0, GENESIS, reason="no audit files found")
-    expected = anchor
-    records = 0
-    note = ""
-
-    def broken(path: Path, number: int, reason: str) -> VerifyResult:
-        return VerifyResult(False, records, len(files), expected or GENESIS, path, number, reason)
-
-    for index, path in enumerate(files):
-        with path.open("rb") as f:
-            for number, raw in enumerate(f, 1):
-                if not raw.endswith(b"\n"):
-                    if index == len(files) - 1:
-                        note = (
-                            f"{path}:{number}: incomplete final line ignored (being written, "
-                            "or torn by a crash: the sink cuts it when it restarts)"
-                        )
-                        break
-                    return broken(path, number, "incomplete line inside the chain")
-                try:
-                    record = json.loads(raw)
-                except ValueError:
-                    record = None
-                if not isinstance(record, dict) or not isinstance(record.get("prev"), str):
-                    return broken(path, number, "not a JSON audit record with a 'prev' hash")
-                if expected is not None and record["prev"] != expected:
-                    if records == 0:
-                        return broken(
-                            path,
-                            number,
-                            f"first record continues a chain from {record['prev']}, expected "
-                            f"{expected} (earlier files missing? pass --anchor)",
-                        )
-                    return broken(
-                        path,
-                        number,
-                        "prev does not match the hash of the record before it: that record "
-                        "or this one was altered, or records were removed or reordered",
-                    )
-                expected = line_hash(raw)
-                records += 1
-    return VerifyResult(True, records, len(files), expected or GENESIS, note=note)
-
-
-def main_verify(argv: list[str], out: TextIO | None = None) -> int:
-    """
-    C{ssp audit verify [--anchor HASH|any] DIR|FILE...}: exit 0 when the
-    chain is intact, 1 naming the first broken record otherwise.
-    """
-    out = out if out is not None else sys.stdout
-    parser = argparse.ArgumentParser(
-        prog="ssp audit verify", description="Check the hash chain of audit files."
-    )
-    parser.add_argument("paths", nargs="+", type=Path, help="audit directories or files")
-    parser.add_argument(
-        "--anchor",
-        default=GENESIS,
-        help="prev hash the first record must carry (default: the genesis hash; "
-        "'any' to accept whatever it is)",
-    )
-    try:
-        options = parser.parse_args(argv)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 2
-    anchor = None if options.anchor == "any" else options.anchor
-    try:
-        result = verify(options.paths, anchor)
-    except OSError as e:
-        print(f"ERROR: {e.filename}: {e.strerror}", file=out)
-        return 1
-    if not result.ok:
-        where = f"{result.broken_file}:{result.broken_line}: " if result.broken_file else ""
-        print(f"BROKEN: {where}{result.reason}", file=out)
-        print(f"  {result.records} records before it verified", file=out)
-        return 1
-    print(
-        f"OK: {result.records} records in {result.files} files, chain intact; "
-        f"last hash {result.last_hash}",
-        file=out,
-    )
-    if result.note:
-        print(f"  note: {result.note}", file=out)
-    return 0

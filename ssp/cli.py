@@ -18,8 +18,10 @@ from ssp import __version__
 COMMANDS = {
     ("explain",): ("ssp.explain", "main",
                    "run the authorisation checks for a request without forwarding it"),
-    ("audit", "verify"): ("ssp.audit", "main_verify",
-                          "check the hash chain of audit files and name the first broken record"),
+    ("audit", "verify"): ("ssp.auditcli", "main_verify",
+                          "check the audit chains against the key and anchor, name each break"),
+    ("audit", "archive"): ("ssp.auditcli", "main_archive",
+                           "compress closed audit files, remove expired ones (anchor records it)"),
     ("report",): ("ssp.report", "main_report",
                   "the transaction report (counts, bytes, latency) from audit files"),
 }

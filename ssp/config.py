@@ -209,10 +209,22 @@ class TokenConfig:
 
 @attrs.frozen
 class AuditConfig:
+    """
+    C{key_file} (or an explicit C{unkeyed = true}) is required in a file;
+    C{anchor_file} must lie outside C{directory} (L{parse} checks both).
+    """
+
     directory: Path = Path("var/audit")
     durability: str = attrs.field(default="always", validator=in_(["always", "batch", "never"]))
     rotate_bytes: int = attrs.field(default=256 * 1024 * 1024, validator=ge(4096))
     rotate_daily: bool = True
+    key_file: Path | None = None
+    unkeyed: bool = False
+    anchor_file: Path | None = None
+    signing_key: Path | None = None
+    checkpoint_interval: float = attrs.field(default=60.0, validator=gt(0))
+    max_pending: int = attrs.field(default=10000, validator=ge(1))
+    connection_interval: float = attrs.field(default=10.0, validator=gt(0))
 
 
 @attrs.frozen
@@ -315,7 +327,26 @@ def parse(table: dict[str, Any], source: Path) -> Config:
     """
     Build a L{Config} from an already-parsed TOML table read from C{source}.
     """
-    return _Builder(source).build(Config, table, "")
+    builder = _Builder(source)
+    config: Config = builder.build(Config, table, "")
+    _check_audit(config.audit, builder)
+    return config
+
+
+def _check_audit(audit: AuditConfig, builder: _Builder) -> None:
+    """
+    The keys of C{[audit]} that depend on each other.
+    """
+    if audit.key_file is None and not audit.unkeyed:
+        raise builder.fail("audit.key_file", "is required (or set audit.unkeyed = true to "
+                           "accept a chain anyone who can write the directory can rewrite)")
+    if audit.key_file is not None and audit.unkeyed:
+        raise builder.fail("audit.unkeyed", "contradicts audit.key_file")
+    for name in ("key_file", "anchor_file", "signing_key"):
+        path = getattr(audit, name)
+        if path is not None and path.is_relative_to(audit.directory):
+            raise builder.fail(f"audit.{name}", "must not be inside audit.directory (whoever "
+                               "can rewrite the trail could rewrite it too)")
 
 
 @attrs.frozen

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import shlex
 import sys
 import uuid
@@ -55,12 +56,29 @@ CONSUMER_LIMIT = RateLimit(rate=5, period=1.0, burst=10)
 
 def ensure_pki(root: Path) -> DevelopmentPKI:
     """
-    The demo PKI in C{root/certs}, generated on first use.
+    The demo PKI in C{root/certs}, and the audit chain key beside it,
+    generated on first use.
     """
     certs = root / "certs"
-    if not (certs / DevelopmentPKI.ca).exists():
-        return create_development_pki(certs)
-    return DevelopmentPKI(certs)
+    pki = (create_development_pki(certs) if not (certs / DevelopmentPKI.ca).exists()
+           else DevelopmentPKI(certs))
+    audit_key(certs)
+    return pki
+
+
+AUDIT_KEY = "audit.key"
+
+
+def audit_key(directory: Path) -> Path:
+    """
+    The demo's audit chain key in C{directory} (beside the certificates,
+    never in the audit directory), generated on first use.
+    """
+    path = directory / AUDIT_KEY
+    if not path.exists():
+        path.write_text(os.urandom(32).hex())
+        path.chmod(0o600)
+    return path
 
 
 class EchoProvider(Resource):
@@ -136,7 +154,7 @@ def demo_config(root: Path, pki: DevelopmentPKI, provider_port: int,
         ),
         directory=DirectoryConfig(kind="ldif", ldif=DEMO_LDIF),
         throttle=ThrottleConfig(consumer=LimitSet(default=CONSUMER_LIMIT)),
-        audit=AuditConfig(directory=root / "var" / "audit"),
+        audit=AuditConfig(directory=root / "var" / "audit", key_file=certs / AUDIT_KEY),
         agreements=(Agreement(sender=CONSUMER_ASID, receiver=PROVIDER_ASID),),
         admin=AdminConfig(endpoint=admin),
     )

@@ -30,6 +30,7 @@ from ssp import __version__
 from ssp.directory import CachingDirectory
 from ssp.interfaces import IDirectory, IThrottle
 from ssp.model import AuditRecord, RateDecision
+from ssp.refusals import TLS_HANDSHAKE
 
 #: The label value for anything outside a label's bounded set.
 OTHER = "other"
@@ -151,7 +152,7 @@ class Metrics:
         return _CountingThrottle(throttle, _Children(self.throttle_decisions))
 
     def observe(self, record: AuditRecord) -> None:
-        if record.event == "tls-failed":
+        if record.event == "connection-refused" and record.token.startswith(TLS_HANDSHAKE):
             self.tls_failures.inc()
             return
         status = _status(record.status)

@@ -6,6 +6,8 @@ request claims, what a check decided and what the audit trail records.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 
@@ -117,8 +119,10 @@ class AuditRecord:
     """
     One audit event.  A request produces exactly one C{"completed"} record;
     a forwarded request is preceded by an C{"authorised"} record that is
-    durable before anything is sent upstream.  A failed TLS handshake
-    produces one C{"tls-failed"} record.
+    durable before anything is sent upstream.  Connections refused before
+    any HTTP request (failed handshakes, plain HTTP, over a cap) are
+    counted in one C{"connection-refused"} record per address, reason and
+    interval (C{count}).  Built by L{audit_record}.
     """
 
     event: str
@@ -141,3 +145,17 @@ class AuditRecord:
     bytes_out: int = 0
     upstream_latency: float | None = None
     total_latency: float | None = None
+    count: int = 1
+
+
+def audit_record(event: str, time: float, peer: object, request_id: str = "",
+                 with_port: bool = True, **fields: Any) -> AuditRecord:
+    """
+    The one place an audit record is built: the consumer's address is
+    C{host:port} of C{peer} (just C{host} for aggregated records).
+    """
+    address = str(getattr(peer, "host", ""))
+    if with_port:
+        address = f"{address}:{getattr(peer, 'port', '')}"
+    return AuditRecord(event=event, request_id=request_id, time=time,
+                       consumer_address=address, **fields)

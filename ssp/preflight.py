@@ -23,6 +23,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 
+from ssp.anchor import load_signing_key
+from ssp.chain import read_key
 from ssp.config import INHERITED_ENDPOINTS, Config, ConfigError
 from ssp.directory import ldif_problem
 from ssp.tls import fresh_crls, read_certificates, read_pem, read_private_key
@@ -54,6 +56,10 @@ def check(config: Config, source: Path, now: float) -> list[str]:
     for index, path in enumerate(config.tls.crls):
         _crls(fail, f"tls.crls[{index}]", path, authorities, moment)
     _directory(fail, config)
+    if config.audit.key_file is not None:
+        fail("audit.key_file", read_key, config.audit.key_file)
+    if config.audit.signing_key is not None:
+        fail("audit.signing_key", load_signing_key, config.audit.signing_key)
     return notes
 
 

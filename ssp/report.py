@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 import attrs
 
-from ssp.audit import read_records
+from ssp.chain import read_records
 
 PERCENTILES = (50, 95, 99)
 DECISIONS = ("forwarded", "refused", "failed", "abandoned")
@@ -41,6 +41,10 @@ class Row:
     @ivar failed: the provider could not be reached or timed out (502/504).
     @ivar abandoned: the consumer went away first (499).
     @ivar status_2xx: by the status the consumer got, proxy or provider.
+    @ivar scope: C{"day"} for a row per day, sender, receiver and
+        interaction; C{"sender"}, C{"receiver"}, C{"interaction"} for the
+        totals per one of them over the whole range (the other key fields
+        empty); C{"total"} for the grand total.
     """
 
     day: str
@@ -64,8 +68,10 @@ class Row:
     upstream_p50_ms: float | None
     upstream_p95_ms: float | None
     upstream_p99_ms: float | None
+    scope: str = "day"
 
 
+TOTAL_SCOPES = ("sender", "receiver", "interaction", "total")
 COLUMNS = tuple(f.name for f in attrs.fields(Row))
 
 
@@ -88,7 +94,7 @@ class _Group:
         if record.get("upstream_latency") is not None:
             self.upstream.append(record["upstream_latency"])
 
-    def row(self, key: tuple[str, str, str, str]) -> Row:
+    def row(self, key: tuple[str, str, str, str], scope: str = "day") -> Row:
         total = [_percentile_ms(self.total, p) for p in PERCENTILES]
         upstream = [_percentile_ms(self.upstream, p) for p in PERCENTILES]
         counts = [
@@ -102,28 +108,65 @@ class _Group:
                 "status_5xx",
             )
         ]
-        values = (*key, *counts, self.bytes_in, self.bytes_out, *total, *upstream)
+        values = (*key, *counts, self.bytes_in, self.bytes_out, *total, *upstream, scope)
         return Row(*values)
 
 
-def report(paths: Sequence[Path], since: str | None = None, until: str | None = None) -> list[Row]:
+@attrs.frozen
+class Report:
     """
-    Aggregate the C{"completed"} records of an audit file set.
+    The transaction log of a range of days.
+
+    @ivar rows: per day, sender, receiver and interaction, sorted by them.
+    @ivar totals: per sender, then per receiver, then per interaction
+        (each sorted), then the grand total (always present, zero when
+        there were no requests).
+    """
+
+    rows: list[Row]
+    totals: list[Row]
+
+    def all_rows(self) -> list[Row]:
+        return self.rows + self.totals
+
+
+def report(paths: Sequence[Path], since: str | None = None, until: str | None = None) -> Report:
+    """
+    Aggregate the C{"completed"} records of audit files: every chain found
+    (the C{worker-K} directories of a C{--workers} proxy) is merged.
 
     @param paths: audit directories or files.
     @param since: first day (C{YYYY-MM-DD}, UTC) to include.
     @param until: last day to include.
-    @return: rows sorted by day, sender, receiver, interaction.
-    @raise ValueError: naming a line that is not an audit record.
+    @raise ValueError: naming a line that is not an audit record, or an
+        inverted range.
     """
+    if since and until and since > until:
+        raise ValueError(f"inverted range: --from {since} is after --to {until}")
     groups: dict[tuple[str, str, str, str], _Group] = {}
+    totals: dict[tuple[str, tuple[str, str, str, str]], _Group] = {}
     for day, record in completed(paths, since, until):
         try:
             key = (day, record["sender"], record["receiver"], record["interaction"])
             groups.setdefault(key, _Group()).add(record)
+            for total in _totals_keys(*key[1:]):
+                totals.setdefault(total, _Group()).add(record)
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise _malformed(record, e) from None
-    return [groups[key].row(key) for key in sorted(groups)]
+    totals.setdefault(("total", ("", "", "", "")), _Group())
+    ordered = sorted(totals, key=lambda k: (TOTAL_SCOPES.index(k[0]), k[1]))
+    return Report([groups[key].row(key) for key in sorted(groups)],
+                  [totals[(scope, key)].row(key, scope) for scope, key in ordered])
+
+
+def _totals_keys(sender: str, receiver: str, interaction: str
+                 ) -> tuple[tuple[str, tuple[str, str, str, str]], ...]:
+    """
+    The totals a request counts in: its sender's, receiver's,
+    interaction's, and the grand total.
+    """
+    return (("sender", ("", sender, "", "")), ("receiver", ("", "", receiver, "")),
+            ("interaction", ("", "", "", interaction)), ("total", ("", "", "", "")))
 
 
 def completed(paths: Sequence[Path], since: str | None = None, until: str | None = None
@@ -183,8 +226,10 @@ def _day(text: str) -> str:
 
 def main_report(argv: list[str], out: TextIO | None = None) -> int:
     """
-    C{ssp report DIR|FILE... [--format csv|json|html] [--from DAY] [--to DAY]}:
-    print the transaction log; exit 1 if the files cannot be read.
+    C{ssp report DIR|FILE... [--format csv|json|html] [--from DAY] [--to DAY]
+    [--allow-empty]}: print the transaction log; exit 1 if the files cannot
+    be read or (without C{--allow-empty}) hold no request in the range, 2
+    on bad arguments (an inverted range).
     """
     from ssp import report_html as html  # imports this module
 
@@ -199,12 +244,18 @@ def main_report(argv: list[str], out: TextIO | None = None) -> int:
                         help="html: one self-contained page for people (default csv)")
     parser.add_argument("--from", dest="since", type=_day, help="first day (UTC), inclusive")
     parser.add_argument("--to", dest="until", type=_day, help="last day (UTC), inclusive")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="exit 0 when no completed request is found")
     try:
         options = parser.parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
+    if options.since and options.until and options.since > options.until:
+        print(f"ERROR: inverted range: --from {options.since} is after --to {options.until}",
+              file=sys.stderr)
+        return 2
     try:
-        rows = report(options.paths, options.since, options.until)
+        result = report(options.paths, options.since, options.until)
         extra = (html.extras(options.paths, options.since, options.until)
                  if options.format == "html" else None)
     except OSError as e:
@@ -214,7 +265,12 @@ def main_report(argv: list[str], out: TextIO | None = None) -> int:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1
     if extra is not None:
-        html.write_html(rows, extra, out)
+        html.write_html(result.rows, extra, out)
     else:
-        (write_json if options.format == "json" else write_csv)(rows, out)
+        (write_json if options.format == "json" else write_csv)(result.all_rows(), out)
+    if not result.rows:
+        print("WARNING: no completed requests found in " + " ".join(map(str, options.paths))
+              + (f" between {options.since or 'the start'} and {options.until or 'the end'}"
+                 if options.since or options.until else ""), file=sys.stderr)
+        return 0 if options.allow_empty else 1
     return 0

@@ -42,7 +42,7 @@ from ssp.errors import (
 )
 from ssp.ids import new_request_id
 from ssp.interfaces import IAuditSink, IUpstream
-from ssp.model import AuditRecord, Claims, ClientIdentity
+from ssp.model import AuditRecord, Claims, ClientIdentity, audit_record
 from ssp.pipeline import Checks, Findings, Inbound, admit
 from ssp.tls import host_of, send_now
 
@@ -722,19 +722,37 @@ class Proxy:
             await self._forward(request, found, outcome)
         except Refusal as refusal:
             outcome.refused(refusal)
+            await self._settle(request_id, started, request, found, outcome)
             self._refuse(request, refusal, found)
         except CancelledError:
             if request.refusal is None:
                 outcome.abandoned()
             else:
                 outcome.refused(request.refusal)
+                await self._settle(request_id, started, request, found, outcome)
                 self._refuse(request, request.refusal, found)
         finally:
-            self.in_flight -= 1
-            outcome.total_latency = self.clock.seconds() - started
+            if not outcome.recorded:
+                await self._settle(request_id, started, request, found, outcome)
+
+    async def _settle(self, request_id: str, started: float, request: ProxyRequest,
+                      found: Findings, outcome: _Outcome) -> None:
+        """
+        Write the request's C{completed} record, once.  A refusal awaits
+        it before answering: a refusal the consumer saw is on disk (within
+        the sink's durability) even if the proxy is killed right after.  A
+        consumer leaving meanwhile cancels only the wait: the record is
+        written all the same.
+        """
+        outcome.recorded = True
+        self.in_flight -= 1
+        outcome.total_latency = self.clock.seconds() - started
+        try:
             await self._complete(
                 self._record("completed", request_id, started, request, found, outcome)
             )
+        except CancelledError:
+            pass
 
     async def _forward(self, request: ProxyRequest, found: Findings, outcome: _Outcome) -> None:
         url = found.target
@@ -839,8 +857,9 @@ class Proxy:
 
     def refuse_early(self, request: ProxyRequest, refusal: Refusal) -> None:
         """
-        Answer and audit a request the channel refused before it could be
-        admitted (its framing, size or timing); the connection then closes.
+        Audit, then answer, a request the channel refused before it could
+        be admitted (its framing, size or timing); the connection then
+        closes.
         """
         started = self.clock.seconds()
         found = Findings(client=self._identity(request))
@@ -848,10 +867,11 @@ class Proxy:
         outcome.refused(refusal)
         outcome.total_latency = 0.0
         request.responseHeaders.setRawHeaders(b"Date", [http.datetimeToString(started)])
-        self._refuse(request, refusal, found)
-        Deferred.fromCoroutine(self._complete(
+        recorded = Deferred.fromCoroutine(self._complete(
             self._record("completed", new_request_id(), started, request, found, outcome)
         ))
+        recorded.addErrback(lambda f: log.failure("Audit record of a refusal not written", f))
+        recorded.addCallback(lambda _: self._refuse(request, refusal, found))
 
     def _identity(self, request: ProxyRequest) -> ClientIdentity | None:
         try:
@@ -862,12 +882,11 @@ class Proxy:
     def _record(self, event: str, request_id: str, started: float, request: ProxyRequest,
                 found: Findings, outcome: _Outcome) -> AuditRecord:
         spine, client = found.spine, found.client
-        peer = request.getClientAddress()
-        return AuditRecord(
-            event=event,
-            request_id=request_id,
-            time=started,
-            consumer_address=f"{getattr(peer, 'host', '')}:{getattr(peer, 'port', '')}",
+        return audit_record(
+            event,
+            started,
+            request.getClientAddress(),
+            request_id,
             method=_text(request.method),
             target=found.target.text if found.target else _text(_unparsed_target(request.uri)),
             trace_id=spine.trace_id if spine else _sent_once(request, b"ssp-traceid"),
@@ -913,6 +932,7 @@ class _Outcome:
         self.bytes_out = 0
         self.upstream_latency: float | None = None
         self.total_latency: float | None = None
+        self.recorded = False
 
     def refused(self, refusal: Refusal) -> None:
         if self.decision == "forwarded":

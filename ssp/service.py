@@ -11,6 +11,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from weakref import WeakSet
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
@@ -33,11 +34,11 @@ from ssp.audit import FileAuditSink
 from ssp.config import Config, ThrottleConfig
 from ssp.directory import directory_from_config
 from ssp.forward import Upstream
-from ssp.ids import new_request_id
 from ssp.interfaces import IAuditSink, IDirectory, IThrottle
 from ssp.metrics import Metrics, admin_resource
 from ssp.model import AuditRecord
 from ssp.pipeline import Checks
+from ssp.refusals import ConnectionRefusals
 from ssp.resource import Proxy, ProxyResource, ProxySite
 from ssp.systemd import SystemdNotifier
 from ssp.throttle import Throttle, throttle_from_config
@@ -154,9 +155,12 @@ class SSPService(MultiService):
             if not self.site.channels or self.reactor.seconds() >= deadline:
                 break
             await deferLater(self.reactor, min(0.05, timeout), lambda: None)
-        remaining = list(self.site.channels)
-        for channel in remaining:
-            channel.transport.abortConnection()
+        # Channels left after the timeout, and connections accepted before
+        # the port closed that never became channels (silent, or still in
+        # the handshake): none may bring a request once the audit closes.
+        remaining = [*self.site.channels, *self._accepting.open()]
+        for protocol in remaining:
+            protocol.transport.abortConnection()
         if remaining:
             await waitUntilAllDisconnected(self.reactor, remaining)
 
@@ -200,12 +204,15 @@ class SSPService(MultiService):
             observers += (self.access_log,)
         elif config.log.access_log:
             observers += (_access_log,)
+        self.connection_refusals = ConnectionRefusals(
+            audit, self.reactor, config.audit.connection_interval, self.metrics.observe)
+        self._lifecycle.append(self.connection_refusals)
         self.proxy = Proxy(
             self._checks(config, directory, throttle), upstream, audit, self.reactor,
             config.upstream.idle_timeout, hsts, observers=observers, cors=config.cors,
         )
         site = self.site = ProxySite(ProxyResource(self.proxy), self.reactor, config.listen)
-        listener = TLSOrPlainFactory(
+        listener = self._accepting = _Accepting(
             BulkTLSFactory(self.server_tls, False, site), hsts,
             self.reactor, config.listen.header_timeout,
             on_handshake_failure=self._handshake_failed,
@@ -265,10 +272,12 @@ class SSPService(MultiService):
 
     def listening(self) -> Deferred[Any]:
         """
-        Fires with the listening port once it is bound.
+        Fires with the listening port once it is bound (L{None} if that
+        failed).  A Deferred of the caller's own: whatever its callbacks
+        return, the listener keeps its port, and stops it on stop.
         """
         assert self._listener is not None
-        return self._listener._waitingForPort
+        return _branch(self._listener._waitingForPort)
 
     def _ready(self, port: Any) -> Any:
         if port is not None:  # None: listening failed and was logged
@@ -287,17 +296,18 @@ class SSPService(MultiService):
 
     def readiness(self) -> dict[str, bool]:
         """
-        What C{/readyz} reports: listening, the audit writable, the
-        directory reachable, the server certificate within its validity,
-        every CRL more than C{tls.crl_expiry_margin} seconds from its
-        nextUpdate (past it, every consumer would be refused), and the rate
-        store answering, unless C{on_store_failure = "local"} stands in for
-        it (see L{degraded}).
+        What C{/readyz} reports: listening (no longer once a stop began,
+        so a balancer looks elsewhere during the drain), the audit
+        writable, the directory reachable, the server certificate within
+        its validity, every CRL more than C{tls.crl_expiry_margin} seconds
+        from its nextUpdate (past it, every consumer would be refused), and
+        the rate store answering, unless C{on_store_failure = "local"}
+        stands in for it (see L{degraded}).
         """
         assert self.proxy is not None
         now = self.reactor.seconds()
         return {
-            "listening": self.running,
+            "listening": self._listener is not None and self._listener.running,
             "audit": bool(self.audit.writable),
             "directory": bool(self.proxy.checks.directory.reachable),
             "tls": now < self._certificate_expiry["server"],
@@ -314,29 +324,13 @@ class SSPService(MultiService):
         return ["throttle"] if local and not self.throttle.available else []
 
     def _handshake_failed(self, peer: Any, reason: Failure) -> None:
-        self._record_connection_refusal(peer, "tls-failed", handshake_failure_reason(reason), 0)
+        self.connection_refusals.refused(peer, handshake_failure_reason(reason))
 
     def _over_connection_caps(self, peer: Any) -> None:
-        self._record_connection_refusal(peer, "tls-failed", "CONNECTION_LIMIT_EXCEEDED", 0)
+        self.connection_refusals.refused(peer, "CONNECTION_LIMIT_EXCEEDED")
 
     def _plain_http(self, peer: Any) -> None:
-        self._record_connection_refusal(peer, "completed", "HTTP_REQUEST_SENT_TO_HTTPS_PORT", 497)
-
-    def _record_connection_refusal(self, peer: Any, event: str, token: str, status: int) -> None:
-        record = AuditRecord(
-            event=event,
-            request_id=new_request_id() if status else "",
-            time=self.reactor.seconds(),
-            consumer_address=f"{getattr(peer, 'host', '')}:{getattr(peer, 'port', '')}",
-            decision="refused",
-            token=token,
-            status=status,
-        )
-        if self.metrics is not None:
-            self.metrics.observe(record)
-        self.audit.append(record).addErrback(
-            lambda f: log.failure("Connection refusal not audited", f)
-        )
+        self.connection_refusals.refused(peer, "HTTP_REQUEST_SENT_TO_HTTPS_PORT", 497)
 
     def _install_sighup(self) -> None:
         signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
@@ -459,6 +453,32 @@ class SSPService(MultiService):
                 call.cancel()
                 await self._retire(*retired)
 
+
+class _Accepting(TLSOrPlainFactory):
+    """
+    The listening factory, remembering the connections it accepted (weakly:
+    a closed one is forgotten with its transport), so that a stop can cut
+    those the site does not know yet.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._accepted: WeakSet[Any] = WeakSet()
+
+    def buildProtocol(self, addr: object) -> Any:
+        protocol = super().buildProtocol(addr)
+        self._accepted.add(protocol)
+        return protocol
+
+    def open(self) -> list[Any]:
+        """
+        The accepted connections still open, as the protocols their TCP
+        transports drive (the PROXY-protocol wrapper, when there is one).
+        """
+        transports = {_socket_of(p.transport) for p in self._accepted if p.transport is not None}
+        return [t.protocol for t in transports if t.connected]
+
+
 class _QuietSite(Site):
     """
     The admin listener's site: a scrape every few seconds would drown the
@@ -527,6 +547,21 @@ def _expiry(config: Config) -> dict[str, float]:
     }
 
 
+def _branch(trunk: Deferred[Any]) -> Deferred[Any]:
+    """
+    A new Deferred that fires with C{trunk}'s result, leaving C{trunk}'s
+    own result as it was.
+    """
+    branch: Deferred[Any] = Deferred()
+
+    def fire(result: Any) -> Any:
+        branch.callback(result)
+        return result
+
+    trunk.addCallback(fire)
+    return branch
+
+
 def _close_idle(transport: Any) -> None:
     """
     Close an idle connection without waiting for the consumer's TLS
@@ -534,7 +569,14 @@ def _close_idle(transport: Any) -> None:
     whole timeout.  The TLS layer writes its own alert first.
     """
     transport.loseConnection()
-    getattr(transport, "transport", transport).loseConnection()
+    _socket_of(transport).loseConnection()
+
+
+def _socket_of(transport: Any) -> Any:
+    """
+    The TCP transport under a TLS or PROXY-protocol layer.
+    """
+    return getattr(transport, "transport", transport)
 
 
 def _same_store(new: ThrottleConfig, old: ThrottleConfig) -> bool:

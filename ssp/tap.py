@@ -164,7 +164,7 @@ def _worker_service(reactor: Any, options: Options, config: ssp_config.Config | 
     config = workers.worker_config(config, options["worker"])
     proxy = SSPService(config, reactor, path, adjust=lambda loaded: workers.worker_config(
         _overridden(loaded, options), options["worker"]))
-    return workers.worker_service(proxy, proxy.listening, reactor)
+    return workers.worker_service(proxy, proxy.listening, reactor, config.audit.directory)
 
 
 def _master_service(reactor: Any, options: Options, config: ssp_config.Config | None,

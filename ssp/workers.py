@@ -18,7 +18,11 @@ never accepts on would take its share of the connections.
 
 Per worker K the configuration is adjusted by L{worker_config}: its own
 audit chain in C{<audit.directory>/worker-K} (one hash chain must have one
-writer) and its own admin listener on the configured port + K.
+writer; L{TrailLock} keeps it so across a restart) and its own admin
+listener on the configured port + K.
+
+A worker stops listening as soon as it is told to stop, by C{SIGTERM} or
+by the end of its lifeline, and then drains (L{ssp.service.SSPService}).
 
 Between master and worker::
 
@@ -30,6 +34,7 @@ Between master and worker::
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -37,6 +42,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 import attrs
@@ -67,6 +73,7 @@ INHERITED_FD = 3
 STATUS_FD = 4
 LISTENING = b"listening\n"
 REUSE_PORT = "ssp-reuseport"
+TRAIL_LOCK = ".worker.lock"
 
 # What the service manager gave the master alone: a worker must not act on it.
 _MASTER_ONLY_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES",
@@ -445,6 +452,11 @@ class Master(MultiService):
 
     def _bound(self, port: IListeningPort) -> IListeningPort:
         port.stopReading()  # type: ignore[attr-defined]
+        # Closing the master's copy must not shut the socket down: that
+        # would pull it from under workers still accepting (their accept
+        # fails with EINVAL).  Each worker closes its own copy as it stops,
+        # as Twisted already does for an adopted (systemd) socket.
+        port._shouldShutdown = False  # type: ignore[attr-defined]
         self.port = port
         return port
 
@@ -657,12 +669,54 @@ class WorkerLink(Service):
         return handler
 
 
-def worker_service(proxy: IService, listening: Callable[[], Deferred[Any]], reactor: Any
-                   ) -> IService:
+class TrailLock(Service):
     """
-    The service a worker runs: the proxy and its L{WorkerLink}.
+    An exclusive lock on a worker's audit directory, held for the life of
+    the process (the kernel releases it at exit), so that one hash chain
+    has one writer.  A worker whose master was killed drains on; worker K
+    of a master restarted meanwhile waits here, before it opens the chain
+    or listens, until that orphan has finished.
+
+    It waits before the reactor runs (nothing else to do yet, no signal
+    handler but the default, so C{SIGTERM} still ends it at once), and for
+    at most the orphan's C{drain_timeout}.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self._path = directory / TRAIL_LOCK
+        self._fd: int | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warn("Audit trail {directory} is still open in another process (a worker "
+                         "of a master that died, draining); waiting for it to finish",
+                         directory=str(self._path.parent))
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def startService(self) -> None:
+        if self._fd is None:
+            self.privilegedStartService()
+        super().startService()
+
+
+def worker_service(proxy: IService, listening: Callable[[], Deferred[Any]], reactor: Any,
+                   trail: Path) -> IService:
+    """
+    The service a worker runs: the lock on its audit trail C{trail}
+    (first), the proxy and its L{WorkerLink}.
     """
     top = MultiService()
+    TrailLock(trail).setServiceParent(top)
     proxy.setServiceParent(top)
     WorkerLink(reactor, listening).setServiceParent(top)
     return top

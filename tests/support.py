@@ -358,13 +358,23 @@ class Consumer:
 
 
 
-def certificates_toml() -> str:
+def audit_key() -> Path:
+    """
+    This run's audit chain key, beside the development PKI (never in an
+    audit directory).
+    """
+    return demo.audit_key(pki().directory)
+
+
+def certificates_toml(audit: bool = True) -> str:
     """
     The C{[tls]} and C{[upstream]} sections of a configuration file using
-    this run's development PKI.
+    this run's development PKI, and an C{[audit]} section with this run's
+    key unless C{audit} is false.
     """
     certs = pki().directory
-    return f"""
+    section = f'[audit]\nkey_file = "{audit_key()}"\n' if audit else ""
+    return section + f"""
 [tls]
 certificate = "{certs}/proxy.pem"
 private_key = "{certs}/proxy.key"

@@ -23,19 +23,13 @@ import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from ssp.audit import (
-    GENESIS,
-    LINGER,
-    FileAuditSink,
-    audit_files,
-    encode,
-    line_hash,
-    main_verify,
-    read_records,
-    verify,
-)
+from ssp.audit import LINGER, FileAuditSink
+from ssp.auditcli import main_verify
+from ssp.chain import GENESIS, UnkeyedSeal, audit_files, read_records
+from ssp.verify import verify_files as verify
 from ssp.config import AuditConfig
 from ssp.errors import AuditUnavailable
 from ssp.model import AuditRecord, Claims
@@ -66,6 +60,14 @@ def record(n: int, **changes: Any) -> AuditRecord:
     }
     fields.update(changes)
     return AuditRecord(**fields)
+
+
+def encode(record: AuditRecord, previous: str) -> bytes:
+    return UnkeyedSeal().seal(record, previous)
+
+
+def line_hash(line: bytes) -> str:
+    return UnkeyedSeal().link(line)
 
 
 def lines(path: Path) -> list[bytes]:
@@ -185,10 +187,18 @@ class SinkTests(TestCase):
 
     async def test_from_config(self) -> None:
         config = AuditConfig(
-            directory=self.directory, durability="never", rotate_bytes=4096, rotate_daily=False
+            directory=self.directory, durability="never", rotate_bytes=4096, rotate_daily=False,
+            unkeyed=True,
         )
+        self.assertRaises(ValueError, FileAuditSink.from_config,
+                          attrs.evolve(config, unkeyed=False), reactor)
+        logged: list[dict] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
         sink = FileAuditSink.from_config(config, reactor, self.clock)
         self.addCleanup(sink.stop)
+        self.assertTrue(any("UNKEYED" in e.get("log_format", "") and
+                            e["log_level"] == LogLevel.warn for e in logged))
         await sink.start()
         await sink.append(record(1))
         self.assertEqual(len(read_all(self.directory)), 1)
@@ -491,7 +501,7 @@ class SinkTests(TestCase):
         await sink.append(record(1))
         self.assertEqual([r["request_id"] for r in read_all(self.directory)], ["req-1"])
         self.assertFalse(verify([self.directory]).ok)
-        self.assertTrue(verify([self.directory], anchor=last).ok)
+        self.assertTrue(verify([self.directory], start=last).ok)
 
     async def test_unencodable_record_rejected_alone(self) -> None:
         sink = await self.started()
@@ -527,7 +537,7 @@ class VerifyTests(SynchronousTestCase):
 
     def assertBroken(self, path: Path, line: int, reason: str = "") -> None:
         result = verify([self.directory])
-        self.assertFalse(result.ok)
+        self.assertFalse(result.ok, result)
         self.assertEqual((result.broken_file, result.broken_line), (path, line))
         self.assertIn(reason, result.reason)
 
@@ -575,8 +585,8 @@ class VerifyTests(SynchronousTestCase):
         anchor = line_hash(lines(self.paths[0])[-1])
         self.paths[0].unlink()
         self.assertBroken(self.paths[1], 1, "--anchor")
-        self.assertTrue(verify([self.directory], anchor=anchor).ok)
-        self.assertTrue(verify([self.directory], anchor=None).ok)
+        self.assertTrue(verify([self.directory], start=anchor).ok)
+        self.assertTrue(verify([self.directory], start=None).ok)
 
     def test_not_json(self) -> None:
         self.rewrite(self.paths[0], lambda c: c.__setitem__(2, b"garbage"))
@@ -616,7 +626,7 @@ class VerifyTests(SynchronousTestCase):
         out = io.StringIO()
         self.assertEqual(main_verify([str(self.directory)], out), 0)
         self.assertTrue(
-            out.getvalue().startswith("OK: 12 records in 3 files, chain intact; last hash ")
+            out.getvalue().startswith(f"OK: {self.directory}: 12 records in 3 files, chain intact")
         )
 
     def test_main_broken(self) -> None:
@@ -624,13 +634,13 @@ class VerifyTests(SynchronousTestCase):
         out = io.StringIO()
         self.assertEqual(main_verify([str(p) for p in self.paths], out), 1)
         self.assertTrue(
-            out.getvalue().startswith(f"BROKEN: {self.paths[1]}:1: prev does not match")
+            out.getvalue().startswith(f"BROKEN: {self.directory}: {self.paths[1]}:1: prev does not")
         )
 
     def test_main_anchor(self) -> None:
         self.paths[0].unlink()
         out = io.StringIO()
-        self.assertEqual(main_verify([str(self.directory), "--anchor", "any"], out), 0)
+        self.assertEqual(main_verify([str(self.directory), "--start", "any"], out), 0)
         self.assertEqual(main_verify([str(self.directory)], io.StringIO()), 1)
 
     def test_main_missing_path(self) -> None:

@@ -17,7 +17,7 @@ from ssp.audit import FileAuditSink
 from ssp.config import AuditConfig
 from ssp.model import AuditRecord
 from ssp.tls import UpstreamTLS
-from tests.support import ROOT, pki
+from tests.support import ROOT, audit_key, pki
 
 
 class CommandTests(unittest.TestCase):
@@ -60,7 +60,8 @@ class CommandTests(unittest.TestCase):
 
     async def test_audit_verify_and_report(self) -> None:
         directory = self.mktemp()
-        sink = FileAuditSink.from_config(AuditConfig(directory=Path(directory)), reactor)
+        sink = FileAuditSink.from_config(
+            AuditConfig(directory=Path(directory), key_file=audit_key()), reactor)
         sink.start()
         await sink.append(AuditRecord("completed", "r1", 1_800_000_000.0, sender="1",
                                       receiver="2", interaction="i", status=200,
@@ -70,8 +71,10 @@ class CommandTests(unittest.TestCase):
         self.assertEqual(code, 0, out)
         code, out, _ = self.run_cli("report", directory, "--format", "json")
         self.assertEqual(code, 0)
-        [row] = json.loads(out)
+        [row] = [row for row in json.loads(out) if row["scope"] == "day"]
         self.assertEqual((row["sender"], row["requests"], row["forwarded"]), ("1", 1, 1))
+        code, out, _ = self.run_cli("audit", "archive", directory, "--older-than", "1d")
+        self.assertEqual((code, out), (0, ""))  # the only file is open: nothing to archive
 
     def test_console_script_declared(self) -> None:
         self.assertIn("ssp = ssp.cli:main", (ROOT / "setup.cfg").read_text())

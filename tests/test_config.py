@@ -105,3 +105,36 @@ class ExampleTests(unittest.TestCase):
             self.addCleanup(os.environ.pop, "CREDENTIALS_DIRECTORY")
         loaded = config.load(ROOT / "etc" / "ssp.toml")
         self.assertEqual(loaded.tls.private_key.name, "ssp.key")
+
+
+class AuditKeyTests(unittest.TestCase):
+    """
+    The chain key is required unless unkeyed mode is chosen explicitly,
+    and nothing that protects the trail may live inside it.
+    """
+
+    def load(self, audit: str) -> config.Config:
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(certificates_toml(audit=False) + "[audit]\n" + audit)
+        return config.load(path)
+
+    def assertRejected(self, audit: str, message: str) -> None:
+        with self.assertRaises(config.ConfigError) as caught:
+            self.load(audit)
+        self.assertIn(message, str(caught.exception))
+
+    def test_key_required(self) -> None:
+        self.assertRejected('directory = "/srv/audit"\n', "audit.key_file: is required")
+
+    def test_unkeyed_is_an_explicit_choice(self) -> None:
+        self.assertTrue(self.load("unkeyed = true\n").audit.unkeyed)
+        self.assertRejected('unkeyed = true\nkey_file = "/k"\n',
+                            "audit.unkeyed: contradicts audit.key_file")
+
+    def test_nothing_protective_inside_the_trail(self) -> None:
+        for key in ("key_file", "anchor_file", "signing_key"):
+            self.assertRejected(
+                f'directory = "/srv/audit"\nkey_file = "/k"\n{key} = "/srv/audit/x"\n'
+                if key != "key_file" else 'directory = "/srv/audit"\nkey_file = "/srv/audit/k"\n',
+                f"audit.{key}: must not be inside audit.directory")

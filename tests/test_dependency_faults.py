@@ -21,7 +21,8 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock, deferLater
 from twisted.trial import unittest
 
-from ssp import audit, demo
+from ssp import chain, demo
+from ssp.verify import verify_files
 from ssp.audit import FileAuditSink
 from ssp.config import DirectoryConfig, LimitSet, RateLimit, ThrottleConfig
 from ssp.directory import CachingDirectory, LDAPDirectory, LDIFDirectory
@@ -377,8 +378,8 @@ class AuditFaultTests(FaultTestCase):
         """
         self.assertEqual(len(provider.seen), forwarded)
         await self.sink.stop()
-        self.assertTrue(audit.verify([directory]).ok)
-        records = list(audit.read_records([directory]))
+        self.assertTrue(verify_files([directory]).ok)
+        records = list(chain.read_records([directory]))
         seen = set(traces(provider))
         authorised = [r["trace_id"] for r in records if r["event"] == "authorised"]
         completed = [r for r in records if r["event"] == "completed"]

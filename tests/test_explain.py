@@ -255,6 +255,9 @@ certificate = "client.pem"
 private_key = "client.key"
 ca = "ca.pem"
 
+[audit]
+key_file = "audit.key"
+
 [directory]
 kind = "ldif"
 ldif = "{ldif}"

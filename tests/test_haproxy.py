@@ -22,7 +22,7 @@ import attrs
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from ssp import audit
+from ssp import chain
 from tests import redis
 from tests.ports import free_port
 from tests.support import ENDPOINT, ROOT, Consumer, Provider, pki, spine_headers
@@ -140,7 +140,7 @@ def completed(audit_dirs: list[Path], expected: int) -> list[list[dict]]:
     """
     deadline = time.monotonic() + 5
     while True:
-        found = [[r for r in audit.read_records(audit.audit_files(d)) if r["event"] == "completed"]
+        found = [[r for r in chain.read_records(chain.audit_files(d)) if r["event"] == "completed"]
                  if d.exists() else [] for d in audit_dirs]
         if sum(map(len, found)) >= expected or time.monotonic() > deadline:
             return found

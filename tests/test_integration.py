@@ -16,7 +16,8 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
-from ssp import audit, demo
+from ssp import chain, demo
+from ssp.verify import verify_files
 from ssp.config import LimitSet, RateLimit, ThrottleConfig
 from ssp.service import Concerns
 from tests import redis, slapd
@@ -45,7 +46,7 @@ class DeployedProxyTests(unittest.TestCase):
         return provider, proxy
 
     def records(self):
-        return list(audit.read_records(audit.audit_files(self.audit_dir)))
+        return list(chain.read_records(chain.audit_files(self.audit_dir)))
 
     def completed(self):
         return [r for r in self.records() if r["event"] == "completed"]
@@ -60,7 +61,7 @@ class DeployedProxyTests(unittest.TestCase):
         [record] = self.completed()
         self.assertEqual((record["status"], record["decision"], record["token"]),
                          (status, "refused", token))
-        self.assertTrue(audit.verify(audit.audit_files(self.audit_dir)).ok)
+        self.assertTrue(verify_files(chain.audit_files(self.audit_dir)).ok)
         return reply
 
     async def test_admitted_request_is_forwarded_audited_and_rate_headed(self):
@@ -74,7 +75,7 @@ class DeployedProxyTests(unittest.TestCase):
         await proxy.service.stopService()
         events = [(r["event"], r["status"]) for r in self.records()]
         self.assertEqual(events, [("authorised", 0), ("completed", 200)])
-        self.assertTrue(audit.verify(audit.audit_files(self.audit_dir)).ok)
+        self.assertTrue(verify_files(chain.audit_files(self.audit_dir)).ok)
 
     async def test_unknown_sender(self):
         provider, proxy = await self.deploy()

@@ -58,7 +58,8 @@ class ObserveTests(unittest.TestCase):
         for sender in ("1", "2"):
             metrics.observe(completed("urn:i", f"ASID_CHECK_FAILED_MESSAGESENDER_{sender}", 403,
                                       "refused"))
-        metrics.observe(AuditRecord(event="tls-failed", request_id="", time=0.0))
+        metrics.observe(AuditRecord(event="connection-refused", request_id="", time=0.0,
+                                    token="TLS_HANDSHAKE_FAILED: no shared cipher"))
         found = samples(metrics.exposition())
         self.assertEqual(found[("ssp_requests_total", (("decision", "forwarded"),
                                                        ("interaction", "urn:i"),

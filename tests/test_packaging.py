@@ -169,7 +169,7 @@ ldif = "{ROOT}/ssp/data/demo-sds.ldif"
     def test_missing_certificate_file_is_reported(self):
         result, path = self.check('[tls]\ncertificate = "nope.pem"\nprivate_key = "b"\n'
                                   'client_ca = "c"\n[upstream]\ncertificate = "a"\n'
-                                  'private_key = "b"\nca = "c"\n')
+                                  'private_key = "b"\nca = "c"\n[audit]\nunkeyed = true\n')
         self.assertEqual(result.returncode, 1)
         self.assertIn("nope.pem", result.stderr)
 

@@ -359,7 +359,8 @@ class OutcomeTests(unittest.SynchronousTestCase):
 
 class ConfigTests(unittest.SynchronousTestCase):
     base = {"tls": {"certificate": "a", "private_key": "b", "client_ca": "c"},
-            "upstream": {"certificate": "a", "private_key": "b", "ca": "c"}}
+            "upstream": {"certificate": "a", "private_key": "b", "ca": "c"},
+            "audit": {"key_file": "/etc/ssp/private/audit.key"}}
 
     def error(self, **sections) -> str:
         table = {k: dict(v) for k, v in self.base.items()}

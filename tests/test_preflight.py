@@ -55,6 +55,7 @@ class Files:
         self.ca.issue("ssp.test", ("ssp.test",), server=False).write(directory, "client")
         (directory / "ca.crl.pem").write_bytes(self.ca.crl())
         shutil.copy(slapd.SYNTHETIC_LDIF, directory / "sds.ldif")
+        (directory / "audit.key").write_text(os.urandom(32).hex())
 
     def toml(self, **replace: str) -> str:
         """
@@ -79,6 +80,8 @@ ldif = "sds.ldif"
 kind = "ldif"
 [admin]
 endpoint = "tcp:0:interface=127.0.0.1"
+[audit]
+key_file = "audit.key"
 """
         lines = []
         for line in text.splitlines():
@@ -200,6 +203,14 @@ class CheckConfigTests(unittest.SynchronousTestCase):
                       "o=nhs' lacks nhsMhsSvcIA", self.refused(self.files.toml()))
         ldif.write_bytes(b"dn: x\nobjectClass: nhsAs\n\xff\n")
         self.assertIn("not UTF-8", self.refused(self.files.toml()))
+
+    def test_audit_key(self) -> None:
+        short = self.files.directory / "short.key"
+        short.write_text("too short")
+        self.assertIn("at least 32 bytes",
+                      self.refused(self.files.toml(key_file='key_file = "short.key"')))
+        self.assertIn("audit.key_file: ",
+                      self.refused(self.files.toml(key_file='key_file = "missing.key"')))
 
     def test_resolve_needs_host_and_port(self) -> None:
         for entry, side in (('"provider.test" = "127.0.0.1:8443"', "entry 'provider.test'"),
@@ -375,6 +386,7 @@ class ExampleConfigTests(unittest.TestCase):
             shutil.copy(files.directory / source, tls / name)
         shutil.copy(files.directory / "server.key", credentials / "ssp.key")
         shutil.copy(files.directory / "client.key", credentials / "ssp-client.key")
+        shutil.copy(files.directory / "audit.key", credentials / "audit.key")
         example = (ROOT / "etc" / "ssp.toml").read_text()
         path = files.write(example.replace('"/etc/ssp/', f'"{files.directory}/etc/ssp/'))
 

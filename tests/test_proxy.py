@@ -381,8 +381,13 @@ class RefusalTests(ProxyTestCase):
         self.assertEqual(json.loads(body)["issue"][0]["diagnostics"],
                          "HTTP_REQUEST_SENT_TO_HTTPS_PORT")
         self.assertEqual(provider.seen, [])
-        self.assertEqual([(r.status, r.decision, r.token) for r in proxy.audit.completed()],
-                         [(497, "refused", "HTTP_REQUEST_SENT_TO_HTTPS_PORT")])
+        self.assertEqual(proxy.audit.completed(), [])
+        proxy.service.connection_refusals.flush()
+        self.assertEqual(
+            [(r.event, r.status, r.decision, r.token, r.count, r.consumer_address)
+             for r in proxy.audit.records],
+            [("connection-refused", 497, "refused", "HTTP_REQUEST_SENT_TO_HTTPS_PORT", 1,
+              "127.0.0.1")])
 
 
 class _Garbage(Protocol):
@@ -515,8 +520,11 @@ class TLSPolicyTests(ProxyTestCase):
 
         self.assertTrue((await self.handshake(proxy, old)).startswith("refused"))
         while not proxy.audit.records:
+            proxy.service.connection_refusals.flush()
             await deferLater(reactor, 0.01)
-        self.assertEqual([r.event for r in proxy.audit.records], ["tls-failed"])
+        [record] = proxy.audit.records
+        self.assertEqual((record.event, record.count), ("connection-refused", 1))
+        self.assertTrue(record.token.startswith("TLS_HANDSHAKE_FAILED: "), record.token)
 
     async def test_non_pfs_and_cbc_suites_refused(self):
         provider, proxy = await self.setup()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -136,22 +137,69 @@ class ReportTests(TestCase):
         receiver and interaction, across rotated files.
         """
         self.assertGreater(len(list(self.directory.iterdir())), 1)
-        self.assertEqual(report([self.directory]), EXPECTED)
+        self.assertEqual(report([self.directory]).rows, EXPECTED)
+
+    def test_totals(self) -> None:
+        """
+        Totals per sender, receiver and interaction, then the grand total,
+        recomputed from the records (percentiles are not averages of rows).
+        """
+        totals = {(row.scope, row.sender, row.receiver, row.interaction): row
+                  for row in report([self.directory]).totals}
+        self.assertEqual([row.scope for row in report([self.directory]).totals],
+                         ["sender"] * 3 + ["receiver"] * 2 + ["interaction"] * 3 + ["total"])
+        total = totals[("total", "", "", "")]
+        self.assertEqual((total.requests, total.forwarded, total.refused, total.failed,
+                          total.abandoned, total.bytes_out), (10, 6, 2, 1, 1, 8200))
+        self.assertEqual(total.latency_p50_ms, 20.0)
+        self.assertEqual(totals[("sender", A, "", "")].requests, 8)
+        self.assertEqual(totals[("receiver", "", P, "")].requests, 9)
+        self.assertEqual(totals[("interaction", "", "", MD)].requests, 7)
+        self.assertEqual(totals[("interaction", "", "", SR)].upstream_p50_ms, 2400.0)
 
     def test_day_range(self) -> None:
-        self.assertEqual(report([self.directory], since="2024-03-02"), EXPECTED[3:])
-        self.assertEqual(report([self.directory], until="2024-03-01"), EXPECTED[:3])
+        self.assertEqual(report([self.directory], since="2024-03-02").rows, EXPECTED[3:])
+        self.assertEqual(report([self.directory], until="2024-03-01").rows, EXPECTED[:3])
         self.assertEqual(
-            report([self.directory], since="2024-03-02", until="2024-03-02"), EXPECTED[3:]
+            report([self.directory], since="2024-03-02", until="2024-03-02").rows, EXPECTED[3:]
         )
-        self.assertEqual(report([self.directory], since="2024-03-03"), [])
+        empty = report([self.directory], since="2024-03-03")
+        self.assertEqual(empty.rows, [])
+        self.assertEqual([(r.scope, r.requests) for r in empty.totals], [("total", 0)])
+
+    def test_empty_is_an_error_unless_allowed(self) -> None:
+        self.patch(sys, "stderr", io.StringIO())
+        out = io.StringIO()
+        self.assertEqual(main_report([str(self.directory), "--from", "2024-03-03"], out), 1)
+        self.assertIn("WARNING: no completed requests", sys.stderr.getvalue())
+        self.assertEqual(
+            main_report([str(self.directory), "--from", "2024-03-03", "--allow-empty"], out), 0)
+
+    def test_inverted_range(self) -> None:
+        self.patch(sys, "stderr", io.StringIO())
+        self.assertEqual(main_report(
+            [str(self.directory), "--from", "2024-03-02", "--to", "2024-03-01"], io.StringIO()), 2)
+        self.assertIn("inverted range", sys.stderr.getvalue())
+        with self.assertRaises(ValueError):
+            report([self.directory], since="2024-03-02", until="2024-03-01")
+
+    def test_workers_layout_merged(self) -> None:
+        """
+        C{DIR/worker-K} chains (C{--workers}) are found and merged.
+        """
+        parent = Path(self.mktemp())
+        for k in range(2):
+            shutil.copytree(self.directory, parent / f"worker-{k}")
+        merged = report([parent])
+        self.assertEqual([r.requests for r in merged.rows], [2 * r.requests for r in EXPECTED])
 
     def test_csv(self) -> None:
         out = io.StringIO()
         self.assertEqual(main_report([str(self.directory)], out), 0)
         table = list(csv.reader(io.StringIO(out.getvalue())))
         self.assertEqual(tuple(table[0]), COLUMNS)
-        self.assertEqual(len(table), 6)
+        self.assertEqual(len(table), 15)
+        self.assertEqual(table[-1][0:5] + table[-1][-1:], ["", "", "", "", "10", "total"])
         self.assertEqual(
             table[2],
             [
@@ -176,9 +224,10 @@ class ReportTests(TestCase):
                 "18.0",
                 "38.0",
                 "38.0",
+                "day",
             ],
         )
-        self.assertEqual(table[4][-3:], ["", "", ""])
+        self.assertEqual(table[4][-4:], ["", "", "", "day"])
 
     def test_json(self) -> None:
         out = io.StringIO()
@@ -186,7 +235,7 @@ class ReportTests(TestCase):
             main_report([str(self.directory), "--format", "json", "--from", "2024-03-02"], out), 0
         )
         rows = json.loads(out.getvalue())
-        self.assertEqual([Row(**row) for row in rows], EXPECTED[3:])
+        self.assertEqual([Row(**row) for row in rows if row["scope"] == "day"], EXPECTED[3:])
         self.assertIsNone(rows[0]["upstream_p50_ms"])
 
     def test_unreadable(self) -> None:

@@ -19,7 +19,7 @@ from twisted.trial import unittest
 from ssp import config as ssp_config
 from ssp import demo
 from ssp.service import SSPService
-from tests.support import (DEMO_LDIF, ROOT, Consumer, Provider, certificates_toml, pki,
+from tests.support import (DEMO_LDIF, ROOT, Consumer, Provider, audit_key, certificates_toml, pki,
                            spine_headers)
 from tests.test_crash import TWISTD, wait_listening
 from tests.ports import free_port
@@ -48,7 +48,7 @@ class ConfigFile:
 
     def write(self, extra: str = AGREEMENT, listen: str = "") -> None:
         self.path.write_text(f"""
-{certificates_toml()}
+{certificates_toml(audit=False)}
 resolve = {{ "{demo.PROVIDER_HOST}:443" = "127.0.0.1:{self.provider_port}" }}
 [listen]
 endpoint = "tcp:{self.port}:interface=127.0.0.1"
@@ -62,6 +62,7 @@ ldif = "{self.ldif}"
 [audit]
 directory = "{self.directory / 'audit'}"
 durability = "never"
+key_file = "{audit_key()}"
 {extra}
 """)
 

@@ -273,8 +273,10 @@ class SlowClientScenarios(unittest.TestCase):
         await self.good_request(tally, proxy, source="127.0.0.1")
         tally.expect(proxy.service.site.caps.refused_connections == 1,
                      f"refused {proxy.service.site.caps.refused_connections}")
-        failed = [r for r in proxy.audit.records if r.event == "tls-failed"]
-        tally.expect(len(failed) == 1, f"refused connection audited as {failed}")
+        proxy.service.connection_refusals.flush()
+        failed = [r for r in proxy.audit.records if r.event == "connection-refused"]
+        tally.expect([(r.token, r.count) for r in failed] == [("CONNECTION_LIMIT_EXCEEDED", 1)],
+                     f"refused connection audited as {failed}")
         await deferToThread(closed_within, [s for s in idle[1:] if s is not None], 0.01)
         return tally
 
@@ -486,8 +488,9 @@ class SilentTCPTests(unittest.TestCase):
         refused = await deferToThread(open_idle, proxy.port, context, "127.0.0.1", 0.5)
         self.assertIsNone(refused)
         self.assertEqual(caps.refused_connections, 1)
-        self.assertEqual(
-            [r.token for r in proxy.audit.records], ["CONNECTION_LIMIT_EXCEEDED"])
+        proxy.service.connection_refusals.flush()
+        self.assertEqual([(r.token, r.count) for r in proxy.audit.records],
+                         [("CONNECTION_LIMIT_EXCEEDED", 1)])
         self.assertEqual((await consumer_from(consumer, "127.0.0.2")).status, 200)
         self.assertTrue(await wait_for(lambda: caps.open_connections == 0, 10.0))
         self.assertEqual((await consumer.get("metadata")).status, 200)

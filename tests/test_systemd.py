@@ -228,7 +228,7 @@ class UnitFileTests(unittest.SynchronousTestCase):
     def test_both_private_keys_are_credentials(self):
         self.assertEqual(
             sorted(c.split(":")[0] for c in self.service["LoadCredential"]),
-            ["ssp-client.key", "ssp.key"],
+            ["audit.key", "ssp-client.key", "ssp.key"],
         )
 
 
@@ -239,10 +239,11 @@ class SystemdAnalyzeTests(unittest.SynchronousTestCase):
         # verify insists that ExecStart's program exists: point it at one that does.
         self.directory = Path(self.mktemp()).resolve()
         self.directory.mkdir()
-        for name in ("ssp.socket", "ssp.service"):
+        for name in ("ssp.socket", "ssp.service", "ssp-audit.service", "ssp-audit.timer"):
             text = (UNITS / name).read_text()
-            (self.directory / name).write_text(
-                text.replace("/opt/ssp/venv/bin/twistd", shutil.which("true") or "/bin/true"))
+            for program in ("/opt/ssp/venv/bin/twistd", "/opt/ssp/venv/bin/ssp"):
+                text = text.replace(program, shutil.which("true") or "/bin/true")
+            (self.directory / name).write_text(text)
 
     def analyze(self, *arguments: str) -> subprocess.CompletedProcess:
         return subprocess.run(["systemd-analyze", *arguments], cwd=self.directory, check=False,
@@ -255,6 +256,14 @@ class SystemdAnalyzeTests(unittest.SynchronousTestCase):
         """
         result = self.analyze("verify", str(self.directory / "ssp.socket"),
                               str(self.directory / "ssp.service"))
+        self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
+
+    def test_verify_audit_timer(self):
+        """
+        The daily verify-and-archive service and its timer.
+        """
+        result = self.analyze("verify", str(self.directory / "ssp-audit.service"),
+                              str(self.directory / "ssp-audit.timer"))
         self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
 
     def test_exposure(self):

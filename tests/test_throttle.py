@@ -375,6 +375,7 @@ class HelperTests(SynchronousTestCase):
 
 DOC_EXAMPLE = {
     "tls": {"certificate": "c.pem", "private_key": "k.pem", "client_ca": "ca.pem"},
+    "audit": {"key_file": "audit.key"},
     "upstream": {"certificate": "c.pem", "private_key": "k.pem", "ca": "ca.pem"},
     "throttle": {
         "store": "redis",

@@ -368,9 +368,10 @@ class HandshakeFailureTests(IdentityTestCase):
                 exchange(proxy.port, context, metadata_request())
 
         await deferToThread(connect)
-        await until(lambda: proxy.audit.records)
+        await until(lambda: proxy.service.connection_refusals.counted)
+        proxy.service.connection_refusals.flush()
         [record] = proxy.audit.records
-        self.assertEqual((record.event, record.decision), ("tls-failed", "refused"))
+        self.assertEqual((record.event, record.decision), ("connection-refused", "refused"))
         return record.token
 
     async def test_no_shared_cipher(self) -> None:
