@@ -31,3 +31,16 @@ def settle_heap() -> None:
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(YOUNG_THRESHOLD, middle, old)
+
+
+def thaw() -> None:
+    """
+    After a reload: hand the frozen objects back to the collector.  The
+    configuration, directory and TLS contexts a reload replaces were
+    frozen; any of them in a reference cycle would otherwise never be
+    freed, a leak per C{SIGHUP}.  Full collections walk them again until
+    the next restart (the cost L{settle_heap} avoided, not a correctness
+    matter).  Nothing happens in a process that never settled.
+    """
+    if gc.get_freeze_count():
+        gc.unfreeze()

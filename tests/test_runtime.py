@@ -43,3 +43,32 @@ class SettleHeapTests(TestCase):
         ref = weakref.ref(thing)
         del thing
         self.assertIsNone(ref())
+
+
+class ThawTests(TestCase):
+    def setUp(self) -> None:
+        threshold = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *threshold)
+        self.addCleanup(gc.unfreeze)
+
+    def test_reload_garbage_collectable_again(self) -> None:
+        """
+        A cycle frozen at start-up and dropped later (what a reload
+        replaces) is freed by a collection after L{runtime.thaw}.
+        """
+        import weakref
+
+        class Node:
+            pass
+
+        node = Node()
+        node.itself = node  # type: ignore[attr-defined]
+        ref = weakref.ref(node)
+        runtime.settle_heap()
+        del node
+        gc.collect()
+        self.assertIsNotNone(ref())
+        runtime.thaw()
+        gc.collect()
+        self.assertIsNone(ref())
+        self.assertEqual(gc.get_freeze_count(), 0)
