@@ -5,12 +5,17 @@ The pluggable concerns of the proxy, as zope Interfaces.
 Each has a real implementation in the module named after its concern and an
 in-memory fake in L{ssp.testing}; the request pipeline only ever sees these
 interfaces, so every check can be unit-tested without sockets.
+
+L{IExchange} is the boundary between the HTTP channel (L{ssp.channel}),
+which implements it, and the proxy (L{ssp.proxy}), which uses it: neither
+imports the other.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from twisted.web.iweb import IRequest
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
@@ -114,4 +119,41 @@ class IUpstream(Interface):
         """
         Issue the request over mutual TLS.  Fails with
         L{ssp.errors.UpstreamFailed} or L{ssp.errors.UpstreamTimeout}.
+        """
+
+
+class IExchange(IRequest):
+    """
+    One request on a consumer's connection, as the proxy sees it: a Twisted
+    request whose body streams, and the little it may know of the
+    connection under it.
+    """
+
+    body = Attribute(
+        "The upload, a L{ssp.forward.RequestBody} fed as it arrives; L{None} when the "
+        "request has no body."
+    )
+    refusal = Attribute(
+        "The channel's refusal of the request after it started (a malformed, oversized "
+        "or stalled body), or L{None}."
+    )
+    work = Attribute("The Deferred handling the request; the channel cancels it when it "
+                     "refuses the request.")
+    finished = Attribute("True once the response is complete.")
+    startedWriting = Attribute("True once the response head has been written.")
+    gone = Attribute("True once the consumer's connection is lost.")
+    closes_after_response = Attribute(
+        "True when the connection will not be reused after this response."
+    )
+
+    def abort() -> None:
+        """
+        Drop the connection at once, without completing the response: the
+        consumer must not take a cut-short body for a whole one.
+        """
+
+    def tls_connection() -> object:
+        """
+        The connection's OpenSSL C{Connection} (its peer certificate chain),
+        or L{None} when it is not TLS.
         """

@@ -31,6 +31,7 @@ from ssp import __version__, preflight, runtime
 from ssp import config as ssp_config
 from ssp.accesslog import AccessLogFile
 from ssp.audit import FileAuditSink
+from ssp.channel import ProxySite
 from ssp.config import Config, ThrottleConfig
 from ssp.directory import directory_from_config
 from ssp.forward import Upstream
@@ -38,8 +39,8 @@ from ssp.interfaces import IAuditSink, IDirectory, IThrottle
 from ssp.metrics import Metrics, admin_resource
 from ssp.model import AuditRecord
 from ssp.pipeline import Checks
+from ssp.proxy import Proxy, ProxyResource
 from ssp.refusals import ConnectionRefusals
-from ssp.resource import Proxy, ProxyResource, ProxySite
 from ssp.systemd import SystemdNotifier
 from ssp.throttle import Throttle, throttle_from_config
 from ssp.tls import (
@@ -211,7 +212,8 @@ class SSPService(MultiService):
             self._checks(config, directory, throttle), upstream, audit, self.reactor,
             config.upstream.idle_timeout, hsts, observers=observers, cors=config.cors,
         )
-        site = self.site = ProxySite(ProxyResource(self.proxy), self.reactor, config.listen)
+        site = self.site = ProxySite(ProxyResource(self.proxy), self.reactor, config.listen,
+                                     self.proxy.refuse_early)
         listener = self._accepting = _Accepting(
             BulkTLSFactory(self.server_tls, False, site), hsts,
             self.reactor, config.listen.header_timeout,

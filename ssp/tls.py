@@ -403,7 +403,7 @@ def identity_of(certificate: x509.Certificate) -> ClientIdentity:
 class ConnectionCounter(typing.Protocol):
     """
     What L{TLSOrPlainFactory} needs of the connection caps
-    (L{ssp.resource.ConnectionCaps}).
+    (L{ssp.channel.ConnectionCaps}).
     """
 
     def open(self, address: str | None) -> bool: ...
@@ -528,7 +528,7 @@ class TLSOrPlainFactory(Factory):
     @ivar first_byte_timeout: seconds a new connection may stay silent
         before it is aborted (unaudited: nothing was said).
     @ivar caps: counts each connection from the moment it is accepted
-        (L{ssp.resource.ConnectionCaps}); one it refuses is aborted at once
+        (L{ssp.channel.ConnectionCaps}); one it refuses is aborted at once
         and handed to C{on_refused}.
     @ivar proxy_protocol: connections come through the PROXY protocol, so
         the consumer's address is known at the first byte, not at accept.

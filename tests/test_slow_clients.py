@@ -24,8 +24,9 @@ from twisted.trial import unittest
 from ssp.config import ListenConfig, TokenConfig
 from ssp.errors import CertificateRequired
 from ssp.pipeline import Checks
-from ssp.resource import Proxy as ProxyHandler
-from ssp.resource import ProxyResource, ProxySite
+from ssp.channel import ProxySite
+from ssp.proxy import Proxy as ProxyHandler
+from ssp.proxy import ProxyResource
 from ssp.testing import MemoryDirectory, MemoryThrottle, RecordingAuditSink
 from tests.support import ENDPOINT, Provider, Proxy, spine_headers
 from tests.test_hostile import (
@@ -385,7 +386,7 @@ class ClockedTimeouts(unittest.SynchronousTestCase):
         handler = ProxyHandler(checks, _Unreachable(), self.audit, self.clock, 60.0, b"max-age=1")
         limits = ListenConfig(header_timeout=10.0, idle_timeout=30.0,
                               max_connections=4, max_connections_per_address=2)
-        self.site = ProxySite(ProxyResource(handler), self.clock, limits)
+        self.site = ProxySite(ProxyResource(handler), self.clock, limits, handler.refuse_early)
 
     def connect(self, host: str = "192.0.2.1") -> tuple[Any, StringTransport]:
         channel = self.site.buildProtocol(IPv4Address("TCP", host, 40000))

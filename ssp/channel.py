@@ -1,19 +1,18 @@
-# -*- test-case-name: tests.test_proxy,tests.test_hostile,tests.test_slow_clients -*-
+# -*- test-case-name: tests.test_hostile,tests.test_slow_clients,tests.test_stream -*-
 """
-The HTTP side: a channel that parses request heads strictly, caps their
-size and time and starts a request as soon as its headers are in; a
-request class that streams uploads instead of buffering them; a site that
-caps connections; and the resource that admits, audits, forwards and
-relays each request.
+The HTTP/1.1 server side: a channel that parses request heads strictly,
+caps their size and time and starts a request as soon as its headers are
+in; a request class that streams uploads instead of buffering them; and a
+site that caps connections.
 
 The channel is the framing boundary (C{docs/hostile-input.md}): anything
 that could make the proxy and a provider disagree about where a request
 ends -- conflicting lengths, folded or bare-CR/LF lines, control bytes --
-and anything too big or too slow is refused with an OperationOutcome,
-audited, and the connection closed, before anything is forwarded.
-
-The render follows klein's pattern: the work is a Deferred that a client
-disconnect cancels, so an abandoned request stops its upstream request.
+and anything too big or too slow is refused before anything is forwarded.
+It knows nothing of what is done with a request: the site's resource
+handles the requests it lets through, and an L{EarlyRefusal} callback,
+given to the site, answers (and audits) those it refuses before they
+could start, after which the connection closes.
 """
 
 from __future__ import annotations
@@ -21,44 +20,28 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource
+from zope.interface import implementer
 
-from ssp import cors, errors, forward, headers, token
-from ssp.config import CorsConfig, ListenConfig
+from ssp import forward, headers
+from ssp.config import ListenConfig
 from ssp.errors import (
     BadRequest,
     HeadersTooLarge,
     PayloadTooLarge,
     Refusal,
     RequestTimeout,
-    UpstreamFailed,
     URITooLong,
 )
-from ssp.ids import new_request_id
-from ssp.interfaces import IAuditSink, IUpstream
-from ssp.model import AuditRecord, Claims, ClientIdentity, audit_record
-from ssp.pipeline import Checks, Findings, Inbound, admit
+from ssp.interfaces import IExchange
 from ssp.tls import host_of, send_now
 
 log = Logger()
-
-REASONS = {
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    414: b"URI Too Long",
-    429: b"Too Many Requests",
-    431: b"Request Header Fields Too Large",
-    495: b"SSL Certificate Error",
-    496: b"SSL Certificate Required",
-    497: b"HTTP Request Sent to HTTPS Port",
-}
-CLIENT_CLOSED = 499
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) (HTTP/1\.[01])")
@@ -71,7 +54,14 @@ _MAX_LENGTH_DIGITS = 18
 # Where a connection is in its current exchange.
 _HEAD, _BODY, _HANDLING = "head", "body", "handling"
 
+EarlyRefusal = Callable[["ProxyRequest", Refusal], None]
+"""
+Answers a request the channel refused before it could start (its framing,
+size or timing); the connection closes after that answer.
+"""
 
+
+@implementer(IExchange)
 class ProxyRequest(server.Request):
     """
     A request whose body is handed to a L{forward.RequestBody} chunk by
@@ -80,7 +70,8 @@ class ProxyRequest(server.Request):
 
     @ivar refusal: set when the channel refuses the request after it
         started (a malformed, oversized or stalled body).
-    @ivar work: the Deferred of L{Proxy.handle}, cancelled by L{refuse}.
+    @ivar work: the Deferred handling the request, set by the site's
+        resource and cancelled by L{refuse}.
     """
 
     defaultContentType = None
@@ -174,6 +165,21 @@ class ProxyRequest(server.Request):
         if body is not None and not body.complete:
             body.fail(Failure(refusal))
 
+    @property
+    def gone(self) -> bool:
+        return self._disconnected
+
+    @property
+    def closes_after_response(self) -> bool:
+        return not self.channel.persistent
+
+    def abort(self) -> None:
+        self.channel.transport.abortConnection()
+
+    def tls_connection(self) -> Any:
+        get_handle = getattr(self.channel.transport, "getHandle", None)
+        return get_handle() if get_handle is not None else None
+
     def connectionLost(self, reason: Failure) -> None:
         if self.body is not None and not self.body.complete:
             self.body.fail(reason)
@@ -202,8 +208,8 @@ class ProxyChannel(http.HTTPChannel):
     C{Transfer-Encoding: identity}, control bytes, huge C{Content-Length}
     values) and answers what it does reject with a bare 400.  This channel
     checks every line of a request head first, against the C{[listen]}
-    limits, refuses with L{Proxy.refuse_early} (an audited OperationOutcome)
-    and stops reading; it also times the head out after
+    limits, refuses through the site's L{EarlyRefusal} (an audited
+    OperationOutcome) and stops reading; it also times the head out after
     C{listen.header_timeout} (408) and a stalled body after
     C{listen.idle_timeout} (408).  Requests that carry a body start as soon
     as their headers are in, so the body streams to the provider instead of
@@ -460,7 +466,7 @@ class ProxyChannel(http.HTTPChannel):
             self.requests.append(request)
             request.describe(*_request_line_prefix(partial))
         self.stop_reading()
-        self.site.proxy.refuse_early(request, refusal)
+        self.site.refuse_early(request, refusal)
 
     def timeoutConnection(self) -> None:
         if self._closing:
@@ -625,7 +631,10 @@ class ProxySite(server.Site):
     """
     The site: our request and channel classes, connection caps in total and
     per consumer address, and no access log of its own (each exchange is
-    logged once, with its audit fields, by L{Proxy}).
+    logged once, with its audit fields, by whatever handles it).
+
+    @ivar refuse_early: answers the requests a channel refuses before they
+        start (L{EarlyRefusal}).
 
     @ivar caps: the connection caps, which the listening factory applies
         from the moment it accepts a connection (L{ConnectionCaps}).
@@ -637,9 +646,10 @@ class ProxySite(server.Site):
     protocol = ProxyChannel
     displayTracebacks = False
 
-    def __init__(self, resource: ProxyResource, reactor: Any, limits: ListenConfig) -> None:
+    def __init__(self, resource: IResource, reactor: Any, limits: ListenConfig,
+                 refuse_early: EarlyRefusal) -> None:
         super().__init__(resource, reactor=reactor, timeout=limits.idle_timeout)
-        self.proxy = resource.proxy
+        self.refuse_early = refuse_early
         self.limits = limits
         self.channels: set[ProxyChannel] = set()
         self.caps = ConnectionCaps(lambda: self.limits)
@@ -660,329 +670,3 @@ class ProxySite(server.Site):
 
     def log(self, request: Any) -> None:
         pass
-
-
-class ProxyResource(Resource):
-    """
-    Every path is a proxied request.
-    """
-
-    isLeaf = True
-
-    def __init__(self, proxy: Proxy) -> None:
-        super().__init__()
-        self.proxy = proxy
-
-    def render(self, request: ProxyRequest) -> int:
-        work = request.work = Deferred.fromCoroutine(self.proxy.handle(request))
-        request.notifyFinish().addErrback(lambda _: work.cancel())
-        work.addErrback(self.proxy.crashed, request)
-        return server.NOT_DONE_YET
-
-
-class Proxy:
-    """
-    Admits, audits, forwards and relays each request.
-
-    @ivar checks: the pipeline's collaborators; the service swaps them on
-        reload.
-    @ivar cors: the origins whose preflights are answered (SPEC §9.5).
-    """
-
-    def __init__(self, checks: Checks, upstream: IUpstream, audit: IAuditSink,
-                 clock: IReactorTime, idle_timeout: float, hsts: bytes,
-                 observers: tuple[Any, ...] = (), cors: CorsConfig = CorsConfig()) -> None:
-        self.checks = checks
-        self.cors = cors
-        self.upstream = upstream
-        self.audit = audit
-        self.clock = clock
-        self.idle_timeout = idle_timeout
-        self.hsts = hsts
-        self.observers = observers
-        self.in_flight = 0
-
-    async def handle(self, request: ProxyRequest) -> None:
-        started = self.clock.seconds()
-        request_id = new_request_id()
-        found = Findings()
-        outcome = _Outcome()
-        self.in_flight += 1
-        try:
-            connection = _tls_connection(request)
-            if cors.is_preflight(request.method, request.requestHeaders):
-                found.client = self.checks.identify(connection)
-                self._answer_preflight(request, found, outcome)
-                return
-            inbound = Inbound(request.method, request.uri, request.requestHeaders, connection)
-            await admit(inbound, self.checks, found)
-            await self.audit.append(
-                self._record("authorised", request_id, started, request, found, outcome)
-            )
-            await self._forward(request, found, outcome)
-        except Refusal as refusal:
-            outcome.refused(refusal)
-            await self._settle(request_id, started, request, found, outcome)
-            self._refuse(request, refusal, found)
-        except CancelledError:
-            if request.refusal is None:
-                outcome.abandoned()
-            else:
-                outcome.refused(request.refusal)
-                await self._settle(request_id, started, request, found, outcome)
-                self._refuse(request, request.refusal, found)
-        finally:
-            if not outcome.recorded:
-                await self._settle(request_id, started, request, found, outcome)
-
-    async def _settle(self, request_id: str, started: float, request: ProxyRequest,
-                      found: Findings, outcome: _Outcome) -> None:
-        """
-        Write the request's C{completed} record, once.  A refusal awaits
-        it before answering: a refusal the consumer saw is on disk (within
-        the sink's durability) even if the proxy is killed right after.  A
-        consumer leaving meanwhile cancels only the wait: the record is
-        written all the same.
-        """
-        outcome.recorded = True
-        self.in_flight -= 1
-        outcome.total_latency = self.clock.seconds() - started
-        try:
-            await self._complete(
-                self._record("completed", request_id, started, request, found, outcome)
-            )
-        except CancelledError:
-            pass
-
-    async def _forward(self, request: ProxyRequest, found: Findings, outcome: _Outcome) -> None:
-        url = found.target
-        assert url is not None
-        client = request.getClientAddress()
-        element = headers.forwarded_element(
-            getattr(client, "host", "unknown"), getattr(request.getHost(), "host", "unknown")
-        )
-        body: IBodyProducer | None = request.body
-        if body is None and request.requestHeaders.hasHeader(b"content-length"):
-            body = forward.RequestBody(0, lambda: None, lambda: None)
-            body.finish()
-        sent = self.clock.seconds()
-        outcome.decision = "forwarded"
-        try:
-            response = await self.upstream.request(
-                request.method, url.url,
-                headers.upstream_headers(request.requestHeaders, url, element), body,
-            )
-        except (Refusal, CancelledError):
-            raise
-        except Exception as e:
-            # A bug or an unforeseen failure below us: the consumer still
-            # gets an answer and the audit says what happened.
-            log.failure("Unexpected error forwarding to {target}", target=url.text)
-            raise UpstreamFailed(url.text) from e
-        outcome.upstream_latency = self.clock.seconds() - sent
-        outcome.status = response.code
-        request.setResponseCode(response.code, response.phrase)
-        request.responseHeaders.removeHeader(b"server")
-        for name, values in headers.downstream_headers(response.headers):
-            request.responseHeaders.setRawHeaders(name, values)
-        self._add_response_headers(request, found)
-        if response.length is not UNKNOWN_LENGTH and response.code not in (204, 304):
-            # Relay the provider's framing rather than re-chunking its body.
-            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % response.length])
-        done, relaying = forward.relay(response, request, self.clock, self.idle_timeout,
-                                       url.text)
-        try:
-            outcome.bytes_out = await done
-        except CancelledError:
-            outcome.bytes_out = relaying.sent
-            relaying.stop()
-            raise
-        except Refusal as failure:
-            outcome.bytes_out = relaying.sent
-            outcome.status, outcome.token = failure.status, failure.token
-            outcome.decision = "failed"
-            request.channel.transport.abortConnection()
-            return
-        request.finish()
-
-    def _answer_preflight(self, request: ProxyRequest, found: Findings,
-                          outcome: _Outcome) -> None:
-        """
-        Answer a CORS preflight from a configured origin with 204; the
-        browser is asking the proxy, so nothing is forwarded.
-
-        @raise Forbidden: the origin or verb is not allowed.
-        """
-        for name, value in cors.preflight(self.cors, request.requestHeaders):
-            request.responseHeaders.setRawHeaders(name, [value])
-        outcome.decision, outcome.status = "answered", 204
-        request.setResponseCode(204)
-        request.responseHeaders.removeHeader(b"server")
-        request.responseHeaders.setRawHeaders(b"Strict-Transport-Security", [self.hsts])
-        request.finish()
-
-    def _add_response_headers(self, request: ProxyRequest, found: Findings) -> None:
-        if not request.responseHeaders.hasHeader(b"strict-transport-security"):
-            request.responseHeaders.setRawHeaders(b"Strict-Transport-Security", [self.hsts])
-        for name, value in cors.response_headers(self.cors, request.requestHeaders):
-            if name == b"Vary":
-                request.responseHeaders.addRawHeader(name, value)
-            else:
-                request.responseHeaders.setRawHeaders(name, [value])
-        if found.rate is not None:
-            for name, value in found.rate.headers():
-                request.responseHeaders.setRawHeaders(name, [value])
-
-    def _refuse(self, request: ProxyRequest, refusal: Refusal, found: Findings) -> None:
-        if request.finished or request._disconnected:
-            return
-        if request.startedWriting:
-            request.channel.transport.abortConnection()
-            return
-        xml = errors.wants_xml(request.getHeader(b"accept"), _query_format(request.uri))
-        content_type, body = errors.operation_outcome(refusal, xml)
-        request.setResponseCode(refusal.status, REASONS.get(refusal.status))
-        response_headers = request.responseHeaders
-        if not request.channel.persistent or (request.body is not None
-                                              and not request.body.complete):
-            response_headers.setRawHeaders(b"Connection", [b"close"])
-        response_headers.removeHeader(b"server")
-        response_headers.setRawHeaders(b"Content-Type", [content_type])
-        response_headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
-        for name, value in refusal.headers:
-            response_headers.setRawHeaders(name, [value])
-        self._add_response_headers(request, found)
-        request.write(body)
-        request.finish()
-
-    def refuse_early(self, request: ProxyRequest, refusal: Refusal) -> None:
-        """
-        Audit, then answer, a request the channel refused before it could
-        be admitted (its framing, size or timing); the connection then
-        closes.
-        """
-        started = self.clock.seconds()
-        found = Findings(client=self._identity(request))
-        outcome = _Outcome()
-        outcome.refused(refusal)
-        outcome.total_latency = 0.0
-        request.responseHeaders.setRawHeaders(b"Date", [http.datetimeToString(started)])
-        recorded = Deferred.fromCoroutine(self._complete(
-            self._record("completed", new_request_id(), started, request, found, outcome)
-        ))
-        recorded.addErrback(lambda f: log.failure("Audit record of a refusal not written", f))
-        recorded.addCallback(lambda _: self._refuse(request, refusal, found))
-
-    def _identity(self, request: ProxyRequest) -> ClientIdentity | None:
-        try:
-            return self.checks.identify(_tls_connection(request))
-        except Refusal:
-            return None
-
-    def _record(self, event: str, request_id: str, started: float, request: ProxyRequest,
-                found: Findings, outcome: _Outcome) -> AuditRecord:
-        spine, client = found.spine, found.client
-        return audit_record(
-            event,
-            started,
-            request.getClientAddress(),
-            request_id,
-            method=_text(request.method),
-            target=found.target.text if found.target else _text(_unparsed_target(request.uri)),
-            trace_id=spine.trace_id if spine else _sent_once(request, b"ssp-traceid"),
-            sender=spine.sender if spine else _sent_once(request, b"ssp-from"),
-            receiver=spine.receiver if spine else _sent_once(request, b"ssp-to"),
-            interaction=spine.interaction if spine else _sent_once(request, b"ssp-interactionid"),
-            client_subject=client.subject if client else "",
-            client_fingerprint=client.fingerprint if client else "",
-            claims=found.claims or _claims_of_refused(request),
-            decision=outcome.decision if event == "completed" else "authorised",
-            token=outcome.token,
-            status=outcome.status,
-            bytes_in=request.body.received if request.body is not None else 0,
-            bytes_out=outcome.bytes_out,
-            upstream_latency=outcome.upstream_latency,
-            total_latency=outcome.total_latency,
-        )
-
-    async def _complete(self, record: AuditRecord) -> None:
-        for observer in self.observers:
-            observer(record)
-        try:
-            await self.audit.append(record)
-        except Refusal:
-            log.critical("Audit record for {request_id} could not be written",
-                         request_id=record.request_id)
-
-    def crashed(self, failure: Failure, request: ProxyRequest) -> None:
-        log.failure("Unhandled error proxying {uri!r}", failure, uri=request.uri)
-        if not request.finished and not request._disconnected:
-            request.channel.transport.abortConnection()
-
-
-class _Outcome:
-    """
-    How an exchange ended, filled in as it goes.
-    """
-
-    def __init__(self) -> None:
-        self.decision = "refused"
-        self.token = ""
-        self.status = 0
-        self.bytes_out = 0
-        self.upstream_latency: float | None = None
-        self.total_latency: float | None = None
-        self.recorded = False
-
-    def refused(self, refusal: Refusal) -> None:
-        if self.decision == "forwarded":
-            self.decision = "failed"
-        self.status, self.token = refusal.status, refusal.token
-
-    def abandoned(self) -> None:
-        self.decision, self.status = "abandoned", CLIENT_CLOSED
-
-
-def _claims_of_refused(request: ProxyRequest) -> Claims | None:
-    """
-    Best-effort claims for the audit record of a request refused before
-    its token was validated; none when C{Authorization} was repeated.
-    """
-    authorization = headers.single(request.requestHeaders, b"authorization")
-    return token.extract(authorization) if authorization else None
-
-
-def _sent_once(request: ProxyRequest, name: bytes) -> str:
-    """
-    A field for the audit record of a refused request: empty unless sent
-    exactly once.
-    """
-    return _text(headers.single(request.requestHeaders, name))
-
-
-def _tls_connection(request: ProxyRequest) -> Any:
-    transport = request.channel.transport
-    get_handle = getattr(transport, "getHandle", None)
-    return get_handle() if get_handle is not None else None
-
-
-def _unparsed_target(uri: bytes) -> bytes:
-    """
-    What the audit records as the target of a request refused before its
-    target was parsed: the provider URL after the proxy's C{/}, or any
-    other form (C{*}, C{host:port}, an absolute URL) as received.
-    """
-    return uri[1:] if uri.startswith(b"/") else uri
-
-
-def _query_format(uri: bytes) -> bytes | None:
-    query = uri.partition(b"?")[2]
-    for pair in query.split(b"&"):
-        name, _, value = pair.partition(b"=")
-        if name == b"_format":
-            return value.replace(b"%2B", b"+").replace(b"%2b", b"+")
-    return None
-
-
-def _text(value: bytes | None) -> str:
-    return value.decode("utf-8", "replace") if value else ""
