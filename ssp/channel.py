@@ -80,6 +80,7 @@ class ProxyRequest(server.Request):
     work: Deferred[None] | None = None
     _started = False
     _max_body = 0
+    expects_continue = False
 
     def gotLength(self, length: int | None) -> None:
         self.content = None
@@ -175,6 +176,16 @@ class ProxyRequest(server.Request):
 
     def abort(self) -> None:
         self.channel.transport.abortConnection()
+
+    def close_after_response(self) -> None:
+        self.channel.stop_reading()
+
+    def send_continue(self) -> None:
+        if not self.expects_continue:
+            return
+        self.expects_continue = False
+        if self.body is not None and not self.body.complete and not self.startedWriting:
+            self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def tls_connection(self) -> Any:
         get_handle = getattr(self.channel.transport, "getHandle", None)
@@ -412,6 +423,13 @@ class ProxyChannel(http.HTTPChannel):
         self._phase = _BODY
         if self.length != 0 and self.requests:
             self.requests[-1].start(self._command, self._path, self._version)
+
+    def _send100Continue(self) -> None:
+        """
+        Twisted sends C{100 Continue} as soon as the head is in, before any
+        check: note the expectation instead, for L{ProxyRequest.send_continue}.
+        """
+        self.requests[-1].expects_continue = True
 
     def checkPersistence(self, request: Any, version: bytes) -> bool:
         """

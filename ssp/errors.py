@@ -26,12 +26,15 @@ class Refusal(Exception):
 
     @cvar status: the HTTP status sent to the consumer.
     @cvar issue_code: the FHIR C{issue.code}.
+    @cvar closes_connection: the refusal ends the connection, not just the
+        request: nothing else the consumer sends on it can be admitted.
     @ivar token: the C{display}/C{diagnostics} text.
     @ivar headers: extra response headers (e.g. C{Retry-After}).
     """
 
     status: ClassVar[int] = 500
     issue_code: ClassVar[str] = "exception"
+    closes_connection: ClassVar[bool] = False
 
     def __init__(self, token: str, headers: tuple[tuple[bytes, bytes], ...] = ()):
         super().__init__(token)
@@ -43,10 +46,15 @@ class Refusal(Exception):
 
 
 class CertificateRequired(Refusal):
-    """No client certificate was presented (496)."""
+    """
+    No client certificate was presented (496).  The connection closes: a
+    TLS connection cannot acquire a certificate later (renegotiation is
+    off), so every further request on it would be refused too.
+    """
 
     status = 496
     issue_code = "security"
+    closes_connection = True
 
 
 class CertificateInvalid(Refusal):
@@ -57,6 +65,9 @@ class CertificateInvalid(Refusal):
 
     status = 495
     issue_code = "security"
+    # Judging a bad chain costs a verification each time (bad verdicts
+    # are not cached): a keep-alive connection must not buy more than one.
+    closes_connection = True
 
 
 class PlainHTTP(Refusal):

@@ -152,6 +152,20 @@ class IExchange(IRequest):
         consumer must not take a cut-short body for a whole one.
         """
 
+    def close_after_response() -> None:
+        """
+        Read no further request on this connection: it closes once this
+        response is sent.
+        """
+
+    def send_continue() -> None:
+        """
+        Send the C{100 Continue} the consumer waits for (RFC 9110 §10.1.1)
+        now that the request is admitted and about to be forwarded; a
+        refused request gets only its final status.  Nothing is sent when
+        the consumer did not ask, or its body is already in.
+        """
+
     def tls_connection() -> object:
         """
         The connection's OpenSSL C{Connection} (its peer certificate chain),

@@ -27,7 +27,7 @@ from ssp.config import CorsConfig
 from ssp.errors import Refusal, UpstreamFailed
 from ssp.ids import new_request_id
 from ssp.interfaces import IAuditSink, IExchange, IUpstream
-from ssp.model import AuditRecord, Claims, ClientIdentity, audit_record
+from ssp.model import AuditRecord, Claims, audit_record
 from ssp.pipeline import Checks, Findings, Inbound, admit
 
 log = Logger()
@@ -150,6 +150,7 @@ class Proxy:
             body.finish()
         sent = self.clock.seconds()
         outcome.decision = "forwarded"
+        request.send_continue()
         try:
             response = await self.upstream.request(
                 request.method, url.url,
@@ -225,6 +226,8 @@ class Proxy:
         xml = errors.wants_xml(request.getHeader(b"accept"), _query_format(request.uri))
         content_type, body = errors.operation_outcome(refusal, xml)
         request.setResponseCode(refusal.status, REASONS.get(refusal.status))
+        if refusal.closes_connection:
+            request.close_after_response()
         response_headers = request.responseHeaders
         if request.closes_after_response or (request.body is not None
                                               and not request.body.complete):
@@ -242,10 +245,15 @@ class Proxy:
         """
         Audit, then answer, a request the channel refused before it could
         be admitted (its framing, size or timing); the connection then
-        closes.
+        closes.  The certificate check still comes first: a consumer
+        without a good certificate gets its 496/495, whatever else is wrong.
         """
         started = self.clock.seconds()
-        found = Findings(client=self._identity(request))
+        found = Findings()
+        try:
+            found.client = self.checks.identify(request.tls_connection())
+        except Refusal as unidentified:
+            refusal = unidentified
         outcome = _Outcome()
         outcome.refused(refusal)
         outcome.total_latency = 0.0
@@ -255,12 +263,6 @@ class Proxy:
         ))
         recorded.addErrback(lambda f: log.failure("Audit record of a refusal not written", f))
         recorded.addCallback(lambda _: self._refuse(request, refusal, found))
-
-    def _identity(self, request: IExchange) -> ClientIdentity | None:
-        try:
-            return self.checks.identify(request.tls_connection())
-        except Refusal:
-            return None
 
     def _record(self, event: str, request_id: str, started: float, request: IExchange,
                 found: Findings, outcome: _Outcome) -> AuditRecord:

@@ -599,7 +599,71 @@ FRAMING_CASES = (
     Case("chunked with trailers", lambda: _chunked(
         b"5\r\nhello\r\n0\r\nContent-Length: 99\r\nTransfer-Encoding: x\r\n\r\n"),
         (200,), forwarded=1, closes=False),
+    # Review probes: name case, list syntax, token encodings, exact limits.
+    _refused("authorization repeated in lower case", lambda: head(lines=[
+        b"authorization: Bearer x.y."]), 400, BAD + "Authorization header is repeated"),
+    _refused("SSP-FROM repeated in upper case", lambda: head(lines=[b"SSP-FROM: 200000000359"]),
+             400, BAD + "Ssp-From header is repeated"),
+    _refused("Connection option after a tab", lambda: head(lines=[
+        b"Connection: keep-alive,\tSsp-From"]), 400, BAD + "Connection header must not name Ssp-From"),
+    _refused("second Connection line names Ssp-To", lambda: head(lines=[
+        b"Connection: keep-alive", b"Connection: ssp-to"]),
+        400, BAD + "Connection header must not name Ssp-To"),
+    _refused("HTTP/2 preface", lambda: b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+             400, BAD + "HTTP version"),
+    _refused("head one byte over max_header_bytes", lambda: _head_of(8193),
+             431, "REQUEST_HEADERS_LARGER_THAN_8192_BYTES"),
+    _admission_refused("JWT payload with a BOM", lambda: _with_token(
+        lambda claims: "\ufeff" + json.dumps(claims)), BAD + "JWT is malformed: payload is not JSON"),
+    _admission_refused("JWT payload with trailing garbage", lambda: _with_token(
+        lambda claims: json.dumps(claims) + "x"), BAD + "JWT is malformed: payload is not JSON"),
+    _admission_refused("JWT nested member repeated", lambda: _with_token(
+        lambda claims: json.dumps(claims).replace(
+            '"resourceType": "Practitioner"',
+            '"resourceType": "Practitioner", "resourceType": "Practitioner"', 1)),
+        BAD + "JWT claim 'requesting_practitioner.resourceType' is repeated"),
+    _admission_refused("JWT member repeated through an escape", lambda: _with_token(
+        lambda claims: json.dumps(claims)[:-1] + ', "s\\u0075b": "evil"}'),
+        BAD + "JWT claim 'sub' is repeated"),
+    _admission_refused("JWT requested_scope not a string", lambda: _with_token(
+        _claims(requested_scope=["organization/*.read"])),
+        BAD + "JWT claim 'requested_scope' must be"),
+    _admission_refused("wholly encoded target hiding dot segments", lambda: head(
+        target=_encoded(ENDPOINT + "/%2e%2e/metadata")), BAD + "target URL must not contain dot"),
+    Case("Connection with empty list elements", lambda: head(lines=[
+        b"Connection: , , keep-alive , ,"]), (200,), forwarded=1, closes=False),
+    Case("Upgrade: h2c (dropped with what Connection names)", lambda: head(lines=[
+        b"Upgrade: h2c", b"Connection: Upgrade, HTTP2-Settings", b"HTTP2-Settings: AAMAAABk"]),
+        (200,), forwarded=1, closes=False),
+    Case("Content-Length: 0 on GET", lambda: head(lines=[b"Content-Length: 0"]),
+         (200,), forwarded=1, closes=False),
+    Case("chunk extensions", lambda: _chunked(b'5;a=b;c="d e"\r\nhello\r\n0;x\r\n\r\n'),
+         (200,), forwarded=1, closes=False),
+    Case("header count exactly max_headers", lambda: head(lines=[
+        b"X-P%d: a" % i for i in range(LIMITS["max_headers"] - 6)]),
+        (200,), forwarded=1, closes=False),
+    Case("head exactly max_header_bytes", lambda: _head_of(8192), (200,), forwarded=1,
+         closes=False),
+    Case("wholly percent-encoded target", lambda: head(target=_encoded(ENDPOINT + "/metadata")),
+         (200,), forwarded=1, closes=False),
 )
+
+
+def _head_of(size: int) -> bytes:
+    """
+    A valid head whose header section (after the request line, final
+    CRLF included) is C{size} bytes.
+    """
+    short = head(lines=[b"X-Fill: "])
+    section = len(short) - short.index(b"\r\n") - 2
+    return head(lines=[b"X-Fill: " + b"a" * (size - section)])
+
+
+def _encoded(url: str) -> bytes:
+    """
+    The request target C{/url} with the whole URL percent-encoded.
+    """
+    return b"/" + url.replace("%", "%25").replace(":", "%3A").replace("/", "%2F").encode()
 
 
 async def run_catalogue(proxy: Proxy, provider: Provider, cases: tuple[Case, ...],
@@ -822,3 +886,68 @@ class FramingTests(unittest.TestCase):
         self.assertTrue(record.consumer_address.startswith("127.0.0.1:"))
         self.assertEqual(record.sender, spine_headers()["Ssp-From"])
 
+
+
+def interim_then_final(port: int, context: ssl.SSLContext, request_head: bytes,
+                       body: bytes) -> tuple[list[int], RawResponse | None]:
+    """
+    Blocking: send a head carrying C{Expect: 100-continue} and, like a
+    client that waits, send C{body} only once C{100 Continue} arrives; the
+    status codes of every head received, in order, and the final response.
+    """
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    tls = context.wrap_socket(raw, server_hostname="localhost")
+    data, body_sent = b"", False
+    try:
+        tls.sendall(request_head)
+        while not parse_responses(data)[0]:
+            if not body_sent and data.startswith(b"HTTP/1.1 100 ") and b"\r\n\r\n" in data:
+                tls.sendall(body)
+                body_sent = True
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        tls.close()
+    statuses = [int(line.split(b" ")[1]) for line in data.split(b"\r\n")
+                if line.startswith(b"HTTP/1.1 ")]
+    responses = parse_responses(data)[0]
+    return statuses, responses[0] if responses else None
+
+
+class ExpectContinueTests(unittest.TestCase):
+    """
+    C{100 Continue} is sent only once a request is admitted, just before
+    it is forwarded; a refused request gets its final status alone.
+    """
+
+    async def exchange(self, cert: str | None, lines: list[bytes], spine: bool = True
+                       ) -> tuple[Provider, Proxy, list[int], RawResponse | None]:
+        provider = Provider(self)
+        proxy = await Proxy(self, provider, listen=LIMITS).start()
+        request = head(b"POST", ECHO, spine=spine,
+                       lines=[b"Expect: 100-continue", b"Content-Length: 5"] + lines)
+        context = proxy.consumer(cert).context
+        statuses, final = await deferToThread(interim_then_final, proxy.port, context,
+                                              request, b"hello")
+        return provider, proxy, statuses, final
+
+    async def test_no_certificate(self):
+        provider, proxy, statuses, final = await self.exchange(None, [])
+        self.assertEqual(statuses, [496])
+        self.assertEqual(final.token(), "CLIENT_CERTIFICATE_REQUIRED")
+        self.assertEqual(provider.seen, [])
+
+    async def test_refused_by_the_checks(self):
+        provider, proxy, statuses, _ = await self.exchange("consumer-0", [], spine=False)
+        self.assertEqual(statuses, [400])
+        self.assertTrue(await wait_for(lambda: len(proxy.audit.completed()) == 1))
+        self.assertEqual(proxy.audit.completed()[0].token, BAD + "Ssp-TraceID header is missing")
+        self.assertEqual(provider.seen, [])
+
+    async def test_admitted(self):
+        provider, proxy, statuses, final = await self.exchange("consumer-0", [])
+        self.assertEqual(statuses, [100, 200])
+        self.assertEqual(json.loads(final.body)["body_length"], 5)
+        self.assertEqual([seen.body_length for seen in provider.seen], [5])

@@ -5,6 +5,7 @@ Tests for L{ssp.runtime}.
 from __future__ import annotations
 
 import gc
+import weakref
 
 from twisted.trial.unittest import TestCase
 
@@ -12,6 +13,11 @@ from ssp import runtime
 
 
 class SettleHeapTests(TestCase):
+    """
+    L{runtime.settle_heap} and L{runtime.thaw}; each test leaves the
+    process's collector as it found it.
+    """
+
     def setUp(self) -> None:
         threshold = gc.get_threshold()
         self.addCleanup(gc.set_threshold, *threshold)
@@ -33,8 +39,6 @@ class SettleHeapTests(TestCase):
         Freezing does not stop reference counting: an object created after
         settling and dropped is gone at once.
         """
-        import weakref
-
         class Thing:
             pass
 
@@ -44,20 +48,11 @@ class SettleHeapTests(TestCase):
         del thing
         self.assertIsNone(ref())
 
-
-class ThawTests(TestCase):
-    def setUp(self) -> None:
-        threshold = gc.get_threshold()
-        self.addCleanup(gc.set_threshold, *threshold)
-        self.addCleanup(gc.unfreeze)
-
     def test_reload_garbage_collectable_again(self) -> None:
         """
         A cycle frozen at start-up and dropped later (what a reload
         replaces) is freed by a collection after L{runtime.thaw}.
         """
-        import weakref
-
         class Node:
             pass
 

@@ -22,7 +22,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from ssp.config import ListenConfig, TokenConfig
-from ssp.errors import CertificateRequired
+from ssp.model import ClientIdentity
 from ssp.pipeline import Checks
 from ssp.channel import ProxySite
 from ssp.proxy import Proxy as ProxyHandler
@@ -346,8 +346,12 @@ class SlowClientScenarios(unittest.TestCase):
         check_figures(self, "slow-clients", figures)
 
 
-def _no_certificate(connection: object) -> Any:
-    raise CertificateRequired("CLIENT_CERTIFICATE_REQUIRED")
+def _verified(connection: object) -> ClientIdentity:
+    """
+    Every connection's certificate is good: the requests these tests send
+    are refused by later checks (400), which keep the connection open.
+    """
+    return ClientIdentity("CN=consumer.test", "00", ("consumer.test",))
 
 
 class _Unreachable:
@@ -380,7 +384,7 @@ class ClockedTimeouts(unittest.SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.audit = RecordingAuditSink()
-        checks = Checks(identify=_no_certificate, directory=MemoryDirectory(),
+        checks = Checks(identify=_verified, directory=MemoryDirectory(),
                         throttle=MemoryThrottle(), agreements=(), token=TokenConfig(),
                         clock=self.clock)
         handler = ProxyHandler(checks, _Unreachable(), self.audit, self.clock, 60.0, b"max-age=1")
@@ -419,7 +423,7 @@ class ClockedTimeouts(unittest.SynchronousTestCase):
     def test_idle_keep_alive_closed_after_idle_timeout(self):
         channel, transport = self.connect()
         channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
-        self.assertIn(b" 496 ", transport.value())
+        self.assertIn(b" 400 ", transport.value())
         transport.clear()
         self.clock.advance(29.9)
         self.assertFalse(transport.disconnecting)

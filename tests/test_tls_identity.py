@@ -33,6 +33,7 @@ from ssp.pki import Authority, DevelopmentPKI
 from ssp.tls import ServerTLS, fresh_crls, handshake_failure_reason
 from tests.ports import free_port
 from tests.support import ENDPOINT, Provider, Proxy, pki, spine_headers
+from tests.test_hostile import raw_exchange
 from tests.test_metrics import _get, samples
 
 # How a client asks to resume: (highest TLS version, offers tickets).
@@ -268,6 +269,61 @@ class RequestFormTests(IdentityTestCase):
                          [(a.status, "refused", "CN=gpc001.ssp-demo.test", method,
                            target.removeprefix("/"))
                           for a, (method, target, _) in zip(answers, self.FORMS)])
+
+
+class ConnectionClosedTests(IdentityTestCase):
+    """
+    A connection whose certificate is missing or bad is closed after its
+    first refusal: a keep-alive client cannot make the proxy verify a bad
+    chain over and over (bad verdicts are not cached).
+    """
+
+    async def refused_once(self, cert: str | None, status: int, token: str) -> None:
+        provider, proxy = await self.start()
+        pipelined = metadata_request() * 3
+        result = await deferToThread(raw_exchange, proxy.port, client_context(cert),
+                                     [pipelined])
+        self.assertEqual(result.statuses, (status,), result.leftover)
+        self.assertTrue(result.closed)
+        [response] = result.responses
+        self.assertEqual(response.token(), token)
+        self.assertEqual(response.header(b"connection"), b"close")
+        self.assertIsNotNone(response.header(b"strict-transport-security"))
+        await until(lambda: proxy.audit.records)
+        self.assertEqual([(r.status, r.token) for r in proxy.audit.records], [(status, token)])
+        self.assertEqual(provider.seen, [])
+
+    async def test_without_certificate(self) -> None:
+        await self.refused_once(None, 496, "CLIENT_CERTIFICATE_REQUIRED")
+
+    async def test_with_bad_certificate(self) -> None:
+        await self.refused_once("consumer-expired", 495, "CLIENT_CERTIFICATE_INVALID_EXPIRED")
+
+    async def test_malformed_request_gets_the_certificate_refusal(self) -> None:
+        """
+        Step 1 comes first even for a request head the channel refuses
+        (its framing, a repeated singleton, a missing C{Host}): without a
+        good certificate the answer is 496/495, not the framing's 400.
+        """
+        provider, proxy = await self.start()
+        heads = (metadata_request().replace(b"\r\n\r\n", b"\r\nAuthorization: x\r\n\r\n"),
+                 b"GET / HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1\r\nX: \x01\r\n\r\n",
+                 b"GET / HTTP/9.9\r\n\r\n")
+        for cert, status in ((None, 496), ("consumer-untrusted", 495)):
+            for request in heads:
+                result = await deferToThread(raw_exchange, proxy.port, client_context(cert),
+                                             [request])
+                self.assertEqual((result.statuses, result.closed), ((status,), True), request)
+        await until(lambda: len(proxy.audit.records) == 2 * len(heads))
+        self.assertEqual(sorted(r.status for r in proxy.audit.records),
+                         [495] * len(heads) + [496] * len(heads))
+        self.assertEqual(provider.seen, [])
+
+    async def test_good_certificate_kept_alive(self) -> None:
+        provider, proxy = await self.start()
+        result = await deferToThread(raw_exchange, proxy.port, client_context("consumer-0"),
+                                     [metadata_request() * 2], responses=2)
+        self.assertEqual((result.statuses, result.closed), ((200, 200), False))
 
 
 class RevocationTests(IdentityTestCase):
