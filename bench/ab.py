@@ -44,6 +44,20 @@ METRICS = (
 )
 
 
+# The floor (bench/floor.py) measured in the same runs: each side's ssp/floor
+# ratio of CPU per request, per round, so outside load cancels within a run.
+FLOOR_METRICS = (
+    ("keep-alive ssp/floor CPU", "keepalive"),
+    ("handshake ssp/floor CPU", "handshake"),
+)
+
+LABELS = [m[0] for m in METRICS] + [m[0] for m in FLOOR_METRICS]
+
+
+def _range(values: list[float]) -> str:
+    return f"{min(values):.3f}-{max(values):.3f}"
+
+
 def run_side(tree: Path, args: argparse.Namespace, out: Path) -> dict:
     command = [sys.executable, str(tree / "bench" / "run.py"), "--no-nginx", "--workers", "1",
                "--requests", str(args.requests), "--duration", str(args.duration),
@@ -73,7 +87,8 @@ def main() -> int:
     subprocess.run(["git", "worktree", "add", "--detach", "-q", str(base_tree), args.baseline],
                    cwd=REPO, check=True)
     sides = {"baseline": base_tree, "tree": REPO}
-    values: dict[str, dict[str, list[float]]] = {s: {m[0]: [] for m in METRICS} for s in sides}
+    values: dict[str, dict[str, list[float]]] = {s: {label: [] for label in LABELS}
+                                                  for s in sides}
     busy_rounds = 0
     try:
         for n in range(args.rounds):
@@ -86,17 +101,23 @@ def main() -> int:
             for side, results in round_results.items():
                 for label, phase, read in METRICS:
                     values[side][label].append(read(results[phase]["ssp"]))
+                for label, phase in FLOOR_METRICS:
+                    hops = results[phase]
+                    values[side][label].append(hops["ssp"]["cpu_ms_per_request"]["ssp"]
+                                               / hops["floor"]["cpu_ms_per_request"]["floor"])
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=REPO)
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"baseline {args.baseline} vs working tree: medians of {args.rounds} rounds, "
           f"{busy_rounds} of them with outside load above {FOREIGN_LIMIT} cores")
-    print(f"{'metric':30} {'baseline':>10} {'tree':>10} {'tree/base':>10}")
-    for label, _, _ in METRICS:
+    print(f"{'metric':30} {'baseline':>10} {'tree':>10} {'tree/base':>10}  "
+          "ranges (baseline | tree)")
+    for label in LABELS:
         a = statistics.median(values["baseline"][label])
         b = statistics.median(values["tree"][label])
-        print(f"{label:30} {a:10.3f} {b:10.3f} {b / a:9.2f}x")
+        print(f"{label:30} {a:10.3f} {b:10.3f} {b / a:9.2f}x  "
+              f"{_range(values['baseline'][label])} | {_range(values['tree'][label])}")
     return 0
 
 

@@ -141,6 +141,7 @@ def proxy_main(root: Path, provider_port: int, fd: int) -> None:
     os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="ssp")
     from twisted.internet import reactor
 
+    from ssp.runtime import settle_heap
     from ssp.service import SSPService
 
     _child_logging(root, "proxy")
@@ -151,6 +152,7 @@ def proxy_main(root: Path, provider_port: int, fd: int) -> None:
         service.listening().addCallback(lambda port: _announce(port.getHost().port))
 
     reactor.callWhenRunning(start)
+    reactor.callWhenRunning(settle_heap)  # as twistd ssp does
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     profile_to = os.environ.get("SSP_BENCH_CPROFILE")  # set by bench/profile_proxy.py
     if profile_to:

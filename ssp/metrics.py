@@ -113,6 +113,8 @@ class Metrics:
             "ssp_throttle_decisions", "Rate-limit decisions by role and outcome.",
             ["role", "decision"], registry=self.registry,
         )
+        self._requests = _Children(self.requests)
+        self._refusals = _Children(self.refusals)
         gauge = Gauge("ssp_in_flight", "Requests in progress.", registry=self.registry)
         gauge.set_function(in_flight)
         pending = Gauge("ssp_audit_pending",
@@ -146,7 +148,7 @@ class Metrics:
         """
         C{throttle}, counting its decisions in C{ssp_throttle_decisions}.
         """
-        return _CountingThrottle(throttle, self.throttle_decisions)
+        return _CountingThrottle(throttle, _Children(self.throttle_decisions))
 
     def observe(self, record: AuditRecord) -> None:
         if record.event == "connection-refused" and record.token.startswith(TLS_HANDSHAKE):
@@ -154,9 +156,9 @@ class Metrics:
             return
         status = _status(record.status)
         decision = record.decision if record.decision in _DECISIONS else OTHER
-        self.requests.labels(status, decision, self._interaction(record.interaction)).inc()
+        self._requests(status, decision, self._interaction(record.interaction)).inc()
         if record.decision == "refused":
-            self.refusals.labels(status, _reason(record.token)).inc()
+            self._refusals(status, _reason(record.token)).inc()
         if record.total_latency is not None:
             self.total_latency.observe(record.total_latency)
         if record.upstream_latency is not None:
@@ -179,11 +181,30 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class _Children:
+    """
+    The children of a labelled metric, remembered by their label values:
+    C{labels()} checks and converts its arguments and takes a lock on
+    every call, for a child that exists after the first.  Holds what the
+    metric itself holds, one child per label set.
+    """
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 @implementer(IThrottle)
 @attrs.frozen
 class _CountingThrottle:
     throttle: IThrottle
-    decisions: Counter
+    decisions: _Children
 
     def consume_consumer(self, asid: str) -> Deferred[RateDecision | None]:
         return self._count("consumer", self.throttle.consume_consumer(asid))
@@ -204,11 +225,11 @@ class _CountingThrottle:
         def decided(decision: RateDecision | None) -> RateDecision | None:
             outcome = "unlimited" if decision is None else (
                 "allowed" if decision.allowed else "refused")
-            self.decisions.labels(role, outcome).inc()
+            self.decisions(role, outcome).inc()
             return decision
 
         def failed(failure: Any) -> Any:
-            self.decisions.labels(role, "unavailable").inc()
+            self.decisions(role, "unavailable").inc()
             return failure
 
         return d.addCallbacks(decided, failed)

@@ -12,7 +12,6 @@ so an abandoned request stops its upstream request.
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -26,6 +25,7 @@ from twisted.web.resource import Resource
 from ssp import cors, errors, forward, headers, token
 from ssp.config import CorsConfig
 from ssp.errors import Refusal, UpstreamFailed
+from ssp.ids import new_request_id
 from ssp.interfaces import IAuditSink, IExchange, IUpstream
 from ssp.model import AuditRecord, Claims, audit_record
 from ssp.pipeline import Checks, Findings, Inbound, admit
@@ -87,7 +87,7 @@ class Proxy:
 
     async def handle(self, request: IExchange) -> None:
         started = self.clock.seconds()
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         found = Findings()
         outcome = _Outcome()
         self.in_flight += 1
@@ -259,7 +259,7 @@ class Proxy:
         outcome.total_latency = 0.0
         request.responseHeaders.setRawHeaders(b"Date", [http.datetimeToString(started)])
         recorded = Deferred.fromCoroutine(self._complete(
-            self._record("completed", uuid.uuid4().hex, started, request, found, outcome)
+            self._record("completed", new_request_id(), started, request, found, outcome)
         ))
         recorded.addErrback(lambda f: log.failure("Audit record of a refusal not written", f))
         recorded.addCallback(lambda _: self._refuse(request, refusal, found))

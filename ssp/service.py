@@ -26,7 +26,7 @@ from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from ssp import __version__, preflight
+from ssp import __version__, preflight, runtime
 from ssp import config as ssp_config
 from ssp.accesslog import AccessLogFile
 from ssp.audit import FileAuditSink
@@ -406,6 +406,7 @@ class SSPService(MultiService):
             if _setting(config, key) != _setting(self.config, key):
                 log.warn("{key} changed: takes effect on restart", key=key)
         self._swap(config, parts)
+        runtime.thaw()
         log.info("Configuration reloaded from {path}", path=str(self.config_path))
         return True
 

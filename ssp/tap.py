@@ -22,7 +22,7 @@ from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from twisted.python import usage
 
-from ssp import __version__, preflight, workers
+from ssp import __version__, preflight, runtime, workers
 from ssp import config as ssp_config
 
 if TYPE_CHECKING:
@@ -121,10 +121,14 @@ def makeService(options: Options) -> IService:
     The proxy, its workers' master, a worker or the demo, as C{options}
     say.  A configuration mistake ends the process with one line.
     """
+    from twisted.internet import reactor
+
     try:
-        return _make_service(options)
+        service = _make_service(options)
     except ssp_config.ConfigError as e:
         raise SystemExit(str(e)) from None
+    reactor.callWhenRunning(runtime.settle_heap)
+    return service
 
 
 def _make_service(options: Options) -> IService:

@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import attrs
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial import unittest
@@ -92,6 +93,23 @@ class AccessLogFileTests(unittest.TestCase):
             "interaction": "urn:x", "trace": "t1", "bytes_in": 0, "bytes_out": 180,
             "upstream_s": 0.001, "total_s": 0.002,
         })
+
+    def test_lone_surrogate_still_logged(self) -> None:
+        """
+        A string the fast serialiser refuses (a lone surrogate) still makes
+        one valid JSON line, with the surrogate escaped.
+        """
+        line = line_of(attrs.evolve(record(1), target="https://p.example/\udcff"))
+        self.assertTrue(line.endswith(b"\n"))
+        self.assertEqual(line.count(b"\n"), 1)
+        self.assertEqual(json.loads(line)["target"], "https://p.example/\udcff")
+
+    def test_non_ascii_round_trips(self) -> None:
+        """
+        Non-ASCII text is written as UTF-8 and reads back unchanged.
+        """
+        line = line_of(attrs.evolve(record(1), client_subject="", trace_id="tr\u00e9\u2028"))
+        self.assertEqual(json.loads(line.decode("utf-8"))["trace"], "tr\u00e9\u2028")
 
     def test_unwritable_file_drops_lines_and_logs_once(self) -> None:
         """

@@ -8,13 +8,18 @@ chain verifiable, and a sink restarted on a cut tail raises the alarm.
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import attrs
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
@@ -25,7 +30,7 @@ from ssp.audit import FileAuditSink
 from ssp.auditcli import main_archive, main_verify
 from ssp.chain import KeyedSeal, UnkeyedSeal, audit_files, read_records
 from ssp.config import AuditConfig
-from ssp.model import AuditRecord
+from ssp.model import AuditRecord, Claims
 
 DAY = datetime(2024, 3, 1, 12, tzinfo=UTC).timestamp()
 
@@ -374,3 +379,83 @@ class AnchorFileTests(SynchronousTestCase):
         with self.assertRaises(ValueError) as caught:
             anchor.read(path)
         self.assertIn(f"{path}:2: not a valid anchor entry", str(caught.exception))
+
+
+def _reference_body(record: AuditRecord, previous: str) -> bytes:
+    """
+    The format the trail documents, written the slow obvious way: sorted
+    keys, no spaces, ASCII with C{\\u} escapes, NaN refused.
+    """
+    fields = attrs.asdict(record)
+    fields["prev"] = previous
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"),
+                      allow_nan=False).encode("ascii")
+
+
+def _exponents(line: bytes) -> bytes:
+    """
+    C{line} with exponents written one way (C{1e-07} and C{1e+16} as
+    C{1e-7} and C{1e16}).
+    """
+    return re.sub(rb"(\d)e\+?(-?)0*(\d)", rb"\1e\2\3", line)
+
+
+_finite = st.floats(allow_nan=False, allow_infinity=False)
+_records = st.builds(
+    AuditRecord, event=st.sampled_from(["authorised", "completed"]), request_id=st.text(),
+    time=_finite, target=st.text(), trace_id=st.text(), client_subject=st.text(),
+    claims=st.none() | st.builds(Claims, subject=st.text(),
+                                 practitioner_ids=st.lists(st.text()).map(tuple),
+                                 validated=st.booleans()),
+    status=st.integers(0, 999), bytes_out=st.integers(0, 2**63 - 1),
+    upstream_latency=st.none() | _finite, total_latency=st.none() | _finite)
+
+
+class SerialisationTests(SynchronousTestCase):
+    """
+    The fast serialiser writes what the documented format says, and the
+    chain verifies it by its bytes.
+    """
+
+    @settings(max_examples=300, deadline=None)
+    @given(_records)
+    def test_same_record_as_the_reference(self, record: AuditRecord) -> None:
+        """
+        Every line is ASCII, parses to exactly what the reference
+        serialisation parses to, and equals it byte for byte unless a float
+        is written with an exponent (C{1e-7} against C{1e-07}).
+        """
+        line = UnkeyedSeal().seal(record, "p" * 64).rstrip(b"\n")
+        reference = _reference_body(record, "p" * 64)
+        self.assertTrue(line.isascii())
+        self.assertEqual(json.loads(line), json.loads(reference))
+        self.assertEqual(_exponents(line), _exponents(reference))
+
+    def test_non_ascii_escaped(self) -> None:
+        """
+        Non-ASCII text and lone surrogates are C{\\u} escaped, as documented.
+        """
+        for text in ("é\u2028", "\udcff", "\x00\"\\"):
+            line = UnkeyedSeal().seal(attrs.evolve(record(1), target=text), chain.GENESIS)
+            self.assertEqual(line.rstrip(b"\n"), _reference_body(
+                attrs.evolve(record(1), target=text), chain.GENESIS))
+
+    def test_nan_and_infinity_refused(self) -> None:
+        """
+        A record holding NaN or infinity is refused (C{ValueError}) rather
+        than written with C{null} in its place.
+        """
+        for value in (float("nan"), float("inf"), float("-inf")):
+            for field in ("time", "upstream_latency", "total_latency"):
+                with self.assertRaises(ValueError):
+                    KeyedSeal(b"k" * 32).seal(attrs.evolve(record(1), **{field: value}), "p")
+
+    def test_keyed_line_verifies(self) -> None:
+        """
+        A keyed line made by the fast path opens under its key.
+        """
+        seal = KeyedSeal(b"k" * 32)
+        line = seal.seal(attrs.evolve(record(1), total_latency=1e-7), chain.GENESIS)
+        fields, link = seal.open(line)
+        self.assertEqual(fields["total_latency"], 1e-7)
+        self.assertEqual(link, seal.link(line))

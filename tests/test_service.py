@@ -5,6 +5,7 @@ serving (atomically, keeping connections), and stopping drains.
 
 from __future__ import annotations
 
+import gc
 import http.client
 import os
 import signal
@@ -17,7 +18,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from ssp import config as ssp_config
-from ssp import demo
+from ssp import demo, runtime
 from ssp.service import SSPService
 from tests.ports import free_port
 from tests.support import (
@@ -128,6 +129,21 @@ class ReloadTests(unittest.TestCase):
         reply = await consumer.get("metadata")
         self.assertEqual((reply.status, reply.token()),
                          (403, f"ASID_CHECK_FAILED_MESSAGESENDER_{demo.CONSUMER_ASID}"))
+
+    async def test_reload_thaws_a_settled_heap(self) -> None:
+        """
+        A reload hands start-up objects frozen by L{runtime.settle_heap}
+        back to the collector, so the configuration it replaces can be
+        freed even when it holds reference cycles.
+        """
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
+        self.addCleanup(gc.unfreeze)
+        self.config.write()
+        service, _ = await start(self, self.config)
+        runtime.settle_heap()
+        self.assertGreater(gc.get_freeze_count(), 0)
+        self.assertTrue(service.reload())
+        self.assertEqual(gc.get_freeze_count(), 0)
 
     async def test_limits_keep_state(self) -> None:
         """
