@@ -105,6 +105,10 @@ class Proxy:
             await self._forward(request, found, outcome)
         except Refusal as refusal:
             outcome.refused(refusal)
+            if request.body is not None and not request.body.complete:
+                # Decided now, not once the record is written: body bytes
+                # still to come are never read, as a body or as a request.
+                request.close_after_response()
             await self._settle(request_id, started, request, found, outcome)
             self._refuse(request, refusal, found)
         except CancelledError:
