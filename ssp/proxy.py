@@ -233,8 +233,7 @@ class Proxy:
         if refusal.closes_connection:
             request.close_after_response()
         response_headers = request.responseHeaders
-        if request.closes_after_response or (request.body is not None
-                                              and not request.body.complete):
+        if request.closes_after_response:
             response_headers.setRawHeaders(b"Connection", [b"close"])
         response_headers.removeHeader(b"server")
         response_headers.setRawHeaders(b"Content-Type", [content_type])
