@@ -158,7 +158,7 @@ class Metrics:
         decision = record.decision if record.decision in _DECISIONS else OTHER
         self._requests(status, decision, self._interaction(record.interaction)).inc()
         if record.decision == "refused":
-            self._refusals(status, _reason(record.token)).inc()
+            self._refusals(status, refusal_kind(record.token)).inc()
         if record.total_latency is not None:
             self.total_latency.observe(record.total_latency)
         if record.upstream_latency is not None:
@@ -301,7 +301,7 @@ class _Timestamps:
         yield family
 
 
-def _reason(token: str) -> str:
+def refusal_kind(token: str) -> str:
     """
     The documented kind a refusal token starts with, or L{OTHER}: never
     the ASIDs, URLs or origins that follow it.

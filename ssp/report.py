@@ -96,8 +96,8 @@ class _Group:
             self.upstream.append(record["upstream_latency"])
 
     def row(self, key: tuple[str, str, str, str], scope: str = "day") -> Row:
-        total = [_percentile_ms(self.total, p) for p in PERCENTILES]
-        upstream = [_percentile_ms(self.upstream, p) for p in PERCENTILES]
+        total = [percentile_ms(self.total, p) for p in PERCENTILES]
+        upstream = [percentile_ms(self.upstream, p) for p in PERCENTILES]
         counts = [
             self.counts.get(name, 0)
             for name in (
@@ -196,7 +196,7 @@ def _malformed(record: dict[str, Any], error: Exception) -> ValueError:
     return ValueError(f"malformed completed record {record.get('request_id')!r}: {error!r}")
 
 
-def _percentile_ms(values: list[float], percentile: int) -> float | None:
+def percentile_ms(values: list[float], percentile: int) -> float | None:
     """
     Nearest-rank percentile: the smallest value with at least
     C{percentile}% of the values at or below it.

@@ -26,8 +26,8 @@ from typing import TextIO
 
 import attrs
 
-from ssp.metrics import _reason as refusal_reason  # the one rule for a refusal's kind
-from ssp.report import DECISIONS, PERCENTILES, Row, _percentile_ms, completed
+from ssp.metrics import refusal_kind
+from ssp.report import DECISIONS, PERCENTILES, Row, completed, percentile_ms
 
 COUNTS = ("requests", *DECISIONS, "status_2xx", "status_3xx", "status_4xx", "status_5xx",
           "bytes_in", "bytes_out")
@@ -89,8 +89,8 @@ class _Samples:
 
     def latency(self, group: str) -> Latency:
         return Latency(group, self.requests,
-                       tuple(_percentile_ms(self.total, p) for p in PERCENTILES),
-                       tuple(_percentile_ms(self.upstream, p) for p in PERCENTILES))
+                       tuple(percentile_ms(self.total, p) for p in PERCENTILES),
+                       tuple(percentile_ms(self.upstream, p) for p in PERCENTILES))
 
 
 def extras(paths: Sequence[Path], since: str | None = None, until: str | None = None) -> Extras:
@@ -105,7 +105,7 @@ def extras(paths: Sequence[Path], since: str | None = None, until: str | None = 
     by_interaction: dict[str, _Samples] = {}
     for _, record in completed(paths, since, until):
         if record.get("decision") == "refused":
-            refusals[(refusal_reason(str(record.get("token") or "")),
+            refusals[(refusal_kind(str(record.get("token") or "")),
                       int(record.get("status") or 0))] += 1
         latencies = (record.get("total_latency"), record.get("upstream_latency"))
         everything.add(*latencies)
