@@ -96,7 +96,7 @@ def main() -> int:
         if py_spy is not None:
             sampler = [py_spy, "record", "--pid", str(bench.proxies[0].pid), "--format", "raw",
                        "--output", str(raw), "--duration", str(int(args.seconds)),
-                       "--rate", "250"]
+                       "--rate", "250", "--nonblocking"]
         result = asyncio.run(load(proxy, args.seconds, not args.handshake, args.rate, sampler))
         print(f"{result['requests']} requests, {result['rps']:.0f} req/s, "
               f"{result['errors']} errors", file=sys.stderr)

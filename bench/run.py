@@ -242,7 +242,7 @@ ca = "{certs}/spine-ca.pem"
 "{demo.PROVIDER_HOST}:443" = "127.0.0.1:{provider_port}"
 [directory]
 kind = "ldif"
-ldif = "{root}/etc/demo-sds.ldif"
+ldif = "{demo.DEMO_LDIF}"
 [token]
 validate = true
 [audit]
