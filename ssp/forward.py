@@ -23,13 +23,19 @@ from twisted.internet import error as net_error
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import HEADER, STATUS, ParseError
+from twisted.web._newclient import ParseError, Request
 from twisted.web.client import (
-    Agent,
+    URI,
     HTTP11ClientProtocol,
     HTTPConnectionPool,
     ResponseDone,
@@ -53,6 +59,13 @@ _BUFFER_BEFORE_PAUSE = 64 * 1024
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] [1-5][0-9]{2}(?: [\t\x20-\x7e\x80-\xff]*)?")
 _FIELD_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*")
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+# The same rules over several complete lines at once (each ends in LF or
+# CRLF; neither rule's characters include CR or LF).
+_FIELD_LINES = re.compile(rb"(?:%s\r?\n)*" % _FIELD_LINE.pattern)
+_FIRST_LINES = re.compile(rb"%s\r?\n%s" % (_STATUS_LINE.pattern, _FIELD_LINES.pattern))
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+_CONTROL_FIELD = re.compile(rb"^(content-length|transfer-encoding|connection):(.*)$",
+                            re.MULTILINE | re.IGNORECASE)
 
 # Responses whose connection closed without a clean TLS shutdown: a body
 # delimited by the close is then truncated, not complete.
@@ -72,19 +85,8 @@ class ProviderEndpoints:
     tls: UpstreamTLS
     resolve: dict[str, str]
     connect_timeout: float
-    # One per provider (only SDS-registered hosts get this far): building
-    # one costs an IDNA encoding of the host name per request.
-    _built: dict[tuple[bytes, int], Any] = attrs.field(factory=dict, init=False, eq=False,
-                                                       repr=False)
 
     def endpointForURI(self, uri: Any) -> Any:
-        key = (uri.host, uri.port)
-        endpoint = self._built.get(key)
-        if endpoint is None:
-            endpoint = self._built[key] = self._endpoint(uri)
-        return endpoint
-
-    def _endpoint(self, uri: Any) -> Any:
         host = uri.host.decode("ascii")
         address, port = host.strip("[]"), uri.port
         mapped = self.resolve.get(f"{host}:{port}")
@@ -95,10 +97,29 @@ class ProviderEndpoints:
         return BulkTLSEndpoint(self.tls.creator_for(host.strip("[]")), tcp)
 
 
+@attrs.frozen
+class _Origin:
+    """
+    What every request to one C{https://host[:port]} shares: the pool's key
+    for its connections, the endpoint that opens them, and the C{Host}
+    value for a caller that sets none.
+    """
+
+    key: tuple[bytes, bytes, int]
+    endpoint: IStreamClientEndpoint
+    host: bytes
+
+
 @implementer(IUpstream)
 class Upstream:
     """
     The forwarding agent: one connection pool for every provider.
+
+    It does what C{Agent.request} does for an C{https} URL without parsing
+    the URL again on every request (the pipeline parsed and checked it):
+    the origin's pool key and endpoint are built once per origin.  A
+    reload builds a new L{Upstream}, so a changed C{[upstream.resolve]}
+    or certificate never meets an old entry.
     """
 
     def __init__(self, reactor: Any, config: UpstreamConfig, tls: UpstreamTLS) -> None:
@@ -111,8 +132,19 @@ class Upstream:
         # The pool builds its protocols through this (private) hook.
         self.pool._factory = functools.partial(  # type: ignore[assignment]
             _ProviderFactory, max_header_bytes=config.max_header_bytes)
-        endpoints = ProviderEndpoints(reactor, tls, dict(config.resolve), config.connect_timeout)
-        self._agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
+        self._endpoints = ProviderEndpoints(reactor, tls, dict(config.resolve),
+                                            config.connect_timeout)
+        # Only SDS-registered origins get this far: a handful per proxy.
+        self._origins: dict[bytes, _Origin] = {}
+
+    def _origin(self, origin: bytes) -> _Origin:
+        found = self._origins.get(origin)
+        if found is None:
+            uri = URI.fromBytes(origin)
+            found = self._origins[origin] = _Origin(
+                (uri.scheme, uri.host, uri.port), self._endpoints.endpointForURI(uri),
+                origin.partition(b"://")[2])
+        return found
 
     def request(
         self, method: bytes, url: bytes, headers: Headers, body: IBodyProducer | None
@@ -128,9 +160,27 @@ class Upstream:
         cannot be blamed for not answering: the time-out then waits, the
         channel's C{idle_timeout} judges the consumer (408), and the
         provider gets the full C{response_timeout} from the body's end.
+
+        @param url: an absolute C{https} URL with a path, as
+            L{ssp.target.parse} admits.
         """
         target = url.decode("ascii")
-        d = self._agent.request(method, url, headers, body)
+        path_start = url.find(b"/", len(b"https://"))
+        if not url.startswith(b"https://") or path_start < 0:
+            return fail(UpstreamFailed(target))
+        origin = self._origin(url[:path_start])
+        if not headers.hasHeader(b"host"):
+            headers = headers.copy()
+            headers.addRawHeader(b"Host", origin.host)
+        try:
+            outgoing = Request(method, url[path_start:], headers, body, persistent=True)
+        except ValueError:
+            return fail(UpstreamFailed(target))
+
+        def send(connection: HTTP11ClientProtocol) -> Deferred[IResponse]:
+            return connection.request(outgoing)
+
+        d = self.pool.getConnection(origin.key, origin.endpoint).addCallback(send)
         expired = []
         timer: IDelayedCall
 
@@ -165,15 +215,13 @@ class Upstream:
 class _ProviderProtocol(HTTP11ClientProtocol):
     """
     Twisted's HTTP/1.1 client, strict about what a provider sends before
-    its body: at most C{max_header_bytes} of head, a well-formed status
-    line (100-599) and header lines (no obs-fold, no control bytes), and
-    not both C{Content-Length} and C{Transfer-Encoding}.  Anything else
-    fails the response (502).  A connection on which bytes followed a
-    complete response is closed rather than reused: they could otherwise
-    be read as the next consumer's response.
+    its body (see L{_HeadGuard}): anything else fails the response (502).
+    A connection on which bytes followed a complete response is closed
+    rather than reused: they could otherwise be read as the next
+    consumer's response.
     """
 
-    _guarded: Any = None
+    _guard: _HeadGuard | None = None
 
     def __init__(self, quiescentCallback: Callable[[Any], None], max_header_bytes: int) -> None:
         super().__init__(quiescentCallback)
@@ -182,11 +230,28 @@ class _ProviderProtocol(HTTP11ClientProtocol):
     def request(self, request: Any) -> Deferred[Any]:
         result = super().request(request)
         send_now(self.transport)
-        parser = self._parser
-        if parser is not None and parser is not self._guarded:
-            self._guarded = parser
-            _guard_head(parser, self._max_header_bytes)
+        if self._parser is not None:
+            # Twisted's parser refuses a line longer than its own limit.
+            self._parser.MAX_LENGTH = self._max_header_bytes
+            self._guard = _HeadGuard(self._max_header_bytes)
         return result
+
+    def dataReceived(self, data: bytes) -> None:
+        guard = self._guard
+        if guard is None:
+            super().dataReceived(data)
+            return
+        try:
+            interim, final = guard.receive(data)
+        except ParseError:
+            self._giveUp(Failure())
+            return
+        for head in interim:
+            super().dataReceived(head)
+        if final is not None and self._parser is not None:
+            self._guard = None
+            _expose_connection(self._parser, guard.connection)
+            super().dataReceived(final)
 
     def _finishResponse_WAITING(self, rest: bytes) -> None:
         if rest and self._currentRequest is not None:
@@ -198,12 +263,14 @@ class _ProviderProtocol(HTTP11ClientProtocol):
     def _giveUp(self, reason: Failure) -> None:
         # A clean TLS close waits for the provider's close_notify while still
         # reading; a provider sending without end would be read for ever.
+        self._guard = None
         super()._giveUp(reason)
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._guard = None
         response = getattr(self._parser, "response", None)
-        if response is not None and not reason.check(net_error.ConnectionDone):
+        if response is not None and not isinstance(reason.value, net_error.ConnectionDone):
             _CUT_SHORT.add(response)
         super().connectionLost(reason)
 
@@ -222,50 +289,111 @@ class _ProviderFactory(_HTTP11ClientFactory):
         return _ProviderProtocol(self._quiescentCallback, self._max_header_bytes)
 
 
-def _guard_head(parser: Any, limit: int) -> None:
+class _HeadGuard:
     """
-    Check each line of a response head before Twisted's parser sees it
-    (which accepts any status code, any C{NAME/x.y} version, folded lines
-    and an unbounded number of headers).
-    """
-    parser.MAX_LENGTH = limit
-    parse_line = parser.lineReceived
-    received = 0
-    framing: set[bytes] = set()
+    Holds the heads of one response (any 1xx heads, then the final one)
+    back from Twisted's parser until they are checked, which accepts any
+    status code, any C{NAME/x.y} version, folded lines and an unbounded
+    number of headers.  A head must be at most C{max_header_bytes} (1xx
+    heads included), a well-formed status line (100-599) and header
+    lines (no obs-fold, no control bytes), and not carry both
+    C{Content-Length} and C{Transfer-Encoding}.
 
-    def line_received(line: bytes) -> None:
-        nonlocal received
-        received += len(line) + 1
-        if received > limit:
+    Lines are checked as soon as they are complete, so a bad line is
+    refused before the head ends, as a line-by-line check would; but a
+    head that arrives in one read (nearly all) is checked by a few
+    regular-expression scans, not by Python code per line.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._pending = b""
+        # Bytes of the pending head whose (complete) lines are checked.
+        self._checked = 0
+        # Bytes of the earlier (1xx) heads of this response.
+        self._received = 0
+        self._framing: set[bytes] = set()
+        self.connection: list[bytes] = []
+
+    def receive(self, data: bytes) -> tuple[list[bytes], bytes | None]:
+        """
+        Take C{data} from the provider.
+
+        @return: the checked 1xx heads now complete, and the final head with
+            whatever followed it (the body), or L{None} while it is incomplete.
+        @raise ParseError: for a head the proxy refuses.
+        """
+        buffer = self._pending + data if self._pending else data
+        interim = []
+        while True:
+            end = self._end_of_head(buffer)
+            if end < 0:
+                self._pending = buffer
+                return interim, None
+            if buffer[9:10] != b"1":
+                self._pending = b""
+                return interim, buffer
+            interim.append(buffer[:end])
+            buffer = buffer[end:]
+            self._received += end
+            self._checked = 0
+            self._framing.clear()
+            self.connection = []
+
+    def _end_of_head(self, buffer: bytes) -> int:
+        """
+        Check the lines of C{buffer} not checked yet; return where the head
+        ends, or -1 when it has not ended yet.
+        """
+        start = self._checked
+        blank = _BLANK_LINE.search(buffer, max(start - 1, 0))
+        if blank is None:
+            end, complete = -1, buffer.rfind(b"\n", start) + 1
+        else:
+            end, complete = blank.end(), blank.start() + 1
+        if self._received + (len(buffer) if end < 0 else end) > self._limit:
             raise ParseError("response head larger than upstream.max_header_bytes", b"")
-        text = line[:-1] if line.endswith(b"\r") else line
-        if parser.state == HEADER and not text:
-            _expose_connection(parser)
-        if parser.state == STATUS:
-            framing.clear()
-            if not _STATUS_LINE.fullmatch(text):
-                raise ParseError("malformed status line", text[:200])
-        elif text:
-            if not _FIELD_LINE.fullmatch(text):
-                raise ParseError("malformed header line", text[:200])
-            name = text.partition(b":")[0].lower()
-            if name in _FRAMING:
-                framing.add(name)
-                if len(framing) == len(_FRAMING):
+        if complete > start:
+            self._check_lines(buffer[start:complete], first=start == 0)
+            self._checked = complete
+        return end
+
+    def _check_lines(self, lines: bytes, first: bool) -> None:
+        if not (_FIRST_LINES if first else _FIELD_LINES).fullmatch(lines):
+            raise _malformed(lines, first)
+        for name, value in _CONTROL_FIELD.findall(lines):
+            name = name.lower()
+            if name == b"connection":
+                self.connection.append(value.strip())
+            else:
+                self._framing.add(name)
+                if len(self._framing) == len(_FRAMING):
                     raise ParseError("Content-Length with Transfer-Encoding", b"")
-        parse_line(line)
-
-    parser.lineReceived = line_received
 
 
-def _expose_connection(parser: Any) -> None:
+def _malformed(lines: bytes, first: bool) -> ParseError:
     """
-    Copy the provider's C{Connection} field, which Twisted's parser keeps
-    among its connection-control fields, into the response's headers at
-    the end of the head, so that L{ssp.headers.downstream_headers} drops
-    the fields it names as well as itself.
+    The error naming the first malformed line of C{lines}, which failed the
+    check as a whole.
     """
-    for value in parser.connHeaders.getRawHeaders(b"connection", ()):
+    for index, line in enumerate(lines.split(b"\n")[:-1]):
+        text = line[:-1] if line.endswith(b"\r") else line
+        if first and index == 0:
+            if not _STATUS_LINE.fullmatch(text):
+                return ParseError("malformed status line", text[:200])
+        elif not _FIELD_LINE.fullmatch(text):
+            return ParseError("malformed header line", text[:200])
+    return ParseError("malformed response head", lines[:200])
+
+
+def _expose_connection(parser: Any, values: list[bytes]) -> None:
+    """
+    Add the provider's C{Connection} field, which Twisted's parser keeps
+    among its connection-control fields, to the response's headers before
+    the parser reads the head, so that L{ssp.headers.downstream_headers}
+    drops the fields it names as well as itself.
+    """
+    for value in values:
         parser.headers.addRawHeader(b"Connection", value)
 
 
@@ -421,22 +549,33 @@ class _Relay(Protocol):
         self._idle_timeout = idle_timeout
         self._done = done
         self._idle: IDelayedCall | None = None
+        self._ended = False
+        self._registered = False
         self._timed_out = False
         self._widened: list[tuple[FileDescriptor, str, int]] = []
         self.sent = 0
 
     def connectionMade(self) -> None:
-        self._request.registerProducer(self.transport, True)
         length = self._response.length
         if length is UNKNOWN_LENGTH or length > self.TWISTED_BUFFER:
             # self.transport is Twisted's TransportProxyProducer.
             provider = _socket_under(getattr(self.transport, "_producer", None))
-            consumer = _socket_under(getattr(getattr(self._request, "channel", None),
-                                             "transport", None))
+            consumer = _socket_under(self._request.transport)
             self._widen(provider, "bufferSize", self.READ_SIZE)
             self._widen(consumer, "bufferSize", self.SEND_BUFFER)
             self._widen(consumer, "SEND_LIMIT", self.READ_SIZE)
-        self._idle = self._clock.callLater(self._idle_timeout, self._idle_expired)
+
+    def wait_for_more(self) -> None:
+        """
+        Make the provider's connection the consumer's producer and start the
+        idle time-out, unless the whole body has already been relayed (a
+        small body usually arrives with the head): both would otherwise be
+        set up and torn down for nothing on most responses.
+        """
+        if not self._ended:
+            self._request.registerProducer(self.transport, True)
+            self._registered = True
+            self._idle = self._clock.callLater(self._idle_timeout, self._idle_expired)
 
     def _widen(self, connection: FileDescriptor | None, name: str, size: int) -> None:
         """
@@ -461,22 +600,24 @@ class _Relay(Protocol):
         """
         The consumer went away: close the provider's connection.
         """
-        if self._idle is not None:
+        if not (self._ended or self._timed_out):
             self.transport.stopProducing()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._ended = True
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
-        if not self._request._disconnected:
+        if self._registered and not self._request.gone:
             self._request.unregisterProducer()
         for connection, name, size in self._widened:
             setattr(connection, name, size)
         self._widened = []
+        ended = reason.value
         if self._timed_out:
             self._done.errback(UpstreamTimeout(self._target))
-        elif reason.check(ResponseDone) or (
-                reason.check(PotentialDataLoss) and self._response not in _CUT_SHORT):
+        elif isinstance(ended, ResponseDone) or (
+                isinstance(ended, PotentialDataLoss) and self._response not in _CUT_SHORT):
             self._done.callback(self.sent)
         else:
             log.info("Upstream {target} broke off: {reason}", target=self._target,
@@ -512,4 +653,5 @@ def relay(response: IResponse, request: Any, clock: IReactorTime,
     done: Deferred[int] = Deferred()
     protocol = _Relay(response, request, clock, idle_timeout, target, done)
     response.deliverBody(protocol)
+    protocol.wait_for_more()
     return done, protocol

@@ -163,6 +163,7 @@ class IExchange(IRequest):
     finished = Attribute("True once the response is complete.")
     startedWriting = Attribute("True once the response head has been written.")
     gone = Attribute("True once the consumer's connection is lost.")
+    transport = Attribute("The consumer's connection, which the response is written to.")
     closes_after_response = Attribute(
         "True when the connection will not be reused after this response."
     )

@@ -70,11 +70,6 @@ class _Wrapper:
         self.transport.stopProducing()
 
 
-class _Channel:
-    def __init__(self, transport: Any) -> None:
-        self.transport = transport
-
-
 class _Request:
     """
     The parts of a server request the relay uses, writing to C{connection}
@@ -83,8 +78,8 @@ class _Request:
 
     def __init__(self, connection: _Socket | None) -> None:
         self.connection = connection
-        self.channel = _Channel(_Wrapper(connection))
-        self._disconnected = False
+        self.transport = _Wrapper(connection)
+        self.gone = False
         self.written: list[bytes] = []
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
@@ -181,7 +176,7 @@ class RelayBufferTests(unittest.SynchronousTestCase):
     def test_limits_restored_when_the_consumer_leaves(self) -> None:
         done, relay = self.relay(10 << 20)
         relay.dataReceived(b"x" * RECORD)
-        self.request._disconnected = True
+        self.request.gone = True
         relay.stop()
         self.assertTrue(self.provider.disconnecting)
         relay.connectionLost(Failure(ConnectionLost()))
@@ -291,7 +286,7 @@ class StalledConsumerTests(unittest.TestCase):
         self.assertTrue(await wait_for(lambda: bool(relays), 10), "no relay started")
         relay = relays[0]
         provider = forward._socket_under(relay.transport._producer)
-        consumer = forward._socket_under(relay._request.channel.transport)
+        consumer = forward._socket_under(relay._request.transport)
         self.assertIsNotNone(provider)
         self.assertIsNotNone(consumer)
         return provider, consumer
