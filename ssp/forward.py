@@ -1,14 +1,15 @@
-# -*- test-case-name: tests.test_proxy,tests.test_provider_faults -*-
+# -*- test-case-name: tests.test_proxy,tests.test_provider_faults,tests.test_provider_leg -*-
 """
-Forwarding: a pooled C{Agent} speaking mutual TLS to providers, a body
-producer that streams the consumer's upload as it arrives, and a relay
-that streams the provider's response back with back-pressure both ways.
+Forwarding: Twisted's HTTP/1.1 client over a keep-alive connection pool
+speaking mutual TLS to providers, a body producer that streams the
+consumer's upload as it arrives, and a relay that streams the provider's
+response back with back-pressure both ways.
 
-C{twisted.web.client.Agent} is used directly rather than through treq's
-C{HTTPClient}: treq always adds a gzip C{ContentDecoderAgent} (which
-rewrites C{Accept-Encoding} and decodes bodies) and a C{CookieAgent}
-(which would carry one consumer's provider cookies into another's
-requests).  A proxy must do neither.
+Requests go to C{HTTPConnectionPool} directly, as C{Agent.request} would
+send them, rather than through treq's C{HTTPClient}: treq always adds a
+gzip C{ContentDecoderAgent} (which rewrites C{Accept-Encoding} and
+decodes bodies) and a C{CookieAgent} (which would carry one consumer's
+provider cookies into another's requests).  A proxy must do neither.
 """
 
 from __future__ import annotations
@@ -163,19 +164,16 @@ class Upstream:
 
         @param url: an absolute C{https} URL with a path, as
             L{ssp.target.parse} admits.
+        @raise ValueError: for any other URL, or a method that is not a token.
         """
-        target = url.decode("ascii")
         path_start = url.find(b"/", len(b"https://"))
         if not url.startswith(b"https://") or path_start < 0:
-            return fail(UpstreamFailed(target))
+            raise ValueError(f"not an absolute https URL with a path: {url!r}")
         origin = self._origin(url[:path_start])
         if not headers.hasHeader(b"host"):
             headers = headers.copy()
             headers.addRawHeader(b"Host", origin.host)
-        try:
-            outgoing = Request(method, url[path_start:], headers, body, persistent=True)
-        except ValueError:
-            return fail(UpstreamFailed(target))
+        outgoing = Request(method, url[path_start:], headers, body, persistent=True)
 
         def send(connection: HTTP11ClientProtocol) -> Deferred[IResponse]:
             return connection.request(outgoing)
@@ -205,6 +203,7 @@ class Upstream:
                 timer.cancel()
             if not isinstance(result, Failure):
                 return result
+            target = url.decode("ascii")
             if expired:
                 return Failure(UpstreamTimeout(target))
             return _classify(result, target)
@@ -324,7 +323,7 @@ class _HeadGuard:
         @raise ParseError: for a head the proxy refuses.
         """
         buffer = self._pending + data if self._pending else data
-        interim = []
+        interim: list[bytes] = []
         while True:
             end = self._end_of_head(buffer)
             if end < 0:
