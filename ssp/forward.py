@@ -639,7 +639,8 @@ def _socket_under(transport: Any) -> FileDescriptor | None:
 def relay(response: IResponse, request: Any, clock: IReactorTime,
           idle_timeout: float, target: str) -> tuple[Deferred[int], _Relay]:
     """
-    Stream C{response}'s body into C{request}, whose status and headers the
+    Stream C{response}'s body into C{request} (an L{ssp.interfaces.IExchange}, and an
+    C{IConsumer} as Twisted's requests are), whose status and headers the
     caller has already set.
 
     @return: a Deferred firing with the body bytes relayed when the
