@@ -184,13 +184,9 @@ class ProviderLegTests(unittest.TestCase):
         provider.script = answer(OK_HEAD + b"X-Private: secret\r\nX-Kept: k\r\n"
                                  b"Content-Length: 2\r\nConnection: X-Private\r\n\r\nok")
         proxy = await proxy_to(self, port)
-        result = await send(proxy, head(), responses=1)
-        response = result.responses[0]
-        self.assertEqual((response.status, response.body), (200, b"ok"))
-        names = [name for name, _ in response.headers]
-        self.assertIn(b"x-kept", names)
-        self.assertNotIn(b"x-private", names)
-        self.assertNotIn(b"connection", names)
+        response = (await send(proxy, head(), responses=1)).responses[0]
+        relayed = {name for name, _ in response.headers} & {b"x-private", b"connection", b"x-kept"}
+        self.assertEqual((response.status, response.body, relayed), (200, b"ok", {b"x-kept"}))
 
     async def test_interim_heads_in_separate_reads(self) -> None:
         provider, port = listen_scripted(self)
