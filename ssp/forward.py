@@ -306,7 +306,9 @@ class _HeadGuard:
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._pending = b""
+        # A head arriving over several reads (appended to, not copied per
+        # read: a provider trickling bytes must not cost quadratic time).
+        self._pending = bytearray()
         # Bytes of the pending head whose (complete) lines are checked.
         self._checked = 0
         # Bytes of the earlier (1xx) heads of this response.
@@ -322,24 +324,27 @@ class _HeadGuard:
             whatever followed it (the body), or L{None} while it is incomplete.
         @raise ParseError: for a head the proxy refuses.
         """
-        buffer = self._pending + data if self._pending else data
+        buffer: bytes | bytearray = data
+        if self._pending:
+            self._pending += data
+            buffer = self._pending
         interim: list[bytes] = []
         while True:
             end = self._end_of_head(buffer)
             if end < 0:
-                self._pending = buffer
+                self._pending = buffer if isinstance(buffer, bytearray) else bytearray(buffer)
                 return interim, None
+            self._pending = bytearray()
             if buffer[9:10] != b"1":
-                self._pending = b""
-                return interim, buffer
-            interim.append(buffer[:end])
+                return interim, bytes(buffer)
+            interim.append(bytes(buffer[:end]))
             buffer = buffer[end:]
             self._received += end
             self._checked = 0
             self._framing.clear()
             self.connection = []
 
-    def _end_of_head(self, buffer: bytes) -> int:
+    def _end_of_head(self, buffer: bytes | bytearray) -> int:
         """
         Check the lines of C{buffer} not checked yet; return where the head
         ends, or -1 when it has not ended yet.
@@ -357,7 +362,7 @@ class _HeadGuard:
             self._checked = complete
         return end
 
-    def _check_lines(self, lines: bytes, first: bool) -> None:
+    def _check_lines(self, lines: bytes | bytearray, first: bool) -> None:
         if not (_FIRST_LINES if first else _FIELD_LINES).fullmatch(lines):
             raise _malformed(lines, first)
         for name, value in _CONTROL_FIELD.findall(lines):
@@ -370,19 +375,19 @@ class _HeadGuard:
                     raise ParseError("Content-Length with Transfer-Encoding", b"")
 
 
-def _malformed(lines: bytes, first: bool) -> ParseError:
+def _malformed(lines: bytes | bytearray, first: bool) -> ParseError:
     """
     The error naming the first malformed line of C{lines}, which failed the
     check as a whole.
     """
-    for index, line in enumerate(lines.split(b"\n")[:-1]):
+    for index, line in enumerate(bytes(lines).split(b"\n")[:-1]):
         text = line[:-1] if line.endswith(b"\r") else line
         if first and index == 0:
             if not _STATUS_LINE.fullmatch(text):
                 return ParseError("malformed status line", text[:200])
         elif not _FIELD_LINE.fullmatch(text):
             return ParseError("malformed header line", text[:200])
-    return ParseError("malformed response head", lines[:200])
+    return ParseError("malformed response head", bytes(lines[:200]))
 
 
 def _expose_connection(parser: Any, values: list[bytes]) -> None:
