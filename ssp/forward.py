@@ -227,6 +227,10 @@ class _ProviderProtocol(HTTP11ClientProtocol):
         self._max_header_bytes = max_header_bytes
 
     def request(self, request: Any) -> Deferred[Any]:
+        if self.state != "QUIESCENT":
+            # Twisted refuses it (RequestNotSent); the response being read
+            # keeps its guard.
+            return super().request(request)
         result = super().request(request)
         send_now(self.transport)
         if self._parser is not None:

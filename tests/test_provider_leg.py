@@ -14,14 +14,18 @@ import copy
 import socket
 import time
 import types
+from pathlib import Path
 from typing import Any, Callable
 
 from twisted.internet import reactor
+from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
-from twisted.web._newclient import ParseError
+from twisted.web._newclient import ParseError, Request, RequestNotSent
+from twisted.web.http_headers import Headers
 
 from ssp import forward
+from ssp.config import UpstreamConfig
 from tests.support import Provider
 from tests.test_hostile import client_context, head, send, wait_for
 from tests.test_provider_faults import (
@@ -299,9 +303,26 @@ class _NoTLS:
         return None
 
 
-def _upstream_config() -> Any:
-    from pathlib import Path
-
-    from ssp.config import UpstreamConfig
+def _upstream_config() -> UpstreamConfig:
     return UpstreamConfig(certificate=Path("unused"), private_key=Path("unused"),
                           ca=Path("unused"))
+
+
+class ProviderProtocolTests(unittest.SynchronousTestCase):
+    def test_a_second_request_leaves_the_guard_of_the_first(self) -> None:
+        """
+        A request on a connection still reading a response is refused by
+        Twisted; the head being read is still checked as a whole.
+        """
+        protocol = forward._ProviderProtocol(lambda p: None, LIMIT)
+        protocol.makeConnection(StringTransport())
+        headers = Headers({b"Host": [b"provider.example"]})
+        first = protocol.request(Request(b"GET", b"/a", headers, None))
+        protocol.dataReceived(OK_HEAD)
+        self.failureResultOf(protocol.request(Request(b"GET", b"/b", headers, None)),
+                             RequestNotSent)
+        # A head of its own, but a malformed line of the head begun above.
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
+        reasons = self.failureResultOf(first).value.reasons
+        self.assertEqual(reasons[0].value.args, ("malformed header line", b"HTTP/1.1 200 OK"))
+        self.assertTrue(protocol.transport.disconnecting)
