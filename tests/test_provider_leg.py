@@ -10,7 +10,9 @@ requests is not used again, nor one whose request was cancelled).
 
 from __future__ import annotations
 
+import ast
 import copy
+import inspect
 import socket
 import time
 import types
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from twisted.internet import reactor
+from twisted.internet.interfaces import IConsumer
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
@@ -26,6 +29,7 @@ from twisted.web.http_headers import Headers
 
 from ssp import forward
 from ssp.config import UpstreamConfig
+from ssp.interfaces import IExchange
 from tests.support import Provider
 from tests.test_hostile import client_context, head, send, wait_for
 from tests.test_provider_faults import (
@@ -326,3 +330,19 @@ class ProviderProtocolTests(unittest.SynchronousTestCase):
         reasons = self.failureResultOf(first).value.reasons
         self.assertEqual(reasons[0].value.args, ("malformed header line", b"HTTP/1.1 200 OK"))
         self.assertTrue(protocol.transport.disconnecting)
+
+
+class RelayBoundaryTests(unittest.SynchronousTestCase):
+    def test_relay_uses_the_request_only_as_an_exchange(self) -> None:
+        """
+        The relay reads nothing of the consumer's request that
+        L{IExchange} (and C{IConsumer}, for back-pressure) does not offer:
+        no C{_disconnected}, no C{channel}.
+        """
+        tree = ast.parse(inspect.getsource(forward._Relay))
+        used = {node.attr for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "_request"}
+        self.assertIn("transport", used, "no request attributes parsed: the check would be vacuous")
+        offered = set(IExchange.names(all=True)) | set(IConsumer.names(all=True))
+        self.assertEqual(used - offered, set())
