@@ -95,6 +95,7 @@ def serve(service: object, request: bytes, count: int) -> float:
     """
     Feed C{count} requests to one keep-alive channel; CPU seconds spent.
     """
+    from twisted.internet import reactor
     from twisted.internet.address import IPv4Address
     from twisted.internet.testing import StringTransport
 
@@ -107,6 +108,7 @@ def serve(service: object, request: bytes, count: int) -> float:
         channel.dataReceived(request)
         answer = transport.value()
         transport.clear()
+        reactor.runUntilCurrent()  # timers set and cancelled, as each reactor turn
         if not answer.startswith(b"HTTP/1.1 200 "):
             raise SystemExit(f"unexpected answer:\n{answer.decode('latin-1')}")
     spent = time.process_time() - started

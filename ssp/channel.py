@@ -141,7 +141,7 @@ class ProxyRequest(server.Request):
         checked, no HSTS and no audit record.
         """
         self.site = self.channel.site
-        self.setHeader(b"Date", http.datetimeToString(self.site.reactor.seconds()))
+        self.setHeader(b"Date", headers.http_date(self.site.reactor.seconds()))
         self.prepath, self.postpath = [], []
         self.render(self.site.resource)
 

@@ -20,6 +20,7 @@ import ipaddress
 import re
 from collections.abc import Sequence
 
+from twisted.web.http import datetimeToString
 from twisted.web.http_headers import Headers
 
 from ssp.errors import BadRequest
@@ -225,3 +226,26 @@ def downstream_headers(incoming: Headers) -> list[tuple[bytes, Sequence[bytes]]]
     """
     dropped = HOP_BY_HOP | connection_options(incoming)
     return [(n, v) for n, v in incoming.getAllRawHeaders() if n.lower() not in dropped]
+
+
+class _HTTPDate:
+    """
+    C{Date} values (RFC 9110 §5.6.7), formatted once per second rather than
+    once per response: the value only changes each second, and formatting
+    it cost more than any other response header (Twisted's site caches its
+    log time the same way).
+    """
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = b""
+
+    def __call__(self, seconds: float) -> bytes:
+        whole = int(seconds)
+        if whole != self._second:
+            self._text, self._second = datetimeToString(whole), whole
+        return self._text
+
+
+http_date = _HTTPDate()
+"""The C{Date} value for a time in seconds since the epoch."""

@@ -18,7 +18,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import server
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.resource import Resource
 
@@ -260,7 +260,7 @@ class Proxy:
         outcome = _Outcome()
         outcome.refused(refusal)
         outcome.total_latency = 0.0
-        request.responseHeaders.setRawHeaders(b"Date", [http.datetimeToString(started)])
+        request.responseHeaders.setRawHeaders(b"Date", [headers.http_date(started)])
         recorded = Deferred.fromCoroutine(self._complete(
             self._record("completed", new_request_id(), started, request, found, outcome)
         ))
