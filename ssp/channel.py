@@ -84,6 +84,8 @@ class ProxyRequest(server.Request):
     _started = False
     _max_body = 0
     expects_continue = False
+    # ProxyChannel._header_refusal runs headers.field_refusal on every field.
+    fields_checked = True
 
     def gotLength(self, length: int | None) -> None:
         self.content = None

@@ -79,21 +79,24 @@ _RULES = (
 )
 
 
-def parse(headers: Headers) -> SpineHeaders:
+def parse(headers: Headers, fields_checked: bool = False) -> SpineHeaders:
     """
-    Validate the four C{Ssp-*} headers, and every field once more
-    against L{field_refusal}.
+    Validate the four C{Ssp-*} headers, and every field against
+    L{field_refusal} unless C{fields_checked}.
 
+    @param fields_checked: every field already passed L{field_refusal} as
+        its line arrived (the strict channel refuses the request
+        otherwise), so the same check on the same bytes is not run twice.
     @raise BadRequest: naming the first header that is missing, empty,
-        repeated or malformed, or a field L{field_refusal} refuses (the
-        channel refuses those as they arrive; this covers other callers).
+        repeated or malformed, or a field L{field_refusal} refuses.
     """
-    seen: set[bytes] = set()
-    for name, values in headers.getAllRawHeaders():
-        for value in values:
-            refusal = field_refusal(name.lower(), value.strip(b" \t"), seen)
-            if refusal is not None:
-                raise refusal
+    if not fields_checked:
+        seen: set[bytes] = set()
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                refusal = field_refusal(name.lower(), value.strip(b" \t"), seen)
+                if refusal is not None:
+                    raise refusal
     fields: list[str] = []
     for name, pattern, rule in _RULES:
         found = headers.getRawHeaders(name)

@@ -97,7 +97,8 @@ class Proxy:
                 found.client = self.checks.identify(connection)
                 self._answer_preflight(request, found, outcome)
                 return
-            inbound = Inbound(request.method, request.uri, request.requestHeaders, connection)
+            inbound = Inbound(request.method, request.uri, request.requestHeaders, connection,
+                              request.fields_checked)
             await admit(inbound, self.checks, found)
             await self.audit.append(
                 self._record("authorised", request_id, started, request, found, outcome)
