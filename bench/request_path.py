@@ -41,7 +41,6 @@ def build(root: Path) -> tuple[object, bytes]:
     from twisted.web.http_headers import Headers
     from zope.interface import implementer
 
-    from ssp import demo
     from ssp.interfaces import IAuditSink
     from ssp.service import Concerns, SSPService
     from ssp.testing import _Response
