@@ -60,6 +60,9 @@ _HOST_FIELD = re.compile(
     rb"(?P<host>\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+;=]|%[0-9A-Fa-f]{2})*)"
     rb"(?::(?P<port>[0-9]{1,5}))?"
 )
+# The usual Host: a DNS name or IPv4 address and a port, a subset of
+# _HOST_FIELD matched without its per-byte alternation.
+_PLAIN_HOST_FIELD = re.compile(rb"[A-Za-z0-9.\-]*(?::(?P<port>[0-9]{1,5}))?")
 # A comma outside a quoted-string (RFC 9110 §5.6.4) separates list members.
 _UNQUOTED_COMMA = re.compile(rb'(?:[^",]|"(?:[^"\\]|\\.)*")*,')
 
@@ -167,14 +170,14 @@ def _is_list(name: bytes, value: bytes) -> bool:
 
 
 def _valid_host(value: bytes) -> bool:
-    match = _HOST_FIELD.fullmatch(value)
+    match = _PLAIN_HOST_FIELD.fullmatch(value) or _HOST_FIELD.fullmatch(value)
     if match is None:
         return False
     port = match["port"]
     if port is not None and not 0 < int(port) < 65536:
         return False
-    host = match["host"]
-    if host.startswith(b"["):
+    if value.startswith(b"["):
+        host = match["host"]
         try:
             ipaddress.IPv6Address(host[1:-1].decode("ascii"))
         except ValueError:
