@@ -125,18 +125,20 @@ class _ISOTime:
     """
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        # One attribute, so that a reader never pairs one second's text
+        # with another second.
+        self._cached = (-1, "")
 
     def __call__(self, seconds: float) -> str:
         whole = int(seconds)
         micros = round((seconds - whole) * 1_000_000)
         if micros >= 1_000_000:
             whole, micros = whole + 1, micros - 1_000_000
-        if whole != self._second:
-            self._prefix = datetime.fromtimestamp(whole, UTC).isoformat(timespec="seconds")[:-6]
-            self._second = whole
-        return f"{self._prefix}.{micros // 1000:03d}+00:00"
+        second, prefix = self._cached
+        if whole != second:
+            prefix = datetime.fromtimestamp(whole, UTC).isoformat(timespec="seconds")[:-6]
+            self._cached = (whole, prefix)
+        return f"{prefix}.{micros // 1000:03d}+00:00"
 
 
 iso_time = _ISOTime()

@@ -243,14 +243,17 @@ class _HTTPDate:
     """
 
     def __init__(self) -> None:
-        self._second = -1
-        self._text = b""
+        # One attribute, so that a reader never pairs one second's text
+        # with another second.
+        self._cached = (-1, b"")
 
     def __call__(self, seconds: float) -> bytes:
         whole = int(seconds)
-        if whole != self._second:
-            self._text, self._second = datetimeToString(whole), whole
-        return self._text
+        second, text = self._cached
+        if whole != second:
+            text = datetimeToString(whole)
+            self._cached = (whole, text)
+        return text
 
 
 http_date = _HTTPDate()
