@@ -21,8 +21,11 @@ succeeds, after a disk failure).
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,10 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ssp import anchor
@@ -386,6 +387,62 @@ def _last_line(fd: int, size: int) -> tuple[int, bytes | None]:
     return 0, None
 
 
+class _WriterThread:
+    """
+    The one thread where a sink's blocking file work runs, one job at a
+    time, in order.
+
+    Why not Twisted's C{ThreadPool}: a job there passes through a Python
+    C{queue.Queue}, its Condition and the pool's team coordinator, each a
+    lock the reactor thread and the writer take in turn; on a busy reactor
+    every such hand-off of the GIL is a cross-CPU wake-up.  Here a job is
+    one C{SimpleQueue.put} (in C) and its result one C{callFromThread}.
+    """
+
+    def __init__(self, reactor: IReactorFromThreads, name: str) -> None:
+        self._reactor = reactor
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Deferred[Any]] | None] = (
+            queue.SimpleQueue())
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._exited: Deferred[None] = Deferred()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def run(self, job: Callable[[], Any]) -> Deferred[Any]:
+        """
+        @return: fires on the reactor thread with what C{job} returned, or
+            fails with what it raised.
+        """
+        done: Deferred[Any] = Deferred()
+        self._jobs.put((job, done))
+        return done
+
+    def stop(self) -> Deferred[None]:
+        """
+        Let the jobs already submitted finish, then end the thread.
+
+        @return: fires once the thread has run its last job.
+        """
+        if self._thread.is_alive():
+            self._jobs.put(None)
+        else:
+            self._exited.callback(None)
+        return self._exited
+
+    def _run(self) -> None:
+        call = self._reactor.callFromThread
+        while (item := self._jobs.get()) is not None:
+            job, done = item
+            try:
+                result = job()
+            except BaseException:
+                call(done.errback, Failure())
+            else:
+                call(done.callback, result)
+        call(self._exited.callback, None)
+
+
 # Seconds a record nobody waits for may wait for company (see append).
 LINGER = 0.05
 
@@ -462,7 +519,7 @@ class FileAuditSink:
         self._checkpoint_interval = checkpoint_interval
         self._max_pending = max_pending
         self._overflowing = False
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="ssp-audit")
+        self._thread = _WriterThread(reactor, "ssp-audit")
         self._queue: list[tuple[AuditRecord, Deferred[None]]] = []
         self._writing: _Batch | None = None
         self._busy = False
@@ -512,10 +569,10 @@ class FileAuditSink:
         Deferred always succeeds; if the directory is unusable C{writable}
         is false and the next append retries.
         """
-        self._pool.start()
+        self._thread.start()
         self._started = True
         self._busy = True
-        d = deferToThreadPool(self._reactor, self._pool, self._writer.start)
+        d = self._thread.run(self._writer.start)
         started = d.addCallbacks(
             self._started_chain, self._unavailable, errbackArgs=(None,)
         ).addBoth(self._finished)
@@ -534,8 +591,7 @@ class FileAuditSink:
                         ).addErrback(lambda f: self.log.failure("Chain alarm not audited", f))
 
     def _checkpoint(self) -> Deferred[None]:
-        d = deferToThreadPool(self._reactor, self._pool, self._writer.checkpoint,
-                              self._clock.seconds())
+        d = self._thread.run(partial(self._writer.checkpoint, self._clock.seconds()))
         return d.addCallbacks(self._log_checkpoint, self._checkpoint_failed)
 
     def _log_checkpoint(self, entry: dict[str, Any] | None) -> None:
@@ -563,10 +619,8 @@ class FileAuditSink:
         if self._stopping is None:
             self._stopping = self._when_idle()
             self._stopping.addCallback(lambda _: self._checkpoint())
-            self._stopping.addCallback(
-                lambda _: deferToThreadPool(self._reactor, self._pool, self._writer.close)
-            )
-            self._stopping.addBoth(self._stop_pool)
+            self._stopping.addCallback(lambda _: self._thread.run(self._writer.close))
+            self._stopping.addBoth(self._stop_thread)
         done: Deferred[None] = Deferred()
         self._stopping.addCallback(done.callback)
         return done
@@ -632,9 +686,7 @@ class FileAuditSink:
             if self._durability != "always":
                 self._reactor.callFromThread(self._settle, batch, rejected)
 
-        d = deferToThreadPool(
-            self._reactor, self._pool, self._writer.write, records, self._clock.seconds(), written
-        )
+        d = self._thread.run(partial(self._writer.write, records, self._clock.seconds(), written))
         d.addCallbacks(self._wrote, self._unavailable, callbackArgs=(batch,), errbackArgs=(batch,))
         d.addBoth(self._finished)
 
@@ -695,7 +747,7 @@ class FileAuditSink:
         self._idle.append(d)
         return d
 
-    def _stop_pool(self, result: object) -> None:
-        self._pool.stop()
+    def _stop_thread(self, result: object) -> Deferred[None]:
         if isinstance(result, Failure):
             self.log.failure("Audit trail not closed cleanly", result)
+        return self._thread.stop()
