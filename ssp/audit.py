@@ -263,6 +263,7 @@ class _ChainWriter:
         self.acknowledged = False
         if self.fd is None or not self._still_linked():
             self.recover()
+        today = _day(now)
         rejected: dict[int, Exception] = {}
         chunk: list[bytes] = []
         pending = 0
@@ -273,10 +274,10 @@ class _ChainWriter:
             except (TypeError, ValueError) as e:
                 rejected[index] = e
                 continue
-            if self._rotation_due(pending, len(line), now):
+            if self._rotation_due(pending, len(line), today):
                 self._commit(chunk, chain)
                 self._sync_current()
-                self._open_next(now)
+                self._open_next(today)
                 chunk, pending = [], 0
             chunk.append(line)
             pending += len(line)
@@ -309,10 +310,10 @@ class _ChainWriter:
         self.notes.append(f"audit file {self.path} was removed or replaced; continuing the chain")
         return False
 
-    def _rotation_due(self, pending: int, length: int, now: float) -> bool:
+    def _rotation_due(self, pending: int, length: int, today: str) -> bool:
         if self.fd is None:
             return True
-        if self.rotate_daily and _day(now) > self.day:
+        if self.rotate_daily and today > self.day:
             return True
         used = self.size + pending
         return used > 0 and used + length > self.rotate_bytes
@@ -330,8 +331,8 @@ class _ChainWriter:
         self.records += len(chunk)
         self.last_hash = chain
 
-    def _open_next(self, now: float) -> None:
-        day = max(_day(now), self.day)
+    def _open_next(self, today: str) -> None:
+        day = max(today, self.day)
         sequence = self.sequence + 1 if day == self.day else 1
         self.close()
         while True:
