@@ -83,40 +83,6 @@ def _line_at(path: Path, wanted: int) -> tuple[int, bytes | None]:
     return count, found
 
 
-@attrs.frozen
-class Sealed:
-    """
-    A batch of records as lines of the chain, bound to each other and to
-    C{previous}.
-
-    @ivar rejected: records that cannot be encoded (NaN, ...), by index in
-        C{records}; they have no line.
-    """
-
-    records: Sequence[AuditRecord]
-    previous: str
-    lines: list[bytes]
-    rejected: dict[int, Exception]
-
-
-def seal_batch(seal: Seal, records: Sequence[AuditRecord], previous: str) -> Sealed:
-    """
-    Seal a batch of records after the chain head C{previous}.
-    """
-    lines: list[bytes] = []
-    rejected: dict[int, Exception] = {}
-    chain = previous
-    for index, record in enumerate(records):
-        try:
-            line = seal.seal(record, chain)
-        except (TypeError, ValueError) as e:
-            rejected[index] = e
-            continue
-        lines.append(line)
-        chain = seal.link(line)
-    return Sealed(records, previous, lines, rejected)
-
-
 @attrs.define
 class _ChainWriter:
     """
@@ -269,16 +235,13 @@ class _ChainWriter:
 
     def write(
         self,
-        sealed: Sealed,
+        records: Sequence[AuditRecord],
         now: float,
         written: Callable[[dict[int, Exception]], None],
     ) -> tuple[dict[int, Exception], list[str]]:
         """
         Append a batch: one write (per file) and one fsync.
 
-        @param sealed: the batch's lines, sealed on the reactor thread from
-            the chain head it saw; sealed again here if recovery found
-            another head (after a failed batch, or a file removed).
         @param now: the clock's time, which decides daily rotation.
         @param written: called once the batch is written, before the fsync.
         @return: records that could not be encoded (by index), and notes.
@@ -286,39 +249,45 @@ class _ChainWriter:
             current file is closed and the next batch recovers from disk.
         """
         try:
-            return self._write(sealed, now, written)
+            return self._write(records, now, written)
         except BaseException:
             self._abandon()
             raise
 
     def _write(
         self,
-        sealed: Sealed,
+        records: Sequence[AuditRecord],
         now: float,
         written: Callable[[dict[int, Exception]], None],
     ) -> tuple[dict[int, Exception], list[str]]:
         self.acknowledged = False
         if self.fd is None or not self._still_linked():
             self.recover()
-        if sealed.previous != self.last_hash:
-            sealed = seal_batch(self.seal, sealed.records, self.last_hash)
         today = _day(now)
+        rejected: dict[int, Exception] = {}
         chunk: list[bytes] = []
         pending = 0
-        for line in sealed.lines:
+        chain = self.last_hash
+        for index, record in enumerate(records):
+            try:
+                line = self.seal.seal(record, chain)
+            except (TypeError, ValueError) as e:
+                rejected[index] = e
+                continue
             if self._rotation_due(pending, len(line), today):
-                self._commit(chunk)
+                self._commit(chunk, chain)
                 self._sync_current()
                 self._open_next(today)
                 chunk, pending = [], 0
             chunk.append(line)
             pending += len(line)
-        self._commit(chunk)
-        written(sealed.rejected)
+            chain = self.seal.link(line)
+        self._commit(chunk, chain)
+        written(rejected)
         self.acknowledged = self.durability != "always"
         self._sync_current()
         notes, self.notes = self.notes, []
-        return sealed.rejected, notes
+        return rejected, notes
 
     def close(self) -> None:
         if self.fd is not None:
@@ -349,7 +318,7 @@ class _ChainWriter:
         used = self.size + pending
         return used > 0 and used + length > self.rotate_bytes
 
-    def _commit(self, chunk: list[bytes]) -> None:
+    def _commit(self, chunk: list[bytes], chain: str) -> None:
         if not chunk:
             return
         assert self.fd is not None
@@ -360,7 +329,7 @@ class _ChainWriter:
         self.size += len(data)
         self.lines += len(chunk)
         self.records += len(chunk)
-        self.last_hash = self.seal.link(chunk[-1])
+        self.last_hash = chain
 
     def _open_next(self, today: str) -> None:
         day = max(today, self.day)
@@ -474,8 +443,6 @@ class _WriterThread:
                 call(done.callback, result)
         call(self._exited.callback, None)
 
-
-SEAL_ON_REACTOR = os.environ.get('SSP_SEAL', 'reactor') == 'reactor'
 
 # Seconds a record nobody waits for may wait for company (see append).
 LINGER = 0.05
@@ -720,11 +687,7 @@ class FileAuditSink:
             if self._durability != "always":
                 self._reactor.callFromThread(self._settle, batch, rejected)
 
-        if SEAL_ON_REACTOR:
-            sealed = seal_batch(self._writer.seal, records, self._writer.last_hash)
-        else:
-            sealed = Sealed(records, "", [], {})
-        d = self._thread.run(partial(self._writer.write, sealed, self._clock.seconds(), written))
+        d = self._thread.run(partial(self._writer.write, records, self._clock.seconds(), written))
         d.addCallbacks(self._wrote, self._unavailable, callbackArgs=(batch,), errbackArgs=(batch,))
         d.addBoth(self._finished)
 

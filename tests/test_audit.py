@@ -536,27 +536,6 @@ class SinkTests(TestCase):
         await gatherResults(pending)
         self.assertEqual(verify([self.directory]).records, 3)
 
-    async def test_batch_sealed_before_a_failure_is_sealed_again(self) -> None:
-        """
-        Batches are sealed on the reactor thread from the chain head it
-        knows.  After a failed batch the writer recovers another head from
-        disk (the failed records cut off): the next batch, sealed after
-        the failed one, is sealed again, so the chain on disk stays whole.
-        """
-        sink = await self.started()
-        await sink.append(record(0))
-        self.fsync.error = OSError(errno.EIO, "Input/output error")
-        await self.assertFailure(sink.append(record(1)), AuditUnavailable)
-        self.flushLoggedErrors(OSError)
-        self.fsync.error = None
-        # Sealed on the reactor after the failed record's line, not req-0's.
-        await sink.append(record(2))
-        await sink.append(record(3))
-        self.assertEqual([r["request_id"] for r in read_all(self.directory)],
-                         ["req-0", "req-2", "req-3"])
-        result = verify([self.directory])
-        self.assertEqual((result.ok, result.records), (True, 3))
-
     async def test_stop_drains_then_refuses(self) -> None:
         sink = await self.started()
         pending = [sink.append(record(n)) for n in range(5)]
