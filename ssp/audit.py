@@ -427,7 +427,7 @@ class _WriterThread:
         """
         if self._thread.is_alive():
             self._jobs.put(None)
-        else:
+        elif not self._exited.called:
             self._exited.callback(None)
         return self._exited
 
