@@ -3,7 +3,8 @@ CPU per request of the audit sink alone, against a no-op sink, on a real
 reactor kept busy as the proxy keeps it.
 
     python bench/audit_sink.py                     # this tree, 3 alternating rounds
-    python bench/audit_sink.py --baseline DIR      # DIR holds another revision's ssp/
+    python bench/audit_sink.py --baseline DIR      # DIR holds another revision's ssp/:
+    mkdir DIR && git archive REV ssp | tar -x -C DIR
 
 Each of C{--concurrency} simulated exchanges spins C{--work} microseconds
 of Python on the reactor thread (what the checks and relaying cost), awaits

@@ -15,7 +15,6 @@ Two seals (docs/audit.md, "Threat model"):
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
 import hmac
@@ -97,25 +96,23 @@ def _body(record: AuditRecord, previous: str) -> bytes:
                       allow_nan=False).encode("ascii")
 
 
-@functools.cache
-def _reader(cls: type) -> Callable[[Any], dict[str, Any]]:
-    """
-    What L{_as_dict} does for one attrs class: its fields read in C.
-    """
-    names = tuple(field.name for field in attrs.fields(cls))
-    values = attrgetter(*names, names[0])  # two names or more: always a tuple
-    return lambda value: dict(zip(names, values(value)))
+_READERS: dict[type, Callable[[Any], dict[str, Any]]] = {}
 
 
 def _as_dict(value: Any) -> dict[str, Any]:
     """
     A nested attrs value (the claims) for orjson, one level at a time (as
     C{attrs.asdict} would give it): orjson comes back here for any attrs
-    value inside it.
+    value inside it.  Each class's fields are read in C (C{attrgetter}).
     """
-    if attrs.has(type(value)):
-        return _reader(type(value))(value)
-    raise TypeError(f"{type(value).__name__} in an audit record")
+    reader = _READERS.get(type(value))
+    if reader is None:
+        if not attrs.has(type(value)):
+            raise TypeError(f"{type(value).__name__} in an audit record")
+        names = tuple(field.name for field in attrs.fields(type(value)))
+        values = attrgetter(*names, names[0])  # two names or more: always a tuple
+        reader = _READERS[type(value)] = lambda v: dict(zip(names, values(v)))
+    return reader(value)
 
 
 def _parse(line: bytes) -> dict[str, Any]:

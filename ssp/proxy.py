@@ -305,7 +305,7 @@ class Proxy:
             request.abort()
 
 
-def _not_recorded(failure: Failure, record: AuditRecord) -> Failure | None:
+def _not_recorded(failure: Failure, record: AuditRecord) -> None:
     """
     A C{completed} record the sink refused is logged: the exchange is over,
     or is answered all the same.  A consumer leaving meanwhile cancels only
@@ -314,8 +314,8 @@ def _not_recorded(failure: Failure, record: AuditRecord) -> Failure | None:
     if failure.check(Refusal):
         log.critical("Audit record for {request_id} could not be written",
                      request_id=record.request_id)
-        return None
-    return None if failure.check(CancelledError) else failure
+    elif not failure.check(CancelledError):
+        failure.raiseException()
 
 
 class _Outcome:
