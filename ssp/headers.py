@@ -20,6 +20,7 @@ import ipaddress
 import re
 from collections.abc import Sequence
 
+from twisted.web.http import datetimeToString
 from twisted.web.http_headers import Headers
 
 from ssp.errors import BadRequest
@@ -59,6 +60,9 @@ _HOST_FIELD = re.compile(
     rb"(?P<host>\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+;=]|%[0-9A-Fa-f]{2})*)"
     rb"(?::(?P<port>[0-9]{1,5}))?"
 )
+# The usual Host: a DNS name or IPv4 address and a port, a subset of
+# _HOST_FIELD matched without its per-byte alternation.
+_PLAIN_HOST_FIELD = re.compile(rb"[A-Za-z0-9.\-]*(?::(?P<port>[0-9]{1,5}))?")
 # A comma outside a quoted-string (RFC 9110 §5.6.4) separates list members.
 _UNQUOTED_COMMA = re.compile(rb'(?:[^",]|"(?:[^"\\]|\\.)*")*,')
 
@@ -78,21 +82,24 @@ _RULES = (
 )
 
 
-def parse(headers: Headers) -> SpineHeaders:
+def parse(headers: Headers, fields_checked: bool = False) -> SpineHeaders:
     """
-    Validate the four C{Ssp-*} headers, and every field once more
-    against L{field_refusal}.
+    Validate the four C{Ssp-*} headers, and every field against
+    L{field_refusal} unless C{fields_checked}.
 
+    @param fields_checked: every field already passed L{field_refusal} as
+        its line arrived (the strict channel refuses the request
+        otherwise), so the same check on the same bytes is not run twice.
     @raise BadRequest: naming the first header that is missing, empty,
-        repeated or malformed, or a field L{field_refusal} refuses (the
-        channel refuses those as they arrive; this covers other callers).
+        repeated or malformed, or a field L{field_refusal} refuses.
     """
-    seen: set[bytes] = set()
-    for name, values in headers.getAllRawHeaders():
-        for value in values:
-            refusal = field_refusal(name.lower(), value.strip(b" \t"), seen)
-            if refusal is not None:
-                raise refusal
+    if not fields_checked:
+        seen: set[bytes] = set()
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                refusal = field_refusal(name.lower(), value.strip(b" \t"), seen)
+                if refusal is not None:
+                    raise refusal
     fields: list[str] = []
     for name, pattern, rule in _RULES:
         found = headers.getRawHeaders(name)
@@ -163,14 +170,14 @@ def _is_list(name: bytes, value: bytes) -> bool:
 
 
 def _valid_host(value: bytes) -> bool:
-    match = _HOST_FIELD.fullmatch(value)
+    match = _PLAIN_HOST_FIELD.fullmatch(value) or _HOST_FIELD.fullmatch(value)
     if match is None:
         return False
     port = match["port"]
     if port is not None and not 0 < int(port) < 65536:
         return False
-    host = match["host"]
-    if host.startswith(b"["):
+    if value.startswith(b"["):
+        host = match["host"]
         try:
             ipaddress.IPv6Address(host[1:-1].decode("ascii"))
         except ValueError:
@@ -225,3 +232,29 @@ def downstream_headers(incoming: Headers) -> list[tuple[bytes, Sequence[bytes]]]
     """
     dropped = HOP_BY_HOP | connection_options(incoming)
     return [(n, v) for n, v in incoming.getAllRawHeaders() if n.lower() not in dropped]
+
+
+class _HTTPDate:
+    """
+    C{Date} values (RFC 9110 §5.6.7), formatted once per second rather than
+    once per response: the value only changes each second, and formatting
+    it cost more than any other response header (Twisted's site caches its
+    log time the same way).
+    """
+
+    def __init__(self) -> None:
+        # One attribute, so that a reader never pairs one second's text
+        # with another second.
+        self._cached = (-1, b"")
+
+    def __call__(self, seconds: float) -> bytes:
+        whole = int(seconds)
+        second, text = self._cached
+        if whole != second:
+            text = datetimeToString(whole)
+            self._cached = (whole, text)
+        return text
+
+
+http_date = _HTTPDate()
+"""The C{Date} value for a time in seconds since the epoch."""

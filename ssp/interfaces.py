@@ -166,6 +166,10 @@ class IExchange(IRequest):
     closes_after_response = Attribute(
         "True when the connection will not be reused after this response."
     )
+    fields_checked = Attribute(
+        "True when every request field passed L{ssp.headers.field_refusal} as its line "
+        "arrived (a request with a field it refuses never reaches the proxy)."
+    )
 
     def abort() -> None:
         """

@@ -26,12 +26,15 @@ class Inbound:
 
     @ivar connection: the TLS connection, opaque to the pipeline and handed
         to L{Checks.identify}.
+    @ivar fields_checked: every field passed L{headers.field_refusal} as
+        it arrived (the strict channel's requests), so it is not run again.
     """
 
     method: bytes
     uri: bytes
     headers: Headers
     connection: Any
+    fields_checked: bool = False
 
 
 @attrs.frozen
@@ -72,7 +75,7 @@ async def admit(inbound: Inbound, checks: Checks, found: Findings) -> Findings:
     found.client = checks.identify(inbound.connection)                     # 496 / 495
     target.check_method(inbound.method)                                    # 405
     found.target = url = target.parse(inbound.uri)                         # 400
-    found.spine = spine = headers.parse(inbound.headers)                   # 400
+    found.spine = spine = headers.parse(inbound.headers, inbound.fields_checked)  # 400
     found.claims = token.validate(                                         # 400
         headers.single(inbound.headers, b"authorization"), checks.clock.seconds(), checks.token
     )

@@ -18,7 +18,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import server
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.resource import Resource
 
@@ -97,7 +97,8 @@ class Proxy:
                 found.client = self.checks.identify(connection)
                 self._answer_preflight(request, found, outcome)
                 return
-            inbound = Inbound(request.method, request.uri, request.requestHeaders, connection)
+            inbound = Inbound(request.method, request.uri, request.requestHeaders, connection,
+                              request.fields_checked)
             await admit(inbound, self.checks, found)
             await self.audit.append(
                 self._record("authorised", request_id, started, request, found, outcome)
@@ -258,7 +259,7 @@ class Proxy:
         outcome = _Outcome()
         outcome.refused(refusal)
         outcome.total_latency = 0.0
-        request.responseHeaders.setRawHeaders(b"Date", [http.datetimeToString(started)])
+        request.responseHeaders.setRawHeaders(b"Date", [headers.http_date(started)])
         recorded = self._complete(
             self._record("completed", new_request_id(), started, request, found, outcome))
         recorded.addErrback(lambda f: log.failure("Audit record of a refusal not written", f))

@@ -103,6 +103,13 @@ def _check_path(path: bytes) -> None:
     sequences), at any depth of encoding: decoders that accept such bytes
     differ in what they make of them.
     """
+    if b"%" not in path:
+        # Nothing to decode: the raw checks of parse() already refused
+        # control bytes and backslashes, and no segment holds a slash.
+        if b"." in path and any(s.partition(b";")[0] in (b".", b"..")
+                                for s in path.split(b"/")):
+            raise _invalid("must not contain dot segments")
+        return
     if _BAD_PERCENT.search(path):
         raise _invalid("has malformed percent-encoding")
     for segment in path.split(b"/"):

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import attrs
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial import unittest
 
-from ssp.accesslog import AccessLogFile, line_of
+from ssp.accesslog import AccessLogFile, iso_time, line_of
 from ssp.model import AuditRecord
 from tests.support import Provider, Proxy, spine_headers
 
@@ -127,6 +130,21 @@ class AccessLogFileTests(unittest.TestCase):
         self.assertEqual(len(errors), 1)
         self.assertIn("/dev/full", errors[0]["path"])
         self.assertEqual(full._lines, [])
+
+
+class ISOTimeTests(unittest.SynchronousTestCase):
+    @settings(max_examples=1000, deadline=None)
+    @given(st.lists(st.floats(0, 4_102_444_800), min_size=1, max_size=4))
+    @example([1796322741.9999995, 1796322741.9995, 1796322741.0004995, 1796322742.0])
+    def test_as_datetime_formats_it(self, times: list[float]) -> None:
+        """
+        The per-second cache writes what C{datetime} writes, rounding at
+        the microsecond and millisecond edges included, in any order.
+        """
+        for seconds in [*times, *reversed(times)]:
+            self.assertEqual(
+                iso_time(seconds),
+                datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds"))
 
 
 class ServiceAccessLogTests(unittest.TestCase):

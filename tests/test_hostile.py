@@ -439,6 +439,9 @@ FRAMING_CASES = (
              400, BAD + "control character in header X-A"),
     _refused("DEL in header value", lambda: head(lines=[b"X-A: a\x7fb"]),
              400, BAD + "control character in header X-A"),
+    _refused("US after a kilobyte of header value", lambda: head(lines=[b"X-A: " + b"a" * 2048
+                                                                   + b"\x1f"]),
+             400, BAD + "control character in header X-A"),
     _refused("NUL in header name", lambda: head(lines=[b"X-\x00A: b"]),
              400, BAD + "invalid header name"),
     _refused("space in header name", lambda: head(lines=[b"X A: b"]),

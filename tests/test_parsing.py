@@ -16,6 +16,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
+from twisted.web import http
 from twisted.web.client import URI
 from twisted.web.http_headers import Headers
 
@@ -319,6 +320,31 @@ class HeaderTests(unittest.SynchronousTestCase):
         self.assertEqual(caught.exception.token, "BAD_REQUEST: Authorization header is repeated")
         self.assertEqual(headers.single(raw, b"authorization"), None)
         self.assertEqual(headers.single(raw, b"ssp-from"), b"200000000359")
+
+    def test_fields_checked_skips_only_the_field_checks(self) -> None:
+        """
+        For the strict channel's requests (every field already passed
+        L{headers.field_refusal}) the field checks are not run again; the
+        C{Ssp-*} rules still are.
+        """
+        raw = Headers({k: [v] for k, v in self.valid.items()})
+        raw.addRawHeader("Host", "a, b")
+        self.assertRaises(BadRequest, headers.parse, raw)
+        self.assertEqual(headers.parse(raw, fields_checked=True).sender, "200000000359")
+        raw.removeHeader("Ssp-To")
+        with self.assertRaises(BadRequest) as caught:
+            headers.parse(raw, fields_checked=True)
+        self.assertEqual(caught.exception.token, "BAD_REQUEST: Ssp-To header is missing")
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.floats(0, 4_102_444_800), min_size=1, max_size=5))
+    def test_http_date_is_twisteds(self, times: list[float]) -> None:
+        """
+        The per-second cache gives what Twisted formats, whatever order the
+        times come in (a clock stepped back included).
+        """
+        for seconds in [*times, *reversed(times)]:
+            self.assertEqual(headers.http_date(seconds), http.datetimeToString(seconds))
 
     def test_upstream_filtering(self) -> None:
         incoming = Headers({
