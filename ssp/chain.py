@@ -70,8 +70,8 @@ def _body(record: AuditRecord, previous: str) -> bytes:
     L{_as_dict}).  It writes UTF-8 rather than C{\\u} escapes, NaN and
     infinity as C{null}, and refuses lone surrogates and integers beyond
     64 bits: a record with any of those takes the standard library's path,
-    which escapes non-ASCII text and raises C{ValueError} for NaN and
-    infinity, so the trail's format and refusals stay as documented.
+    which escapes non-ASCII text (and DEL) and raises C{ValueError} for
+    NaN and infinity, so the trail's format and refusals stay as documented.
     Both agree byte for byte except for exponents (C{1e-7}, not
     C{1e-07}); a line is verified by its bytes, never re-serialised.
     """
@@ -86,9 +86,11 @@ def _body(record: AuditRecord, previous: str) -> bytes:
         # Each None writes one "null"; NaN and infinity would write more.
         # Only when there are more (or text holds "null") are the floats
         # checked one by one (they are top-level fields: claims hold text).
-        if body.isascii() and (body.count(b"null") == values.count(None)
-                               or all(type(value) is not float or math.isfinite(value)
-                                      for value in values)):
+        # json.dumps escapes DEL (\x7f) too; orjson writes it as it is.
+        plain = body.isascii() and b"\x7f" not in body
+        if plain and (body.count(b"null") == values.count(None)
+                      or all(type(value) is not float or math.isfinite(value)
+                             for value in values)):
             return body
     fields = attrs.asdict(record)
     fields["prev"] = previous
