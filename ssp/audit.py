@@ -240,10 +240,11 @@ class _ChainWriter:
         written: Callable[[dict[int, Exception]], None],
     ) -> tuple[dict[int, Exception], list[str]]:
         """
-        Append a batch: one write (per file) and one fsync.
+        Append a batch: one write (per file) and one sync (the write itself
+        with durability C{"always"}, see L{_flags}).
 
         @param now: the clock's time, which decides daily rotation.
-        @param written: called once the batch is written, before the fsync.
+        @param written: called once the batch is written, before any fsync.
         @return: records that could not be encoded (by index), and notes.
         @raise OSError: nothing of the batch can be trusted durable; the
             current file is closed and the next batch recovers from disk.
@@ -502,10 +503,11 @@ class FileAuditSink:
         @param reactor: runs the writer thread's results (and the flush).
         @param clock: decides the day for daily rotation; the reactor when
             not given.
-        @param durability: C{"always"}: an append's Deferred fires after
-            fsync; C{"batch"}: after write, the fsync following; C{"never"}:
-            after write, no fsync at all.
-        @param fsync: the fsync to use (a seam for tests).
+        @param durability: C{"always"}: an append's Deferred fires once its
+            batch is on disk (files opened C{O_DSYNC}); C{"batch"}: after
+            write, the fsync following; C{"never"}: after write, no fsync.
+        @param fsync: the fsync to use (a seam for tests): C{"batch"}'s data
+            syncs, and the syncs of directories and cut files.
         @param raw_write: the C{os.write} to use for records (a seam for tests
             that emulate a full or read-only disk).
         @param seal: how records are bound to each other (L{ssp.chain}).
@@ -639,7 +641,7 @@ class FileAuditSink:
     def pending(self) -> int:
         """
         Records appended but not yet durable: queued, or in the batch being
-        written and synced (until its fsync returns, or its write fails).
+        written and synced (until its sync returns, or its write fails).
         A gauge for metrics: it grows while the disk is slow.
         """
         in_flight = len(self._writing.entries) if self._writing is not None else 0
