@@ -21,8 +21,11 @@ succeeds, after a disk failure).
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,10 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ssp import anchor
@@ -153,7 +154,7 @@ class _ChainWriter:
         files = [p for p in audit_files(self.directory) if not p.name.endswith(".gz")]
         if files:
             newest = files[-1]
-            fd = os.open(newest, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+            fd = os.open(newest, self._flags())
             try:
                 size = os.fstat(fd).st_size
                 good, last = _last_line(fd, size)
@@ -239,10 +240,11 @@ class _ChainWriter:
         written: Callable[[dict[int, Exception]], None],
     ) -> tuple[dict[int, Exception], list[str]]:
         """
-        Append a batch: one write (per file) and one fsync.
+        Append a batch: one write (per file) and one sync (the write itself
+        with durability C{"always"}, see L{_flags}).
 
         @param now: the clock's time, which decides daily rotation.
-        @param written: called once the batch is written, before the fsync.
+        @param written: called once the batch is written, before any fsync.
         @return: records that could not be encoded (by index), and notes.
         @raise OSError: nothing of the batch can be trusted durable; the
             current file is closed and the next batch recovers from disk.
@@ -262,6 +264,7 @@ class _ChainWriter:
         self.acknowledged = False
         if self.fd is None or not self._still_linked():
             self.recover()
+        today = _day(now)
         rejected: dict[int, Exception] = {}
         chunk: list[bytes] = []
         pending = 0
@@ -272,10 +275,10 @@ class _ChainWriter:
             except (TypeError, ValueError) as e:
                 rejected[index] = e
                 continue
-            if self._rotation_due(pending, len(line), now):
+            if self._rotation_due(pending, len(line), today):
                 self._commit(chunk, chain)
                 self._sync_current()
-                self._open_next(now)
+                self._open_next(today)
                 chunk, pending = [], 0
             chunk.append(line)
             pending += len(line)
@@ -308,10 +311,10 @@ class _ChainWriter:
         self.notes.append(f"audit file {self.path} was removed or replaced; continuing the chain")
         return False
 
-    def _rotation_due(self, pending: int, length: int, now: float) -> bool:
+    def _rotation_due(self, pending: int, length: int, today: str) -> bool:
         if self.fd is None:
             return True
-        if self.rotate_daily and _day(now) > self.day:
+        if self.rotate_daily and today > self.day:
             return True
         used = self.size + pending
         return used > 0 and used + length > self.rotate_bytes
@@ -329,16 +332,14 @@ class _ChainWriter:
         self.records += len(chunk)
         self.last_hash = chain
 
-    def _open_next(self, now: float) -> None:
-        day = max(_day(now), self.day)
+    def _open_next(self, today: str) -> None:
+        day = max(today, self.day)
         sequence = self.sequence + 1 if day == self.day else 1
         self.close()
         while True:
             path = self.directory / f"audit-{day}-{sequence:04d}.jsonl"
             try:
-                fd = os.open(
-                    path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640
-                )
+                fd = os.open(path, self._flags() | os.O_CREAT | os.O_EXCL, 0o640)
             except FileExistsError:
                 sequence += 1
                 continue
@@ -351,9 +352,20 @@ class _ChainWriter:
         finally:
             os.close(directory)
 
+    def _flags(self) -> int:
+        """
+        How a trail file is opened.  With durability C{"always"} every write
+        is synchronous (C{O_DSYNC}: its bytes and the file's size are on
+        disk when it returns, as after C{fdatasync}): a batch is one system
+        call, one release of the GIL, instead of a write and an fsync.
+        """
+        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+        return flags | os.O_DSYNC if self.durability == "always" else flags
+
     def _sync_current(self) -> None:
         if self.fd is not None:
-            self._sync(self.fd)
+            if self.durability == "batch":  # "always" wrote synchronously
+                self.fsync(self.fd)
             self.synced, self.synced_lines = self.size, self.lines
 
     def _sync(self, fd: int) -> None:
@@ -384,6 +396,62 @@ def _last_line(fd: int, size: int) -> tuple[int, bytes | None]:
     for end, line in lines_from_end(fd, size):
         return end, line
     return 0, None
+
+
+class _WriterThread:
+    """
+    The one thread where a sink's blocking file work runs, one job at a
+    time, in order.
+
+    Why not Twisted's C{ThreadPool}: a job there passes through a Python
+    C{queue.Queue}, its Condition and the pool's team coordinator, each a
+    lock the reactor thread and the writer take in turn; on a busy reactor
+    every such hand-off of the GIL is a cross-CPU wake-up.  Here a job is
+    one C{SimpleQueue.put} (in C) and its result one C{callFromThread}.
+    """
+
+    def __init__(self, reactor: IReactorFromThreads, name: str) -> None:
+        self._reactor = reactor
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Deferred[Any]] | None] = (
+            queue.SimpleQueue())
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._exited: Deferred[None] = Deferred()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def run(self, job: Callable[[], Any]) -> Deferred[Any]:
+        """
+        @return: fires on the reactor thread with what C{job} returned, or
+            fails with what it raised.
+        """
+        done: Deferred[Any] = Deferred()
+        self._jobs.put((job, done))
+        return done
+
+    def stop(self) -> Deferred[None]:
+        """
+        Let the jobs already submitted finish, then end the thread.
+
+        @return: fires once the thread has run its last job.
+        """
+        if self._thread.is_alive():
+            self._jobs.put(None)
+        elif not self._exited.called:
+            self._exited.callback(None)
+        return self._exited
+
+    def _run(self) -> None:
+        call = self._reactor.callFromThread
+        while (item := self._jobs.get()) is not None:
+            job, done = item
+            try:
+                result = job()
+            except BaseException:
+                call(done.errback, Failure())
+            else:
+                call(done.callback, result)
+        call(self._exited.callback, None)
 
 
 # Seconds a record nobody waits for may wait for company (see append).
@@ -435,10 +503,11 @@ class FileAuditSink:
         @param reactor: runs the writer thread's results (and the flush).
         @param clock: decides the day for daily rotation; the reactor when
             not given.
-        @param durability: C{"always"}: an append's Deferred fires after
-            fsync; C{"batch"}: after write, the fsync following; C{"never"}:
-            after write, no fsync at all.
-        @param fsync: the fsync to use (a seam for tests).
+        @param durability: C{"always"}: an append's Deferred fires once its
+            batch is on disk (files opened C{O_DSYNC}); C{"batch"}: after
+            write, the fsync following; C{"never"}: after write, no fsync.
+        @param fsync: the fsync to use (a seam for tests): C{"batch"}'s data
+            syncs, and the syncs of directories and cut files.
         @param raw_write: the C{os.write} to use for records (a seam for tests
             that emulate a full or read-only disk).
         @param seal: how records are bound to each other (L{ssp.chain}).
@@ -462,7 +531,7 @@ class FileAuditSink:
         self._checkpoint_interval = checkpoint_interval
         self._max_pending = max_pending
         self._overflowing = False
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="ssp-audit")
+        self._thread = _WriterThread(reactor, "ssp-audit")
         self._queue: list[tuple[AuditRecord, Deferred[None]]] = []
         self._writing: _Batch | None = None
         self._busy = False
@@ -512,10 +581,10 @@ class FileAuditSink:
         Deferred always succeeds; if the directory is unusable C{writable}
         is false and the next append retries.
         """
-        self._pool.start()
+        self._thread.start()
         self._started = True
         self._busy = True
-        d = deferToThreadPool(self._reactor, self._pool, self._writer.start)
+        d = self._thread.run(self._writer.start)
         started = d.addCallbacks(
             self._started_chain, self._unavailable, errbackArgs=(None,)
         ).addBoth(self._finished)
@@ -534,8 +603,7 @@ class FileAuditSink:
                         ).addErrback(lambda f: self.log.failure("Chain alarm not audited", f))
 
     def _checkpoint(self) -> Deferred[None]:
-        d = deferToThreadPool(self._reactor, self._pool, self._writer.checkpoint,
-                              self._clock.seconds())
+        d = self._thread.run(partial(self._writer.checkpoint, self._clock.seconds()))
         return d.addCallbacks(self._log_checkpoint, self._checkpoint_failed)
 
     def _log_checkpoint(self, entry: dict[str, Any] | None) -> None:
@@ -563,10 +631,8 @@ class FileAuditSink:
         if self._stopping is None:
             self._stopping = self._when_idle()
             self._stopping.addCallback(lambda _: self._checkpoint())
-            self._stopping.addCallback(
-                lambda _: deferToThreadPool(self._reactor, self._pool, self._writer.close)
-            )
-            self._stopping.addBoth(self._stop_pool)
+            self._stopping.addCallback(lambda _: self._thread.run(self._writer.close))
+            self._stopping.addBoth(self._stop_thread)
         done: Deferred[None] = Deferred()
         self._stopping.addCallback(done.callback)
         return done
@@ -575,7 +641,7 @@ class FileAuditSink:
     def pending(self) -> int:
         """
         Records appended but not yet durable: queued, or in the batch being
-        written and synced (until its fsync returns, or its write fails).
+        written and synced (until its sync returns, or its write fails).
         A gauge for metrics: it grows while the disk is slow.
         """
         in_flight = len(self._writing.entries) if self._writing is not None else 0
@@ -632,9 +698,7 @@ class FileAuditSink:
             if self._durability != "always":
                 self._reactor.callFromThread(self._settle, batch, rejected)
 
-        d = deferToThreadPool(
-            self._reactor, self._pool, self._writer.write, records, self._clock.seconds(), written
-        )
+        d = self._thread.run(partial(self._writer.write, records, self._clock.seconds(), written))
         d.addCallbacks(self._wrote, self._unavailable, callbackArgs=(batch,), errbackArgs=(batch,))
         d.addBoth(self._finished)
 
@@ -695,7 +759,7 @@ class FileAuditSink:
         self._idle.append(d)
         return d
 
-    def _stop_pool(self, result: object) -> None:
-        self._pool.stop()
+    def _stop_thread(self, result: object) -> Deferred[None]:
         if isinstance(result, Failure):
             self.log.failure("Audit trail not closed cleanly", result)
+        return self._thread.stop()

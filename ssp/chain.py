@@ -22,7 +22,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from operator import attrgetter
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -57,6 +58,7 @@ class Seal(Protocol):
 
 
 _FIELDS = tuple(field.name for field in attrs.fields(AuditRecord))
+_VALUES = attrgetter(*_FIELDS)
 
 
 def _body(record: AuditRecord, previous: str) -> bytes:
@@ -68,21 +70,27 @@ def _body(record: AuditRecord, previous: str) -> bytes:
     L{_as_dict}).  It writes UTF-8 rather than C{\\u} escapes, NaN and
     infinity as C{null}, and refuses lone surrogates and integers beyond
     64 bits: a record with any of those takes the standard library's path,
-    which escapes non-ASCII text and raises C{ValueError} for NaN and
-    infinity, so the trail's format and refusals stay as documented.
+    which escapes non-ASCII text (and DEL) and raises C{ValueError} for
+    NaN and infinity, so the trail's format and refusals stay as documented.
     Both agree byte for byte except for exponents (C{1e-7}, not
     C{1e-07}); a line is verified by its bytes, never re-serialised.
     """
-    fields = {name: getattr(record, name) for name in _FIELDS}
+    values = _VALUES(record)
+    fields = dict(zip(_FIELDS, values))
     fields["prev"] = previous
     try:
         body = orjson.dumps(fields, default=_as_dict, option=orjson.OPT_SORT_KEYS)
     except orjson.JSONEncodeError:
         pass
     else:
-        # Floats are top-level fields only (the claims hold text).
-        if body.isascii() and all(type(value) is not float or math.isfinite(value)
-                                  for value in fields.values()):
+        # Each None writes one "null"; NaN and infinity would write more.
+        # Only when there are more (or text holds "null") are the floats
+        # checked one by one (they are top-level fields: claims hold text).
+        # json.dumps escapes DEL (\x7f) too; orjson writes it as it is.
+        plain = body.isascii() and b"\x7f" not in body
+        if plain and (body.count(b"null") == values.count(None)
+                      or all(type(value) is not float or math.isfinite(value)
+                             for value in values)):
             return body
     fields = attrs.asdict(record)
     fields["prev"] = previous
@@ -90,10 +98,23 @@ def _body(record: AuditRecord, previous: str) -> bytes:
                       allow_nan=False).encode("ascii")
 
 
+_READERS: dict[type, Callable[[Any], dict[str, Any]]] = {}
+
+
 def _as_dict(value: Any) -> dict[str, Any]:
-    if attrs.has(type(value)):
-        return attrs.asdict(value)
-    raise TypeError(f"{type(value).__name__} in an audit record")
+    """
+    A nested attrs value (the claims) for orjson, one level at a time (as
+    C{attrs.asdict} would give it): orjson comes back here for any attrs
+    value inside it.  Each class's fields are read in C (C{attrgetter}).
+    """
+    reader = _READERS.get(type(value))
+    if reader is None:
+        if not attrs.has(type(value)):
+            raise TypeError(f"{type(value).__name__} in an audit record")
+        names = tuple(field.name for field in attrs.fields(type(value)))
+        values = attrgetter(*names, names[0])  # two names or more: always a tuple
+        reader = _READERS[type(value)] = lambda v: dict(zip(names, values(v)))
+    return reader(value)
 
 
 def _parse(line: bytes) -> dict[str, Any]:

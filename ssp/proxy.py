@@ -121,10 +121,12 @@ class Proxy:
                 self._refuse(request, request.refusal, found)
         finally:
             if not outcome.recorded:
-                await self._settle(request_id, started, request, found, outcome)
+                # Nobody waits for this record: the exchange is over.
+                self._settle(request_id, started, request, found, outcome).addErrback(
+                    self.crashed, request)
 
-    async def _settle(self, request_id: str, started: float, request: IExchange,
-                      found: Findings, outcome: _Outcome) -> None:
+    def _settle(self, request_id: str, started: float, request: IExchange,
+                found: Findings, outcome: _Outcome) -> Deferred[None]:
         """
         Write the request's C{completed} record, once.  A refusal awaits
         it before answering: a refusal the consumer saw is on disk (within
@@ -135,12 +137,8 @@ class Proxy:
         outcome.recorded = True
         self.in_flight -= 1
         outcome.total_latency = self.clock.seconds() - started
-        try:
-            await self._complete(
-                self._record("completed", request_id, started, request, found, outcome)
-            )
-        except CancelledError:
-            pass
+        return self._complete(
+            self._record("completed", request_id, started, request, found, outcome))
 
     async def _forward(self, request: IExchange, found: Findings, outcome: _Outcome) -> None:
         url = found.target
@@ -262,9 +260,8 @@ class Proxy:
         outcome.refused(refusal)
         outcome.total_latency = 0.0
         request.responseHeaders.setRawHeaders(b"Date", [headers.http_date(started)])
-        recorded = Deferred.fromCoroutine(self._complete(
-            self._record("completed", new_request_id(), started, request, found, outcome)
-        ))
+        recorded = self._complete(
+            self._record("completed", new_request_id(), started, request, found, outcome))
         recorded.addErrback(lambda f: log.failure("Audit record of a refusal not written", f))
         recorded.addCallback(lambda _: self._refuse(request, refusal, found))
 
@@ -294,21 +291,32 @@ class Proxy:
             total_latency=outcome.total_latency,
         )
 
-    async def _complete(self, record: AuditRecord) -> None:
+    def _complete(self, record: AuditRecord) -> Deferred[None]:
+        """
+        Hand a C{completed} record to the sink (a Deferred, not a
+        coroutine: most are never awaited).
+        """
         for observer in self.observers:
             observer(record)
-        try:
-            await self.audit.append(record)
-        except CancelledError:
-            pass  # the consumer left meanwhile; the sink writes the record all the same
-        except Refusal:
-            log.critical("Audit record for {request_id} could not be written",
-                         request_id=record.request_id)
+        return self.audit.append(record).addErrback(_not_recorded, record)
 
     def crashed(self, failure: Failure, request: IExchange) -> None:
         log.failure("Unhandled error proxying {uri!r}", failure, uri=request.uri)
         if not request.finished and not request.gone:
             request.abort()
+
+
+def _not_recorded(failure: Failure, record: AuditRecord) -> None:
+    """
+    A C{completed} record the sink refused is logged: the exchange is over,
+    or is answered all the same.  A consumer leaving meanwhile cancels only
+    the wait: the sink writes the record all the same.
+    """
+    if failure.check(Refusal):
+        log.critical("Audit record for {request_id} could not be written",
+                     request_id=record.request_id)
+    elif not failure.check(CancelledError):
+        failure.raiseException()
 
 
 class _Outcome:

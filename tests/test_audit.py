@@ -7,6 +7,7 @@ verification.
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import itertools
 import json
@@ -145,7 +146,11 @@ class EncodeTests(SynchronousTestCase):
 
 class FsyncSeam:
     """
-    Counts fsyncs; can fail them or hold them until released.
+    Counts the points where a batch becomes durable: fsyncs, and writes to
+    a file opened with C{O_DSYNC} (durability C{"always"}: such a write is
+    the sync).  Can fail them or hold them until released.
+
+    @ivar synchronous: for each write, whether its file was C{O_DSYNC}.
     """
 
     def __init__(self) -> None:
@@ -154,8 +159,20 @@ class FsyncSeam:
         self.hold: threading.Event | None = None
         self.entered: Deferred[None] | None = None
         self.events: list[str] = []
+        self.synchronous: list[bool] = []
 
     def __call__(self, fd: int) -> None:
+        self._durable()
+        os.fsync(fd)
+
+    def write(self, fd: int, data: memoryview) -> int:
+        synchronous = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DSYNC)
+        self.synchronous.append(synchronous)
+        if synchronous:
+            self._durable()
+        return os.write(fd, data)
+
+    def _durable(self) -> None:
         if self.entered is not None:
             entered, self.entered = self.entered, None
             reactor.callFromThread(entered.callback, None)
@@ -165,7 +182,6 @@ class FsyncSeam:
         self.events.append("fsync")
         if self.error is not None:
             raise self.error
-        os.fsync(fd)
 
 
 class SinkTests(TestCase):
@@ -177,6 +193,7 @@ class SinkTests(TestCase):
 
     def sink(self, **options: Any) -> FileAuditSink:
         options.setdefault("fsync", self.fsync)
+        options.setdefault("raw_write", self.fsync.write)
         sink = FileAuditSink(self.directory, reactor, self.clock, **options)
         self.addCleanup(sink.stop)
         return sink
@@ -341,6 +358,21 @@ class SinkTests(TestCase):
         d.addCallback(lambda _: self.fsync.events.append("fired"))
         await d
         self.assertEqual(self.fsync.events, ["fsync", "fired"])
+
+    async def test_always_writes_synchronously(self) -> None:
+        """
+        With durability C{"always"} the trail is written with C{O_DSYNC}
+        (each batch's write returns once it is on disk); with C{"batch"}
+        and C{"never"} it is not (an fsync follows, or nothing).
+        """
+        for durability in ("always", "batch", "never"):
+            self.fsync.synchronous.clear()
+            sink = await self.started(durability=durability)
+            await sink.append(record(1))
+            self.clock.advance(20)  # the next day: a new file
+            await sink.append(record(2))
+            await sink.stop()
+            self.assertEqual(self.fsync.synchronous, [durability == "always"] * 2)
 
     async def test_batch_fires_before_fsync(self) -> None:
         """
@@ -515,6 +547,26 @@ class SinkTests(TestCase):
         await self.assertFailure(bad, ValueError)
         self.assertTrue(sink.writable)
         self.assertEqual([r["request_id"] for r in read_all(self.directory)], ["req-1"])
+
+    async def test_one_writer_thread_ended_by_stop(self) -> None:
+        """
+        A sink writes on one thread of its own, started by C{start} and
+        ended by C{stop} once the queued records are written; a sink never
+        started starts none.
+        """
+        before = set(threading.enumerate())
+        unused = self.sink()
+        await unused.stop()
+        self.assertEqual(set(threading.enumerate()) - before, set())
+        sink = await self.started()
+        (writer,) = set(threading.enumerate()) - before
+        self.assertEqual(writer.name, "ssp-audit")
+        pending = [sink.append(record(n)) for n in range(3)]
+        await sink.stop()
+        writer.join(10)
+        self.assertFalse(writer.is_alive())
+        await gatherResults(pending)
+        self.assertEqual(verify([self.directory]).records, 3)
 
     async def test_stop_drains_then_refuses(self) -> None:
         sink = await self.started()

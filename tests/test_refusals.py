@@ -121,18 +121,19 @@ class RealSocketFloodTests(TestCase):
 class BoundedQueueTests(TestCase):
     async def test_slow_disk_refuses_over_real_sockets(self) -> None:
         """
-        While the disk holds the writer (a stalled fsync) the queue fills
+        While the disk holds the writer (a stalled write) the queue fills
         to C{max_pending}; the next request is refused with 503
         C{AUDIT_UNAVAILABLE} instead of queueing, and nothing of it is
         forwarded.  Once the disk answers, the queued requests go on.
         """
         stalled = threading.Event()
 
-        def slow_fsync(fd: int) -> None:
-            stalled.wait(30)
+        def slow_write(fd: int, data: memoryview) -> int:
+            stalled.wait(30)  # a synchronous (O_DSYNC) write waits for the disk
+            return os.write(fd, data)
 
         directory = Path(self.mktemp())
-        sink = FileAuditSink(directory, reactor, fsync=slow_fsync, max_pending=2)
+        sink = FileAuditSink(directory, reactor, raw_write=slow_write, max_pending=2)
         self.addCleanup(sink.stop)
         await sink.start()
         concerns = Concerns(directory=LDIFDirectory.from_file(DEMO_LDIF),
