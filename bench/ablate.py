@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -71,17 +70,18 @@ def variant_config(root: Path, provider_port: int, variant: str) -> Any:
 
 def proxy_main(root: Path, provider_port: int, fd: int, variant: str) -> None:
     """
-    One variant's proxy on the inherited listening socket C{fd}, as
-    C{run.proxy_main}; prints C{PORT n} once serving.
+    One variant's proxy on the inherited listening socket C{fd}
+    (L{run.serve_proxy}).
     """
-    os.dup2(fd, 3)
-    os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="ssp")
-    from twisted.internet import reactor
+    run.serve_proxy(root, f"proxy-{variant}", fd,
+                    lambda reactor: variant_service(root, provider_port, variant, reactor))
+
+
+def variant_service(root: Path, provider_port: int, variant: str, reactor: Any) -> Any:
     from twisted.internet.defer import succeed
     from zope.interface import implementer
 
     from ssp.interfaces import IAuditSink
-    from ssp.runtime import settle_heap
     from ssp.service import Concerns, SSPService
 
     @implementer(IAuditSink)
@@ -97,32 +97,8 @@ def proxy_main(root: Path, provider_port: int, fd: int, variant: str) -> None:
         def append(self, record: Any) -> Any:
             return succeed(None)
 
-    run._child_logging(root, f"proxy-{variant}")
     concerns = Concerns(audit=NoAudit()) if VARIANTS[variant].get("null_audit") else Concerns()
-    service = SSPService(variant_config(root, provider_port, variant), reactor,
-                         concerns=concerns)
-
-    def start() -> None:
-        service.startService()
-        service.listening().addCallback(lambda port: run._announce(port.getHost().port))
-
-    reactor.callWhenRunning(start)
-    reactor.callWhenRunning(settle_heap)
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.run()
-
-
-def start_variant(root: Path, provider_port: int, variant: str
-                  ) -> tuple[subprocess.Popen, int]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(1024)
-        return run.spawn(["_proxy", str(root), str(provider_port), str(sock.fileno()), variant],
-                         root, pass_fds=(sock.fileno(),), script=Path(__file__),
-                         name=f"proxy-{variant}")
-    finally:
-        sock.close()
+    return SSPService(variant_config(root, provider_port, variant), reactor, concerns=concerns)
 
 
 def threads_cpu(pid: int) -> list[tuple[str, float]]:
@@ -153,7 +129,8 @@ async def measure(args: argparse.Namespace, root: Path, procs: list[subprocess.P
     targets = [run.Target("floor", floor_port, "localhost", as_consumer,
                           run.requests_for(lambda: floor_port)[1], lambda: [floor.pid])]
     for variant in args.variants:
-        proc, port = start_variant(root, provider_port, variant)
+        proc, port = run.start_proxy(root, provider_port, Path(__file__), (variant,),
+                                     f"proxy-{variant}")
         procs.append(proc)
         targets.append(run.Target(variant, port, "localhost", as_consumer,
                                   run.requests_for(lambda port=port: port)[1],

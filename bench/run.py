@@ -134,18 +134,33 @@ def bench_config(root: Path, provider_port: int, listen: str = "systemd:domain=I
 def proxy_main(root: Path, provider_port: int, fd: int) -> None:
     """
     The proxy of L{bench_config}, with its access log, in front of the
-    provider, accepting on the inherited listening socket C{fd} as systemd
-    socket activation would hand it over; prints C{PORT n} once serving.
+    provider (see L{serve_proxy}).
+    """
+
+    def service_of(reactor: Any) -> Any:
+        from ssp.service import SSPService
+
+        return SSPService(bench_config(root, provider_port), reactor)
+
+    serve_proxy(root, "proxy", fd, service_of)
+
+
+def serve_proxy(root: Path, name: str, fd: int, service_of: Callable[[Any], Any]) -> None:
+    """
+    Run the proxy service C{service_of(reactor)} accepting on the inherited
+    listening socket C{fd}, as systemd socket activation would hand it
+    over, logging to C{root/<name>.log}; prints C{PORT n} once serving.
+    C{service_of} imports the service itself: Twisted reads C{LISTEN_FDS}
+    when its endpoints module is first imported, which must come after.
     """
     os.dup2(fd, 3)
     os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="ssp")
     from twisted.internet import reactor
 
     from ssp.runtime import settle_heap
-    from ssp.service import SSPService
 
-    _child_logging(root, "proxy")
-    service = SSPService(bench_config(root, provider_port), reactor)
+    _child_logging(root, name)
+    service = service_of(reactor)
 
     def start() -> None:
         service.startService()
@@ -198,16 +213,18 @@ def _child_env() -> dict[str, str]:
         [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
 
 
-def start_proxy(root: Path, provider_port: int) -> tuple[subprocess.Popen, int]:
+def start_proxy(root: Path, provider_port: int, script: Path = Path(__file__),
+                extra: tuple[str, ...] = (), name: str = "") -> tuple[subprocess.Popen, int]:
     """
-    One L{proxy_main} process on a listening socket made here.
+    One proxy process (C{script _proxy ROOT PORT FD EXTRA...}: by default
+    L{proxy_main}) on a listening socket made here.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.bind(("127.0.0.1", 0))
         sock.listen(1024)
-        proc, port = spawn(["_proxy", str(root), str(provider_port), str(sock.fileno())], root,
-                           pass_fds=(sock.fileno(),))
+        proc, port = spawn(["_proxy", str(root), str(provider_port), str(sock.fileno()), *extra],
+                           root, pass_fds=(sock.fileno(),), script=script, name=name)
     finally:
         sock.close()
     return proc, port
